@@ -1,0 +1,1 @@
+"""CFP: ground-to-BEV projection and translation to satellite style."""

@@ -1,0 +1,1 @@
+"""Datasets: the synthetic world, readers of the real layouts, pipelines."""

@@ -1,0 +1,1 @@
+"""Encoders: ConvNeXt backbones, SAFA / GAP heads, the two-tower model."""

@@ -1,0 +1,1 @@
+"""Pseudo labels: nearest neighbours and refinement."""

@@ -1,0 +1,1 @@
+"""Training: losses, state, pure steps and the epoch loop."""
