@@ -249,6 +249,14 @@ def test_cvact_bad_mat(cvact_root, drop, error, expected):
     cvact.read(cvact_root, "val")
 
 
+def test_cvact_unreadable_mat(cvact_root):
+  with open(os.path.join(cvact_root, "ACT_data.mat"), "wb") as f:
+    f.write(b"\x89HDF\r\n" + bytes(200))
+  with pytest.raises(ValueError, match="ACT_data.mat cannot be read by "
+                     "scipy.io.loadmat.*expected a MATLAB v5 file"):
+    cvact.read(cvact_root, "train")
+
+
 def test_cvact_missing_root_mat_and_test_folder(tmp_path, cvact_root):
   with pytest.raises(FileNotFoundError, match="(?s)CVACT root .*nowhere.*"
                      "Expected layout.*ACT_data.mat"):

@@ -107,7 +107,12 @@ def read(root: str, split: str, *,
 
 def _load_mat(path: str) -> dict:
   """ACT_data.mat with `panoIds` as [N] str and `utm` as [N, 2] float64."""
-  mat = scipy.io.loadmat(path)
+  try:
+    mat = scipy.io.loadmat(path)
+  except (ValueError, TypeError, NotImplementedError) as e:
+    raise ValueError(f"{path} cannot be read by scipy.io.loadmat ({e}); "
+                     f"expected a MATLAB v5 file. Expected layout:\n"
+                     f"{LAYOUT}") from e
   for field in ("panoIds", "utm"):
     if field not in mat:
       raise KeyError(f"{path} has no field {field!r} (it has "
