@@ -23,7 +23,7 @@ Definitions (METHOD.md, Evaluation; as the authors' `calculate_scores`):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
