@@ -1,0 +1,171 @@
+"""The `cfp` stage's geometric half: every ground panorama -> `g2a/<id>.png`.
+
+Panoramas are decoded on the host by a thread pool (cv2 releases the GIL),
+batched, projected on the device with one precomputed bilinear plan
+(`geometry.bev_plan`) and written as PNGs by the same pool. Each file is
+written to a temporary name in the target folder and then renamed, so a
+crash never leaves a half-written PNG under the final name, and a rerun
+skips the files already there and finishes the rest. The panorama
+convention is the one stated in `cvgl_jax/cfp/geometry.py`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import time
+from typing import Dict, Optional, Sequence, Union
+
+from absl import logging
+import cv2
+import jax
+import numpy as np
+import tqdm
+
+from cvgl_jax.cfp import geometry
+from cvgl_jax.data.index import PairIndex
+
+
+def resolve_crop_top(placement: Union[str, float],
+                     pano_hw: Sequence[int]) -> float:
+  """Row of the W x W/2 canvas where the panorama's top row sits.
+
+  Args:
+    placement: "full" (a 2:1 panorama, row 0), "cvusa" (the authors' CVUSA
+      offset, `geometry.cvusa_crop_top`) or a row number.
+    pano_hw: (H, W) of the panoramas.
+  """
+  if isinstance(placement, str):
+    if placement == "full":
+      return 0.0
+    if placement == "cvusa":
+      return geometry.cvusa_crop_top(pano_hw)
+    raise ValueError(f"placement must be 'full', 'cvusa' or a row number, "
+                     f"got {placement!r}.")
+  return float(placement)
+
+
+def decode_panorama(path: str,
+                    expected_hw: Optional[Sequence[int]] = None) -> np.ndarray:
+  """Reads one panorama as [H, W, 3] uint8 RGB; errors name the file."""
+  image = cv2.imread(path, cv2.IMREAD_COLOR)
+  if image is None:
+    raise ValueError(f"Cannot decode panorama {path!r}: the file is corrupt "
+                     "or not an image.")
+  if expected_hw is not None and image.shape[:2] != tuple(expected_hw):
+    raise ValueError(
+        f"Panorama {path!r} is {image.shape[1]}x{image.shape[0]} (WxH), but "
+        f"the split's panoramas are {expected_hw[1]}x{expected_hw[0]}; one "
+        "projection grid serves a whole split.")
+  return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def write_png_atomic(path: str, image: np.ndarray) -> None:
+  """Writes [H, W, 3] uint8 RGB to `path` via a temporary file + rename."""
+  ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+  if not ok:
+    raise RuntimeError(f"PNG encoding failed for {path!r}.")
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data.tobytes())
+  os.replace(tmp, path)
+
+
+def project_split(index: PairIndex,
+                  out_size: Union[int, Sequence[int]],
+                  fov_deg: float,
+                  placement: Union[str, float] = "full",
+                  batch_size: int = 16,
+                  wrap: bool = False,
+                  folder: str = "g2a",
+                  num_threads: Optional[int] = None,
+                  overwrite: bool = False,
+                  progress: bool = True) -> Dict[str, float]:
+  """Projects every ground panorama of `index` to `root/<folder>/<id>.png`.
+
+  Args:
+    index: the split; its `derived_paths(folder)` are the outputs.
+    out_size: BEV size, int (square) or (Ho, Wo); 750 CVUSA, 1200 CVACT.
+    fov_deg: virtual camera FoV; 175 CVUSA, 170 CVACT.
+    placement: where the panorama sits on the 2:1 canvas, see
+      `resolve_crop_top` ("cvusa" for CVUSA crops, "full" otherwise).
+    batch_size: panoramas per device call (the last batch is padded so the
+      function compiles once).
+    wrap: interpolate across the +-180 deg seam (off = the authors').
+    folder: output folder under `index.root`.
+    num_threads: host threads for decoding and PNG encoding.
+    overwrite: project again even where an output exists.
+    progress: show a tqdm bar.
+
+  Returns:
+    {"written", "skipped", "seconds", "images_per_s"}.
+
+  Raises:
+    FileNotFoundError: before any work, if panoramas are missing (named).
+    ValueError: at decode, naming a corrupt panorama or one whose size
+      differs from the first one's.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  inputs = [str(p) for p in index.ground_paths]
+  outputs = [str(p) for p in index.derived_paths(folder)]
+  missing = [p for p in inputs if not os.path.isfile(p)]
+  if missing:
+    shown = ", ".join(repr(p) for p in missing[:5])
+    raise FileNotFoundError(
+        f"{len(missing)} of {len(inputs)} panoramas of {index.name!r} are "
+        f"missing, e.g. {shown}.")
+  todo = [i for i, out in enumerate(outputs)
+          if overwrite or not os.path.exists(out)]
+  skipped = len(inputs) - len(todo)
+  stats = {"written": 0, "skipped": skipped, "seconds": 0.0,
+           "images_per_s": 0.0}
+  if not todo:
+    logging.info("cfp %s: all %d BEV images already in %s/.", index.name,
+                 skipped, folder)
+    return stats
+  os.makedirs(os.path.join(index.root, folder), exist_ok=True)
+
+  start = time.perf_counter()
+  first = decode_panorama(inputs[todo[0]])
+  pano_hw = first.shape[:2]
+  crop_top = resolve_crop_top(placement, pano_hw)
+  plan = jax.device_put(
+      geometry.bev_plan(pano_hw, out_size, fov_deg, crop_top, wrap))
+  batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+  num_threads = num_threads or min(8, os.cpu_count() or 1)
+
+  def load(batch):
+    images = [decode_panorama(inputs[i], pano_hw) for i in batch]
+    images += images[-1:] * (batch_size - len(images))
+    return np.stack(images)
+
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    pending_loads = collections.deque(
+        pool.submit(load, b) for b in batches[:2])
+    writes = collections.deque()
+    bar = tqdm.tqdm(total=len(todo), unit="img", desc=f"cfp {index.name}",
+                    disable=not progress)
+    for k, batch in enumerate(batches):
+      panos = pending_loads.popleft().result()
+      if k + 2 < len(batches):
+        pending_loads.append(pool.submit(load, batches[k + 2]))
+      bevs = np.asarray(geometry.project_uint8(panos, plan))
+      for j, i in enumerate(batch):
+        writes.append(pool.submit(write_png_atomic, outputs[i], bevs[j]))
+      # Bound the queue of images waiting to be written.
+      while len(writes) > 2 * batch_size:
+        writes.popleft().result()
+        bar.update(1)
+    while writes:
+      writes.popleft().result()
+      bar.update(1)
+    bar.close()
+  seconds = time.perf_counter() - start
+  stats.update(written=len(todo), seconds=seconds,
+               images_per_s=len(todo) / max(seconds, 1e-9))
+  logging.info("cfp %s: wrote %d BEV images (%d already there) in %.1f s, "
+               "%.1f images/s.", index.name, len(todo), skipped, seconds,
+               stats["images_per_s"])
+  return stats
