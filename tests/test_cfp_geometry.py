@@ -29,7 +29,8 @@ def golden():
 def test_cvusa_placement_matches_the_authors(golden):
   assert geometry.cvusa_crop_top(CVUSA_HW) == golden["cvusa_ty"]
   np.testing.assert_array_equal(
-      geometry.pad_to_canvas(golden["cvusa_input"], 176), golden["cvusa_padded"])
+      geometry.pad_to_canvas(golden["cvusa_input"], 176),
+      golden["cvusa_padded"])
 
 
 @pytest.mark.parametrize("key,pano_hw,out,fov,cvusa,step", [
