@@ -1,0 +1,176 @@
+"""ConvNeXt (Liu et al., 2022) in Flax Linen, numerically equal to timm's.
+
+Images are NHWC. A block is: 7x7 depthwise conv -> LayerNorm (eps 1e-6) ->
+Dense 4C -> exact (erf) GELU -> Dense C -> layer scale (gamma) -> stochastic
+depth -> residual add. timm's conv-MLP variants (atto ... nano) store the
+two pointwise layers as 1x1 convolutions; in NHWC those are the same Dense
+layers, so one module serves every variant and only `weights.py` needs to
+know the difference.
+
+Parameter names follow timm's structure so the converter is a renaming:
+`stem_conv`, `stem_norm`, `stage{i}_downsample_norm`, `stage{i}_downsample_conv`
+(stages 1-3; stage 0 has no downsample), `stage{i}_block{j}/{conv_dw, norm,
+fc1, fc2, gamma}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LN_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A ConvNeXt size as timm registers it.
+
+  Attributes:
+    depths: blocks per stage.
+    dims: channels per stage.
+    conv_mlp: whether timm stores the block MLP as 1x1 convolutions (only
+      relevant when loading checkpoints).
+  """
+  depths: tuple[int, ...]
+  dims: tuple[int, ...]
+  conv_mlp: bool
+
+
+VARIANTS = {
+    "atto": Variant((2, 2, 6, 2), (40, 80, 160, 320), True),
+    "femto": Variant((2, 2, 6, 2), (48, 96, 192, 384), True),
+    "pico": Variant((2, 2, 6, 2), (64, 128, 256, 512), True),
+    "nano": Variant((2, 2, 8, 2), (80, 160, 320, 640), True),
+    "tiny": Variant((3, 3, 9, 3), (96, 192, 384, 768), False),
+    "small": Variant((3, 3, 27, 3), (96, 192, 384, 768), False),
+    "base": Variant((3, 3, 27, 3), (128, 256, 512, 1024), False),
+    "large": Variant((3, 3, 27, 3), (192, 384, 768, 1536), False),
+}
+
+
+def get_variant(name: str | Variant) -> Variant:
+  """Looks up `VARIANTS[name]`, accepting timm's `convnext_` prefix.
+
+  A `Variant` is returned as is: custom (e.g. tiny test) sizes pass through.
+  """
+  if isinstance(name, Variant):
+    return name
+  key = name.removeprefix("convnext_")
+  if key not in VARIANTS:
+    raise ValueError(f"Unknown ConvNeXt variant {name!r}; choose one of "
+                     f"{sorted(VARIANTS)}.")
+  return VARIANTS[key]
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as timm's `act_layer='gelu'` (jax defaults to tanh)."""
+  return nn.gelu(x, approximate=False)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example.
+
+  Kept branches are scaled by 1 / (1 - rate), as timm's `scale_by_keep`.
+  Active only when `deterministic` is False (training); uses the 'dropout'
+  RNG stream.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Block(nn.Module):
+  """One ConvNeXt block. [B, H, W, C] -> [B, H, W, C]."""
+  dim: int
+  drop_path: float = 0.0
+  ls_init_value: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    shortcut = x
+    x = nn.Conv(self.dim, (7, 7), padding=3, feature_group_count=self.dim,
+                dtype=self.dtype, name="conv_dw")(x)
+    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x)
+    x = nn.Dense(4 * self.dim, dtype=self.dtype, name="fc1")(x)
+    x = gelu(x)
+    x = nn.Dense(self.dim, dtype=self.dtype, name="fc2")(x)
+    gamma = self.param("gamma", nn.initializers.constant(self.ls_init_value),
+                       (self.dim,))
+    x = x * gamma.astype(x.dtype)
+    x = DropPath(self.drop_path)(x, deterministic=not train)
+    return shortcut + x
+
+
+class ConvNeXt(nn.Module):
+  """ConvNeXt backbone without classifier: timm's `forward_features`.
+
+  Attributes:
+    depths: blocks per stage.
+    dims: channels per stage.
+    drop_path_rate: stochastic-depth rate of the last block; rates rise
+      linearly from 0 over all blocks, as timm.
+    ls_init_value: initial layer-scale gamma.
+    dtype: computation dtype (e.g. jnp.bfloat16); params stay float32.
+    remat: recompute each block's activations in the backward pass to save
+      memory.
+
+  Input [B, H, W, 3] (normalised images); output [B, H/32, W/32, dims[-1]].
+  """
+  depths: Sequence[int]
+  dims: Sequence[int]
+  drop_path_rate: float = 0.0
+  ls_init_value: float = 1e-6
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = x.astype(self.dtype)
+    x = nn.Conv(self.dims[0], (4, 4), strides=4, padding="VALID",
+                dtype=self.dtype, name="stem_conv")(x)
+    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="stem_norm")(x)
+    rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
+    block_cls = Block
+    if self.remat:
+      block_cls = nn.remat(Block, static_argnums=(2,))
+    k = 0
+    for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
+      if i > 0:
+        x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype,
+                         name=f"stage{i}_downsample_norm")(x)
+        x = nn.Conv(dim, (2, 2), strides=2, padding="VALID", dtype=self.dtype,
+                    name=f"stage{i}_downsample_conv")(x)
+      for j in range(depth):
+        x = block_cls(dim, float(rates[k]), self.ls_init_value, self.dtype,
+                      name=f"stage{i}_block{j}")(x, train)
+        k += 1
+    return x
+
+
+def convnext(variant: str | Variant, **kwargs) -> ConvNeXt:
+  """`ConvNeXt` of a named timm size, e.g. `convnext("tiny", dtype=...)`."""
+  v = get_variant(variant)
+  return ConvNeXt(depths=v.depths, dims=v.dims, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def num_params(variant: str) -> int:
+  """Parameter count of a backbone, from shapes only (no compute)."""
+  model = convnext(variant)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 32, 32, 3), jnp.float32))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))

@@ -1,0 +1,131 @@
+"""The two towers: query (ground panorama) and reference (satellite tile).
+
+Each tower is a ConvNeXt backbone plus a head (SAFA in the paper, global
+average pooling in Sample4Geo) whose descriptor is L2-normalised. The paper
+gives the towers separate weights; Sample4Geo shares one encoder
+(`share_weights=True`). A learnable scalar `logit_scale` t (InfoNCE uses
+exp(t)) is initialised to log(1 / 0.07).
+
+Param tree: {"query": {"backbone", "head"}, "reference": {...} (absent when
+shared), "logit_scale": []}.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cvgl_jax.models import convnext
+from cvgl_jax.models import heads
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+HEADS = ("safa", "gap")
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) along the last axis, as torch's F.normalize."""
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.maximum(norm, eps)
+
+
+class Tower(nn.Module):
+  """Backbone + head: images [B, H, W, 3] -> unit descriptors [B, D] (f32)."""
+  variant: str | convnext.Variant
+  head: str = "safa"
+  num_safa_heads: int = 8
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    if self.head not in HEADS:
+      raise ValueError(f"model.head must be one of {HEADS}, got "
+                       f"{self.head!r}.")
+    self.backbone = convnext.convnext(
+        self.variant, drop_path_rate=self.drop_path_rate, dtype=self.dtype,
+        remat=self.remat)
+    if self.head == "safa":
+      self.pool = heads.SAFA(self.num_safa_heads, dtype=self.dtype,
+                             name="head")
+    else:
+      self.pool = heads.GlobalAveragePool(dtype=self.dtype, name="head")
+
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    features = self.backbone(images, train)
+    desc = self.pool(features, image_hw=images.shape[1:3])
+    return l2_normalize(desc.astype(jnp.float32))
+
+
+class TwoTower(nn.Module):
+  """The cross-view model.
+
+  Attributes:
+    variant: ConvNeXt size ("atto" ... "large") or a custom
+      `convnext.Variant`.
+    head: "safa" or "gap".
+    share_weights: one encoder for both views (Sample4Geo) or two (paper).
+    num_safa_heads: SAFA spatial weightings.
+    drop_path_rate: stochastic depth of the backbones (0.2 in the paper).
+    dtype: computation dtype; params are float32 and embeddings float32.
+    remat: rematerialise backbone blocks in the backward pass.
+  """
+  variant: str | convnext.Variant = "base"
+  head: str = "safa"
+  share_weights: bool = False
+  num_safa_heads: int = 8
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    def tower(name):
+      return Tower(self.variant, self.head, self.num_safa_heads,
+                   self.drop_path_rate, self.dtype, self.remat, name=name)
+    self.query = tower("query")
+    self.reference = self.query if self.share_weights else tower("reference")
+    self.logit_scale = self.param(
+        "logit_scale", nn.initializers.constant(LOGIT_SCALE_INIT), ())
+
+  def embed_ground(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """[B, Hg, Wg, 3] normalised panoramas -> [B, D] unit descriptors."""
+    return self.query(images, train)
+
+  def embed_satellite(self, images: jax.Array,
+                      train: bool = False) -> jax.Array:
+    """[B, Hs, Ws, 3] normalised tiles -> [B, D] unit descriptors."""
+    return self.reference(images, train)
+
+  def __call__(self, ground: jax.Array, satellite: jax.Array,
+               train: bool = False):
+    """Returns (ground descriptors, satellite descriptors, logit scale t)."""
+    return (self.embed_ground(ground, train),
+            self.embed_satellite(satellite, train), self.logit_scale)
+
+
+def from_config(cfg: ml_collections.ConfigDict) -> TwoTower:
+  """Builds a TwoTower from `config.model` (keys as the attributes).
+
+  `variant="custom"` takes `depths` and `dims` from the config (tiny models
+  for tests and demos).
+  """
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  dtype = cfg.get("dtype", "float32")
+  if dtype not in dtypes:
+    raise ValueError(f"config.model.dtype must be one of {sorted(dtypes)}, "
+                     f"got {dtype!r}.")
+  variant = cfg.variant
+  if variant == "custom":
+    variant = convnext.Variant(tuple(cfg.depths), tuple(cfg.dims),
+                               conv_mlp=False)
+  convnext.get_variant(variant)
+  return TwoTower(
+      variant=variant, head=cfg.get("head", "safa"),
+      share_weights=cfg.get("share_weights", False),
+      num_safa_heads=cfg.get("num_safa_heads", 8),
+      drop_path_rate=cfg.get("drop_path_rate", 0.0),
+      dtype=dtypes[dtype], remat=cfg.get("remat", False))

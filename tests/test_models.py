@@ -1,0 +1,176 @@
+"""Tests of the ConvNeXt backbone, the heads and the two-tower encoder."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvgl_jax.models import convnext
+from cvgl_jax.models import encoder
+from cvgl_jax.models import heads
+
+TINY = convnext.Variant((1, 1, 2, 1), (8, 16, 24, 32), conv_mlp=False)
+
+
+def _images(key, n, h, w):
+  return jax.random.normal(jax.random.key(key), (n, h, w, 3), jnp.float32)
+
+
+def _randomize(params, seed=0):
+  """Random params everywhere (layer scale at 1e-6 would hide every block)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      x + 0.2 * jax.random.normal(k, x.shape, x.dtype)
+      for x, k in zip(leaves, keys)])
+
+
+def test_backbone_output_shape_and_stride():
+  model = convnext.ConvNeXt(TINY.depths, TINY.dims)
+  x = _images(0, 2, 64, 96)
+  params = model.init(jax.random.key(0), x)
+  assert model.apply(params, x).shape == (2, 2, 3, 32)
+
+
+def test_stage0_has_no_downsample_and_names_match_timm_structure():
+  model = convnext.ConvNeXt(TINY.depths, TINY.dims)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 32, 32, 3)))["params"]
+  assert "stage0_downsample_conv" not in shapes
+  assert shapes["stage1_downsample_conv"]["kernel"].shape == (2, 2, 8, 16)
+  block = shapes["stage2_block1"]
+  assert block["conv_dw"]["kernel"].shape == (7, 7, 1, 24)
+  assert block["fc1"]["kernel"].shape == (24, 96)
+  assert block["gamma"].shape == (24,)
+
+
+def test_gelu_is_exact_erf():
+  x = jnp.linspace(-4.0, 4.0, 101)
+  exact = 0.5 * x * (1.0 + jax.scipy.special.erf(x / np.sqrt(2.0)))
+  np.testing.assert_allclose(convnext.gelu(x), exact, atol=1e-6)
+  assert np.abs(convnext.gelu(x) - jax.nn.gelu(x)).max() > 1e-4
+
+
+def test_stochastic_depth_only_in_training():
+  model = convnext.ConvNeXt(TINY.depths, TINY.dims, drop_path_rate=0.5)
+  x = _images(1, 4, 32, 32)
+  params = _randomize(model.init(jax.random.key(0), x))
+  no_drop = convnext.ConvNeXt(TINY.depths, TINY.dims)
+  ref = no_drop.apply(params, x)
+  for seed in (1, 2):
+    out = model.apply(params, x, train=False,
+                      rngs={"dropout": jax.random.key(seed)})
+    np.testing.assert_array_equal(out, ref)
+  train_a = model.apply(params, x, train=True,
+                        rngs={"dropout": jax.random.key(1)})
+  train_b = model.apply(params, x, train=True,
+                        rngs={"dropout": jax.random.key(2)})
+  assert float(jnp.abs(train_a - ref).max()) > 1e-3
+  assert float(jnp.abs(train_a - train_b).max()) > 1e-3
+
+
+def test_drop_path_drops_whole_examples_and_keeps_expectation():
+  layer = convnext.DropPath(0.25)
+  x = jnp.ones((4000, 3, 3, 2))
+  y = layer.apply({}, x, deterministic=False,
+                  rngs={"dropout": jax.random.key(0)})
+  per_example = np.asarray(y).reshape(4000, -1)
+  assert np.all((per_example == 0).all(1) | (per_example == 1 / 0.75).all(1))
+  assert abs(per_example.mean() - 1.0) < 0.05
+
+
+def test_remat_gives_same_values_and_gradients():
+  x = _images(2, 2, 32, 32)
+  plain = convnext.ConvNeXt(TINY.depths, TINY.dims)
+  remat = convnext.ConvNeXt(TINY.depths, TINY.dims, remat=True)
+  params = _randomize(plain.init(jax.random.key(0), x))
+
+  def loss(model, p):
+    return jnp.sum(model.apply(p, x, train=True) ** 2)
+
+  np.testing.assert_allclose(plain.apply(params, x), remat.apply(params, x),
+                             rtol=1e-6, atol=1e-6)
+  g1 = jax.grad(lambda p: loss(plain, p))(params)
+  g2 = jax.grad(lambda p: loss(remat, p))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-5), g1, g2)
+
+
+def test_bf16_forward_tracks_f32_with_f32_params():
+  x = _images(3, 2, 64, 64)
+  model32 = encoder.Tower(TINY, head="safa")
+  model16 = encoder.Tower(TINY, head="safa", dtype=jnp.bfloat16)
+  params = _randomize(model32.init(jax.random.key(0), x), seed=3)
+  params16 = model16.init(jax.random.key(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params16))
+  z32 = model32.apply(params, x)
+  z16 = model16.apply(params, x)
+  assert z16.dtype == jnp.float32
+  cosine = np.asarray(jnp.sum(z32 * z16, axis=-1))
+  assert np.all(cosine > 0.99), cosine
+  assert float(jnp.abs(z32 - z16).max()) > 0  # bf16 really ran.
+
+
+def test_safa_shape_and_definition():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
+  head = heads.SAFA(num_heads=8)
+  params = head.init(jax.random.key(1), x)
+  out = head.apply(params, x)
+  assert out.shape == (2, 8 * 5)
+  p = jax.tree.map(np.asarray, params["params"])
+  feats = np.asarray(x).reshape(2, 12, 5)
+  s = feats.max(-1)
+  w = np.einsum("bi,ijd->bjd", s, p["w1"]) + p["b1"]
+  w = np.einsum("bjd,jid->bid", w, p["w2"]) + p["b2"]
+  ref = np.einsum("bic,bid->bcd", feats, w).reshape(2, -1)
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_safa_rejects_other_image_size_naming_both():
+  model = encoder.Tower(TINY, head="safa")
+  params = model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3)))
+  with pytest.raises(ValueError, match=r"16 positions.*128x128.*got 3x3 = "
+                     r"9 positions from 96x96 images"):
+    model.apply(params, jnp.zeros((1, 96, 96, 3)))
+
+
+def test_gap_head_is_mean_then_layernorm():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4, 6))
+  head = heads.GlobalAveragePool()
+  params = head.init(jax.random.key(1), x)
+  m = np.asarray(x).mean((1, 2))
+  ref = (m - m.mean(-1, keepdims=True)) / np.sqrt(m.var(-1, keepdims=True)
+                                                  + 1e-6)
+  np.testing.assert_allclose(head.apply(params, x), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_two_tower_embeddings_weights_and_logit_scale(share):
+  model = encoder.TwoTower(variant=TINY, head="gap", share_weights=share)
+  g, s = _images(0, 3, 32, 64), _images(1, 3, 32, 32)
+  params = model.init(jax.random.key(0), g, s)["params"]
+  assert ("reference" in params) is (not share)
+  np.testing.assert_allclose(params["logit_scale"], np.log(1 / 0.07),
+                             rtol=1e-6)
+  zq, zr, t = model.apply({"params": _randomize(params)}, g, s)
+  assert zq.shape == zr.shape == (3, 32)
+  np.testing.assert_allclose(jnp.linalg.norm(zq, axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(jnp.linalg.norm(zr, axis=-1), 1.0, rtol=1e-5)
+  # Shared weights: the same image gives the same embedding in both towers.
+  zq2, zr2, _ = model.apply({"params": _randomize(params)}, s, s)
+  assert np.allclose(zq2, zr2, atol=1e-6) is share
+  assert t.shape == ()
+
+
+def test_from_config_builds_custom_and_rejects_bad_values():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(dict(
+      variant="custom", depths=[1, 1, 1, 1], dims=[8, 8, 8, 8], head="gap",
+      dtype="bfloat16"))
+  model = encoder.from_config(cfg)
+  assert model.variant.depths == (1, 1, 1, 1) and model.dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="dtype"):
+    encoder.from_config(ml_collections.ConfigDict(dict(variant="tiny",
+                                                       dtype="float16")))
+  with pytest.raises(ValueError, match="Unknown ConvNeXt variant 'huge'"):
+    encoder.from_config(ml_collections.ConfigDict(dict(variant="huge")))
