@@ -75,8 +75,9 @@ def cvusa_crop_top(pano_hw: Sequence[int]) -> float:
     pano_hw: (H, W) of the crop, e.g. (224, 1232).
 
   Returns:
-    `(W/2 - H)/2 - 20`: 176.0 for 1232 x 224 (the band sits 20 rows above
-    the canvas middle, i.e. mostly below the horizon).
+    `(W/2 - H)/2 - 20`: 176.0 for 1232 x 224, i.e. rows 176..399 of the
+    616-row canvas, elevations from about +38.5 to -26.9 deg (the band's
+    centre sits 20 rows above the horizon).
   """
   h, w = _hw(pano_hw, "pano_hw")
   return (w / 2 - h) / 2 - 20
@@ -105,7 +106,7 @@ def bev_grid(pano_hw: Sequence[int], out_hw: Sequence[int] | int,
     crop_top: row of the W x W/2 canvas where the crop's top row sits
       (0 for a full 2:1 panorama; `cvusa_crop_top(pano_hw)` for CVUSA).
     wrap: use the periodic column mapping (see the module docstring); pair
-      with `sample_bev(..., wrap=True)`.
+      with `sample_bev(..., wrap=True)` (`bev_plan` does both).
 
   Returns:
     [Ho, Wo, 2] float32, read-only (cached per arguments): (x, y) pixel
