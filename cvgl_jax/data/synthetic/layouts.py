@@ -306,15 +306,16 @@ def write_cvact(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
             **_pose_truth(cfg, shot)))
         j += 1
         bar.update(1)
+  # Integer indices: the public loaders index panoIds with them directly.
   index = lambda s: (np.flatnonzero(split_of == s) + 1).astype(
-      np.float64)[:, None]
+      np.int32)[:, None]
   train, val, test = index("train"), index("val"), index("test")
   scipy.io.savemat(os.path.join(out, "ACT_data.mat"), {
       "panoIds": np.array(ids),
       "utm": utm,
-      "trainSet": {"trainNum": float(len(train)), "trainInd": train},
-      "valSet": {"valNum": float(len(val)), "valInd": val},
-      "valSetAll": {"valNum": float(len(test)), "valInd": test},
+      "trainSet": {"trainNum": np.int32(len(train)), "trainInd": train},
+      "valSet": {"valNum": np.int32(len(val)), "valInd": val},
+      "valSetAll": {"valNum": np.int32(len(test)), "valInd": test},
   })
   return _finish(out, truth)
 
@@ -349,7 +350,7 @@ def write_vigor(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
   stride = cfg.tile_m / 2 / cfg.cell_m              # cells
   spans = [max(1, math.ceil(math.sqrt(n / cfg.vigor_panos_per_tile)))
            for n in per]
-  need = (max(spans) + 2) * stride * cfg.cell_m + 2 * cfg.pano_margin_m
+  need = max(spans) * stride * cfg.cell_m + 2 * cfg.pano_margin_m
   if need > cfg.map_m:
     raise ValueError(
         f"VIGOR with {num_pairs} panoramas needs {need:.0f} m wide city maps "
@@ -368,13 +369,15 @@ def write_vigor(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
       world = world_lib.make_world(cfg, _rng(seed, _WORLD, ci), ci)
       truth["worlds"].append(dict(_world_truth(world), city=city))
       span = spans[ci]
-      # Tile centres: (span + 1)^2 on a half-tile grid around the map centre.
-      g0 = (cfg.map_cells - 1) / 2 - span * stride / 2
-      centres = g0 + stride * np.arange(span + 1)
+      # Tile centres: (span + 1)^2 on a half-tile grid, placed where the
+      # world has the most road to stand on.
+      g0 = _densest_region(world, cfg, span * stride)
+      centres_r = g0[0] + stride * np.arange(span + 1)
+      centres_c = g0[1] + stride * np.arange(span + 1)
       sat_names = {}
       sat_rng = _rng(seed, _IDS, 1000 + ci)
-      for a, tr in enumerate(centres):
-        for b, tc in enumerate(centres):
+      for a, tr in enumerate(centres_r):
+        for b, tc in enumerate(centres_c):
           lat, lon = _latlon(city, cfg, tr, tc)
           name = f"satellite_{lat:.10f}_{lon:.10f}.png"
           sat_names[a, b] = name
@@ -389,9 +392,9 @@ def write_vigor(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
           bar.update(1)
       # Cameras whose recorded position stays inside the grid of centres.
       pad = 4 * cfg.gps_sigma_m / cfg.cell_m + 1
-      lo, hi = centres[0] + pad, centres[-1] - pad
       rng = _rng(seed, _POSES, ci)
-      box = (int(math.ceil(lo)), int(hi), int(math.ceil(lo)), int(hi))
+      box = (int(math.ceil(centres_r[0] + pad)), int(centres_r[-1] - pad),
+             int(math.ceil(centres_c[0] + pad)), int(centres_c[-1] - pad))
       positions = place_cameras(world, cfg, per[ci], rng, box)
       shots = draw_shots(world, cfg, positions, rng)
       ids = _random_ids(_rng(seed, _IDS, 2000 + ci), len(shots))
@@ -406,16 +409,16 @@ def write_vigor(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
         _write_image(os.path.join(out, city, "panorama", name), pano,
                      cfg.jpeg_quality)
         # The four tiles around the recorded position, positive first.
-        fa = (p.tile_row - g0) / stride
-        fb = (p.tile_col - g0) / stride
+        fa = (p.tile_row - g0[0]) / stride
+        fb = (p.tile_col - g0[1]) / stride
         a0, b0 = int(min(math.floor(fa), span - 1)), int(min(math.floor(fb),
                                                              span - 1))
         around = [(a0 + i, b0 + k) for i in (0, 1) for k in (0, 1)]
         around.sort(key=lambda ab: (ab[0] - fa) ** 2 + (ab[1] - fb) ** 2)
         fields, tiles = [name], []
         for a, b in around:
-          dy = (p.tile_row - centres[a]) * px_per_cell
-          dx = (p.tile_col - centres[b]) * px_per_cell
+          dy = (p.tile_row - centres_r[a]) * px_per_cell
+          dx = (p.tile_col - centres_c[b]) * px_per_cell
           fields += [sat_names[a, b], f"{dy:.4f}", f"{dx:.4f}"]
           tiles.append(f"{city}/satellite/{sat_names[a, b]}")
         labels.append(" ".join(fields))
@@ -440,6 +443,26 @@ def write_vigor(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
       _write_lines(os.path.join(split_dir, "same_area_balanced_test.txt"),
                    [l for l, t in zip(labels, test) if t])
   return _finish(out, truth)
+
+
+def _densest_region(world, cfg, side):
+  """(row, col) of the first tile centre of a `side`-cell square region
+  that keeps its tiles inside the map and holds the most camera cells."""
+  n = world.size
+  mask = np.zeros(n * n, np.int64)
+  mask[world.camera_cells] = 1
+  integral = np.pad(mask.reshape(n, n).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+  lo = cfg.tile_m / 2 / cfg.cell_m + 1
+  hi = n - 1 - lo - side
+  best, best_count = None, -1
+  for r in np.linspace(lo, hi, 7):
+    for c in np.linspace(lo, hi, 7):
+      r0, c0, r1, c1 = int(r), int(c), int(r + side), int(c + side)
+      count = (integral[r1, c1] - integral[r0, c1] - integral[r1, c0] +
+               integral[r0, c0])
+      if count > best_count:
+        best, best_count = (float(r), float(c)), count
+  return best
 
 
 def _write_lines(path, lines):

@@ -314,7 +314,8 @@ def _block(canvas, rng, y0, y1, x0, x1):
   elif use == 2:    # Park: many trees, maybe a pond.
     if rng.random() < 0.45:
       cy, cx = rng.uniform(y0, y1), rng.uniform(x0, x1)
-      ry, rx = rng.uniform(6, (y1 - y0) / 3), rng.uniform(6, (x1 - x0) / 3)
+      ry = rng.uniform(3, max(3.5, (y1 - y0) / 3))
+      rx = rng.uniform(3, max(3.5, (x1 - x0) / 3))
       s = canvas.cells(cy - ry, cy + ry, cx - rx, cx + rx)
       if s is not None:
         yy = (np.arange(s[0].start, s[0].stop) + 0.5) * canvas.cell - cy
