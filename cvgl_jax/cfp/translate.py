@@ -1,0 +1,449 @@
+"""CycleGAN for the CFP image translation: BEV images -> "fake satellite".
+
+The translation half of CFP (see METHOD.md) is an unpaired CycleGAN (Zhu et
+al., 2017) trained between the geometric bird's-eye views (domain A) and the
+satellite tiles (domain B). The architecture, losses and update order follow
+the official pytorch-CycleGAN-and-pix2pix code that the authors ran
+(`CFP/CycleGAN` in liguopeng0923/UCVGL):
+
+- generators: ResNet, c7s1-ngf, d2ngf, d4ngf, n_blocks x R4ngf, u2ngf,
+  ungf, c7s1-3, reflection padding, tanh; no dropout (`--no_dropout`);
+- discriminators: 70x70 PatchGAN (C64-C128-C256-C512, 4x4 convolutions,
+  leaky ReLU 0.2, no norm on the first layer);
+- norm: instance norm without affine parameters and without running
+  statistics (`nn.InstanceNorm2d(affine=False, track_running_stats=False)`),
+  which is why every convolution keeps its bias (`use_bias = norm is
+  InstanceNorm2d` there);
+- init: weights N(0, 0.02), biases 0;
+- losses: least-squares GAN, cycle L1 weight 10 per direction, identity L1
+  weight `lambda_identity * lambda_cycle` (= 5);
+- Adam(2e-4, b1=0.5, b2=0.999), one optimizer for both generators, one for
+  both discriminators; learning rate constant for `n_epochs`, then linear
+  decay over `n_epochs_decay`;
+- one step: forward both generators, update the generators, then update the
+  discriminators on real images and on fakes from a 50-image history pool
+  (the fakes are those of this step's forward pass, before the G update).
+
+Naming: `g_ab` maps A (BEV) -> B (satellite), `g_ba` the reverse; `d_a`
+judges domain A images, `d_b` domain B images; `pool_a` holds fake A images
+(for `d_a`), `pool_b` fake B images. Images on device are float32 NHWC in
+[-1, 1]; batches arrive as uint8 and are scaled here, as torchvision's
+`ToTensor` + `Normalize(0.5, 0.5)` do.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Defaults of the authors' CycleGAN run (UCVGL `CFP/CycleGAN` options).
+
+  The authors' `base_options.py` resizes both domains to `load_size` = 360
+  and takes random `crop_size` = 320 crops (plus random horizontal flips);
+  at test time it resizes to `crop_size` and does not crop, so the written
+  fakes are `crop_size` square.
+  """
+  config = ml_collections.ConfigDict()
+  config.ngf = 64
+  config.ndf = 64
+  config.n_blocks = 9
+  config.n_layers_d = 3
+  config.load_size = 360
+  config.crop_size = 320
+  config.flip = True
+  config.batch_size = 1
+  config.n_epochs = 100
+  config.n_epochs_decay = 100
+  config.lr = 2e-4
+  config.beta1 = 0.5
+  config.beta2 = 0.999
+  config.lambda_cycle = 10.0
+  config.lambda_identity = 0.5
+  config.pool_size = 50
+  config.init_gain = 0.02
+  config.seed = 0
+  # Bookkeeping of the stage (translate_stage.py).
+  config.ckpt_every_steps = 2000
+  config.keep_checkpoints = 2
+  config.log_every_steps = 100
+  config.translate_batch_size = 8
+  config.num_threads = 4
+  return config
+
+
+def _conv_init(gain: float):
+  return nn.initializers.normal(stddev=gain)
+
+
+def _instance_norm(x: jax.Array) -> jax.Array:
+  # Per image and channel over H, W; biased variance, eps as in PyTorch.
+  return nn.InstanceNorm(epsilon=1e-5, use_scale=False, use_bias=False)(x)
+
+
+def _reflect(x: jax.Array, p: int) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
+
+
+class ResnetBlock(nn.Module):
+  """x + [reflect-pad, conv3x3, IN, ReLU, reflect-pad, conv3x3, IN](x)."""
+
+  features: int
+  init_gain: float = 0.02
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, self.features, (3, 3), padding="VALID",
+                             kernel_init=_conv_init(self.init_gain))
+    y = nn.relu(_instance_norm(conv()(_reflect(x, 1))))
+    y = _instance_norm(conv()(_reflect(y, 1)))
+    return x + y
+
+
+class ResnetGenerator(nn.Module):
+  """ResNet generator: [N, H, W, 3] in [-1, 1] -> [N, H, W, out] in [-1, 1].
+
+  H and W must be multiples of 4 (two stride-2 stages).
+  """
+
+  ngf: int = 64
+  n_blocks: int = 9
+  out_channels: int = 3
+  init_gain: float = 0.02
+
+  @nn.compact
+  def __call__(self, x):
+    init = _conv_init(self.init_gain)
+    x = nn.Conv(self.ngf, (7, 7), padding="VALID", kernel_init=init)(
+        _reflect(x, 3))
+    x = nn.relu(_instance_norm(x))
+    for i in range(2):
+      x = nn.Conv(self.ngf * 2 ** (i + 1), (3, 3), strides=(2, 2),
+                  padding=((1, 1), (1, 1)), kernel_init=init)(x)
+      x = nn.relu(_instance_norm(x))
+    for _ in range(self.n_blocks):
+      x = ResnetBlock(self.ngf * 4, self.init_gain)(x)
+    for i in range(2):
+      # PyTorch ConvTranspose2d(k=3, s=2, padding=1, output_padding=1):
+      # exactly doubles H and W.
+      x = nn.ConvTranspose(self.ngf * 2 ** (1 - i), (3, 3), strides=(2, 2),
+                           padding=((1, 2), (1, 2)), kernel_init=init)(x)
+      x = nn.relu(_instance_norm(x))
+    x = nn.Conv(self.out_channels, (7, 7), padding="VALID", kernel_init=init)(
+        _reflect(x, 3))
+    return jnp.tanh(x)
+
+
+class PatchDiscriminator(nn.Module):
+  """PatchGAN: [N, H, W, 3] -> [N, h, w, 1] real/fake scores (logits).
+
+  With `n_layers` = 3 each output sees a 70x70 input patch; a 256x256 input
+  gives 30x30 scores.
+  """
+
+  ndf: int = 64
+  n_layers: int = 3
+  init_gain: float = 0.02
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, kernel_size=(4, 4),
+                             padding=((1, 1), (1, 1)),
+                             kernel_init=_conv_init(self.init_gain))
+    x = nn.leaky_relu(conv(self.ndf, strides=(2, 2))(x), 0.2)
+    for n in range(1, self.n_layers):
+      x = conv(self.ndf * min(2 ** n, 8), strides=(2, 2))(x)
+      x = nn.leaky_relu(_instance_norm(x), 0.2)
+    x = conv(self.ndf * min(2 ** self.n_layers, 8), strides=(1, 1))(x)
+    x = nn.leaky_relu(_instance_norm(x), 0.2)
+    return conv(1, strides=(1, 1))(x)
+
+
+# ----------------------------------------------------------------------------
+# Image history pool (Shrivastava et al., 2017), as the official ImagePool.
+# ----------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class ImagePool:
+  """A fixed-size store of past fakes.
+
+  Attributes:
+    images: [P, H, W, C] float32; only the first `count` rows are valid.
+    count: int32 scalar, how many rows are filled (<= P).
+  """
+
+  images: jax.Array
+  count: jax.Array
+
+  @classmethod
+  def create(cls, size: int, image_shape) -> "ImagePool":
+    return cls(images=jnp.zeros((size, *image_shape), jnp.float32),
+               count=jnp.zeros((), jnp.int32))
+
+
+def pool_query(pool: ImagePool, images: jax.Array, key: jax.Array):
+  """The official `ImagePool.query`, pure and jittable.
+
+  Images are taken one after the other: while the pool is not full, each is
+  stored and returned as is; once full, with probability 1/2 a uniformly
+  chosen stored image is returned and replaced by the new one, otherwise the
+  new image is returned and the pool is unchanged.
+
+  Args:
+    pool: the pool; a pool of size 0 returns `images` unchanged.
+    images: [N, H, W, C] new fakes.
+    key: a jax PRNG key.
+
+  Returns:
+    (new pool, [N, H, W, C] images for the discriminator).
+  """
+  size = pool.images.shape[0]
+  if size == 0:
+    return pool, images
+
+  def one(pool, inputs):
+    image, k = inputs
+    k_swap, k_idx = jax.random.split(k)
+    filling = pool.count < size
+    swap = jnp.logical_and(~filling, jax.random.uniform(k_swap) > 0.5)
+    slot = jnp.where(filling, pool.count,
+                     jax.random.randint(k_idx, (), 0, size))
+    old = pool.images[slot]
+    stored = jnp.where(jnp.logical_or(filling, swap),
+                       pool.images.at[slot].set(image), pool.images)
+    out = jnp.where(swap, old, image)
+    count = pool.count + filling.astype(jnp.int32)
+    return ImagePool(images=stored, count=count), out
+
+  keys = jax.random.split(key, images.shape[0])
+  pool, out = jax.lax.scan(one, pool, (images.astype(jnp.float32), keys))
+  return pool, out
+
+
+# ----------------------------------------------------------------------------
+# Losses, optimizer, state and the train step.
+# ----------------------------------------------------------------------------
+
+
+def lsgan_loss(scores: jax.Array, target_is_real: bool) -> jax.Array:
+  """Least-squares GAN loss: mean((D(x) - t)^2), t = 1 real / 0 fake."""
+  target = 1.0 if target_is_real else 0.0
+  return jnp.mean(jnp.square(scores - target))
+
+
+def l1_loss(x: jax.Array, y: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.abs(x - y))
+
+
+def learning_rate(config, step: jax.Array, steps_per_epoch: jax.Array):
+  """Learning rate of a step: `lr` for `n_epochs`, then linear decay.
+
+  Epoch e (0-based) trains at `lr * (1 - max(0, e + 1 - n_epochs) /
+  (n_epochs_decay + 1))`, the official 'linear' policy: 1 for the first
+  n_epochs epochs, then n_epochs_decay epochs stepping towards 0.
+  `steps_per_epoch` may be traced, so one compiled step serves any data
+  size.
+  """
+  epoch = step // steps_per_epoch
+  decay = jnp.maximum(0, epoch + 1 - config.n_epochs)
+  return config.lr * (1.0 - decay / float(config.n_epochs_decay + 1))
+
+
+def _adam(config) -> optax.GradientTransformation:
+  # Adam without its learning rate, which `train_step` applies (see
+  # `learning_rate`): the same updates as optax.adam with a schedule.
+  return optax.scale_by_adam(b1=config.beta1, b2=config.beta2)
+
+
+@flax.struct.dataclass
+class TranslateState:
+  """Everything training needs to continue exactly; a plain pytree.
+
+  Attributes:
+    step: int32 scalar, steps done.
+    steps_per_epoch: int32 scalar, fixed by the data; drives the schedule.
+    params_g: {"g_ab": ..., "g_ba": ...} generator params.
+    params_d: {"d_a": ..., "d_b": ...} discriminator params.
+    opt_g: Adam state of the generators.
+    opt_d: Adam state of the discriminators.
+    pool_a: pool of fake A (BEV-style) images, fed to `d_a`.
+    pool_b: pool of fake B (satellite-style) images, fed to `d_b`.
+    rng: uint32[2] base key; step keys are `fold_in(rng, step)`.
+  """
+
+  step: jax.Array
+  steps_per_epoch: jax.Array
+  params_g: Any
+  params_d: Any
+  opt_g: Any
+  opt_d: Any
+  pool_a: ImagePool
+  pool_b: ImagePool
+  rng: jax.Array
+
+
+class CycleGAN:
+  """The four networks of a config and the pure functions that use them."""
+
+  def __init__(self, config):
+    self.config = config
+    self.generator = ResnetGenerator(config.ngf, config.n_blocks, 3,
+                                     config.init_gain)
+    self.discriminator = PatchDiscriminator(config.ndf, config.n_layers_d,
+                                            config.init_gain)
+    self.tx = _adam(config)
+
+  def init(self, key: jax.Array, steps_per_epoch: int) -> TranslateState:
+    """A fresh state for images of `crop_size`.
+
+    Args:
+      key: uint32[2] PRNG key.
+      steps_per_epoch: training steps in one epoch (for the schedule).
+    """
+    size = self.config.crop_size
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    k = jax.random.split(key, 5)
+    params_g = {"g_ab": self.generator.init(k[0], x)["params"],
+                "g_ba": self.generator.init(k[1], x)["params"]}
+    params_d = {"d_a": self.discriminator.init(k[2], x)["params"],
+                "d_b": self.discriminator.init(k[3], x)["params"]}
+    # Two pools with their own buffers: the state is donated.
+    pool = lambda: ImagePool.create(self.config.pool_size, (size, size, 3))
+    return TranslateState(
+        step=jnp.zeros((), jnp.int32),
+        steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32),
+        params_g=params_g, params_d=params_d,
+        opt_g=self.tx.init(params_g), opt_d=self.tx.init(params_d),
+        pool_a=pool(), pool_b=pool(), rng=k[4])
+
+  def translate(self, params_g_ab, images: jax.Array) -> jax.Array:
+    """A -> B: [N, H, W, 3] uint8 BEVs -> [N, H, W, 3] float32 in [-1, 1]."""
+    return self.generator.apply({"params": params_g_ab}, to_float(images))
+
+  def generator_loss(self, params_g, params_d, real_a, real_b):
+    """Official `backward_G`: total loss and (metrics, fake_a, fake_b).
+
+    Instance norm works per image, so a generator applied to two batches
+    concatenated gives exactly the two separate results; we use that to run
+    each generator twice per step instead of three times.
+    """
+    c = self.config
+    g = lambda name, x: self.generator.apply({"params": params_g[name]}, x)
+    d = lambda name, x: self.discriminator.apply({"params": params_d[name]},
+                                                 x)
+    n = real_a.shape[0]
+    fake_b, idt_b = jnp.split(g("g_ab", jnp.concatenate([real_a, real_b])),
+                              [n])
+    fake_a, idt_a = jnp.split(g("g_ba", jnp.concatenate([real_b, real_a])),
+                              [n])
+    rec_a = g("g_ba", fake_b)
+    rec_b = g("g_ab", fake_a)
+    w_idt = c.lambda_identity * c.lambda_cycle
+    metrics = {
+        "g_gan_ab": lsgan_loss(d("d_b", fake_b), True),
+        "g_gan_ba": lsgan_loss(d("d_a", fake_a), True),
+        "cycle_a": c.lambda_cycle * l1_loss(rec_a, real_a),
+        "cycle_b": c.lambda_cycle * l1_loss(rec_b, real_b),
+        "idt_a": w_idt * l1_loss(idt_a, real_a),
+        "idt_b": w_idt * l1_loss(idt_b, real_b),
+    }
+    total = sum(metrics.values())
+    metrics["g_total"] = total
+    return total, (metrics, fake_a, fake_b)
+
+  def discriminator_loss(self, params_d, real_a, real_b, fake_a, fake_b):
+    """Official `backward_D_A` + `backward_D_B` on (pooled) fakes."""
+    d = lambda name, x: self.discriminator.apply({"params": params_d[name]},
+                                                 x)
+    n = real_a.shape[0]
+    real_a_s, fake_a_s = jnp.split(d("d_a", jnp.concatenate([real_a, fake_a])),
+                                   [n])
+    real_b_s, fake_b_s = jnp.split(d("d_b", jnp.concatenate([real_b, fake_b])),
+                                   [n])
+    loss_a = 0.5 * (lsgan_loss(real_a_s, True) + lsgan_loss(fake_a_s, False))
+    loss_b = 0.5 * (lsgan_loss(real_b_s, True) + lsgan_loss(fake_b_s, False))
+    return loss_a + loss_b, {"d_a": loss_a, "d_b": loss_b}
+
+  def train_step(self, state: TranslateState, batch, key: jax.Array):
+    """One CycleGAN step: G update, then D update on pooled fakes.
+
+    Args:
+      state: the current state (donated by `jit_train_step`).
+      batch: {"a": [N, S, S, 3] uint8 BEVs, "b": [N, S, S, 3] uint8
+        satellite images}.
+      key: PRNG key of this step (drives the image pools).
+
+    Returns:
+      (new state, metrics: dict of float32 scalars, incl. "lr").
+    """
+    real_a, real_b = to_float(batch["a"]), to_float(batch["b"])
+    grad_g, (metrics, fake_a, fake_b) = jax.grad(
+        self.generator_loss, has_aux=True)(state.params_g, state.params_d,
+                                           real_a, real_b)
+    lr = learning_rate(self.config, state.step, state.steps_per_epoch)
+    descend = lambda u: jax.tree.map(lambda x: -lr * x, u)
+    updates, opt_g = self.tx.update(grad_g, state.opt_g, state.params_g)
+    params_g = optax.apply_updates(state.params_g, descend(updates))
+
+    key_a, key_b = jax.random.split(key)
+    fake_a = jax.lax.stop_gradient(fake_a)
+    fake_b = jax.lax.stop_gradient(fake_b)
+    pool_a, fake_a = pool_query(state.pool_a, fake_a, key_a)
+    pool_b, fake_b = pool_query(state.pool_b, fake_b, key_b)
+    grad_d, d_metrics = jax.grad(self.discriminator_loss, has_aux=True)(
+        state.params_d, real_a, real_b, fake_a, fake_b)
+    updates, opt_d = self.tx.update(grad_d, state.opt_d, state.params_d)
+    params_d = optax.apply_updates(state.params_d, descend(updates))
+
+    metrics.update(d_metrics)
+    metrics["lr"] = jnp.asarray(lr, jnp.float32)
+    new_state = state.replace(
+        step=state.step + 1, params_g=params_g, params_d=params_d,
+        opt_g=opt_g, opt_d=opt_d, pool_a=pool_a, pool_b=pool_b)
+    return new_state, metrics
+
+  @functools.cached_property
+  def jit_train_step(self):
+    """`train_step` jitted with the state donated."""
+    return jax.jit(self.train_step, donate_argnums=(0,))
+
+  @functools.cached_property
+  def jit_translate(self):
+    """(params of g_ab, uint8 [N, S, S, 3]) -> uint8 fake satellite images."""
+    return jax.jit(lambda p, x: to_uint8(self.translate(p, x)))
+
+
+# What the compiled functions of a CycleGAN depend on.
+_MODEL_KEYS = ("ngf", "ndf", "n_blocks", "n_layers_d", "crop_size",
+               "n_epochs", "n_epochs_decay", "lr", "beta1", "beta2",
+               "lambda_cycle", "lambda_identity", "pool_size", "init_gain")
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_model(key):
+  return CycleGAN(ml_collections.ConfigDict(dict(key)))
+
+
+def get_model(config) -> CycleGAN:
+  """The CycleGAN of a config, shared so its jitted steps compile once."""
+  return _cached_model(tuple((k, config[k]) for k in _MODEL_KEYS))
+
+
+def to_float(images: jax.Array) -> jax.Array:
+  """uint8 [0, 255] -> float32 [-1, 1] (x / 127.5 - 1)."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+  """float32 [-1, 1] -> uint8, rounded."""
+  return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(
+      jnp.uint8)

@@ -1,0 +1,417 @@
+"""The `translate` stage: train the CycleGAN, then write every fake satellite.
+
+`train_translation` trains `cfp.translate.CycleGAN` between BEV images
+(domain A, `root/g2a/`) and satellite tiles (domain B), checkpointing with
+orbax and resuming from the latest checkpoint of its workdir. The data order
+is a pure function of (seed, epoch, position), and each step's key is
+`fold_in(state.rng, step)`, so an interrupted run that resumes takes exactly
+the steps of an uninterrupted one.
+
+`translate_split` runs the trained A -> B generator over BEV images and
+writes PNGs atomically, skipping those already written; `translate` chains
+the two for a dataset split, writing `root/g2a_sat/<id>.png` for every
+`root/g2a/<id>.png`.
+
+Host images are uint8 RGB (cv2 decodes BGR; we convert at once), resized
+to `load_size` squared as the official `resize_and_crop` does (PIL bicubic
+there, which anti-aliases; cv2 INTER_AREA when shrinking, INTER_CUBIC when
+enlarging here), then randomly cropped to `crop_size` and flipped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import time
+from typing import Optional, Sequence
+
+import cv2
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+
+from cvgl_jax.cfp import translate as tr
+
+
+# ----------------------------------------------------------------------------
+# Config and input checks (cheap, before any compute).
+# ----------------------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key if `config` cannot drive a run."""
+  defaults = tr.get_config()
+  unknown = sorted(set(config.keys()) - set(defaults.keys()))
+  if unknown:
+    raise ValueError(f"translate config: unknown key(s) {unknown}; known "
+                     f"keys are {sorted(defaults.keys())}.")
+  missing = sorted(set(defaults.keys()) - set(config.keys()))
+  if missing:
+    raise ValueError(f"translate config: missing key(s) {missing}; start "
+                     "from cvgl_jax.cfp.translate.get_config().")
+  for key, default in defaults.items():
+    value = config[key]
+    kind = type(default)
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool)
+          if kind is float else
+          isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+      raise ValueError(f"translate config: {key}={value!r} should be a "
+                       f"{kind.__name__}.")
+  for key in ("ngf", "ndf", "n_blocks", "n_layers_d", "load_size",
+              "crop_size", "batch_size", "ckpt_every_steps",
+              "keep_checkpoints", "log_every_steps", "translate_batch_size",
+              "num_threads"):
+    if config[key] < 1:
+      raise ValueError(f"translate config: {key}={config[key]} must be >= 1.")
+  for key in ("n_epochs", "n_epochs_decay", "pool_size", "lambda_cycle",
+              "lambda_identity"):
+    if config[key] < 0:
+      raise ValueError(f"translate config: {key}={config[key]} must be >= 0.")
+  if config.n_epochs + config.n_epochs_decay < 1:
+    raise ValueError("translate config: n_epochs + n_epochs_decay must be "
+                     ">= 1.")
+  if config.crop_size % 4:
+    raise ValueError(f"translate config: crop_size={config.crop_size} must be "
+                     "a multiple of 4 (the generator halves it twice).")
+  if config.crop_size > config.load_size:
+    raise ValueError(f"translate config: crop_size={config.crop_size} must "
+                     f"not exceed load_size={config.load_size}.")
+  if not config.lr > 0:
+    raise ValueError(f"translate config: lr={config.lr} must be > 0.")
+
+
+def read_image(path: str) -> np.ndarray:
+  """[H, W, 3] uint8 RGB; ValueError naming `path` if it cannot be read."""
+  image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+  if image is None:
+    reason = "does not exist" if not os.path.exists(path) else (
+        "is not a readable image")
+    raise ValueError(f"Image {path} {reason}.")
+  return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+  """Square resize; area averaging when shrinking, bicubic when enlarging."""
+  if image.shape[0] == size and image.shape[1] == size:
+    return image
+  shrink = image.shape[0] * image.shape[1] > size * size
+  return cv2.resize(image, (size, size),
+                    interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def _decodable(path: str) -> bool:
+  # A reduced decode is enough to reject truncated or foreign files; for
+  # JPEG it is several times cheaper than a full one.
+  return cv2.imread(os.fspath(path), cv2.IMREAD_REDUCED_GRAYSCALE_8) is not None
+
+
+def check_images(paths: Sequence[str], what: str, num_threads: int = 4,
+                 decode: bool = True) -> None:
+  """Raises ValueError naming the first missing or unreadable image.
+
+  Args:
+    paths: image files.
+    what: what they are, for the message (e.g. "BEV image").
+    num_threads: decoding threads (cv2 releases the GIL).
+    decode: also decode each file (at 1/8 scale), not only stat it.
+  """
+  if not len(paths):
+    raise ValueError(f"No {what}s given.")
+  for p in paths:
+    if not os.path.isfile(p):
+      folder = os.path.dirname(p)
+      if not os.path.isdir(folder):
+        raise ValueError(f"{what} folder {folder} does not exist (first "
+                         f"missing file: {p}).")
+      raise ValueError(f"{what} {p} does not exist.")
+  if decode:
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+      for p, ok in zip(paths, pool.map(_decodable, paths)):
+        if not ok:
+          raise ValueError(f"{what} {p} is not a readable image.")
+
+
+# ----------------------------------------------------------------------------
+# Host data: a deterministic plan per epoch, loaded by grain threads.
+# ----------------------------------------------------------------------------
+
+
+def steps_per_epoch(n_a: int, n_b: int, batch_size: int) -> int:
+  """An epoch is max(n_a, n_b) images, as the official UnalignedDataset."""
+  n = max(n_a, n_b)
+  if n < batch_size:
+    raise ValueError(f"translate: batch_size={batch_size} exceeds the larger "
+                     f"domain ({n} images).")
+  return n // batch_size
+
+
+def epoch_plan(seed: int, epoch: int, n_a: int, n_b: int, n_items: int):
+  """Which images an epoch uses, in order: a pure function of its inputs.
+
+  Returns:
+    (a_index [n_items], b_index [n_items], item_seed [n_items]): A follows a
+    permutation of max(n_a, n_b) taken modulo n_a (shuffled serial A as the
+    official loader), B is drawn uniformly, item seeds drive crops/flips.
+  """
+  rng = np.random.default_rng([seed, epoch])
+  a = rng.permutation(max(n_a, n_b))[:n_items] % n_a
+  b = rng.integers(0, n_b, n_items)
+  seeds = rng.integers(0, 2 ** 63 - 1, n_items)
+  return a, b, seeds
+
+
+def load_train_pair(record, config) -> dict:
+  """(a path, b path, seed) -> {"a", "b": [S, S, 3] uint8} crops."""
+  a_path, b_path, seed = record
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, path in (("a", a_path), ("b", b_path)):
+    image = resize(read_image(path), config.load_size)
+    y, x = rng.integers(0, config.load_size - config.crop_size + 1, 2)
+    image = image[y:y + config.crop_size, x:x + config.crop_size]
+    if config.flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    out[name] = np.ascontiguousarray(image)
+  return out
+
+
+def epoch_batches(a_paths, b_paths, config, epoch: int, start_step: int,
+                  spe: int):
+  """Iterator over the batches of `epoch` from step `start_step` on."""
+  bs = config.batch_size
+  a, b, seeds = epoch_plan(config.seed, epoch, len(a_paths), len(b_paths),
+                           spe * bs)
+  records = [(a_paths[i], b_paths[j], int(s))
+             for i, j, s in zip(a, b, seeds)][start_step * bs:]
+  ds = (grain.MapDataset.source(records)
+        .map(lambda r: load_train_pair(r, config))
+        .batch(bs, drop_remainder=True)
+        .to_iter_dataset(grain.ReadOptions(
+            num_threads=config.num_threads,
+            prefetch_buffer_size=4 * config.num_threads)))
+  return iter(ds)
+
+
+# ----------------------------------------------------------------------------
+# Training.
+# ----------------------------------------------------------------------------
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+  bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+  if bad:
+    raise FloatingPointError(
+        f"CycleGAN training diverged at step {step}: {bad}. The last "
+        "checkpoint before this step is kept; lower config.lr or check the "
+        "input images.")
+
+
+def train_translation(bev_paths: Sequence[str],
+                      satellite_paths: Sequence[str], workdir: str,
+                      config: ml_collections.ConfigDict, *,
+                      max_steps: Optional[int] = None,
+                      progress: bool = True) -> tr.TranslateState:
+  """Trains (or resumes training) the BEV -> satellite CycleGAN.
+
+  Checkpoints (params, both Adam states, both pools, step, rng) go to
+  `workdir/checkpoints` every `ckpt_every_steps` steps, at every epoch end
+  and when stopping; losses to `workdir/metrics.jsonl`. A rerun resumes from
+  the latest checkpoint; a finished run returns its final state at once.
+
+  Args:
+    bev_paths: domain A images (geometric BEVs).
+    satellite_paths: domain B images (satellite tiles).
+    workdir: this stage's folder.
+    config: see `cvgl_jax.cfp.translate.get_config`.
+    max_steps: stop after this many steps in total (e.g. a time-boxed job);
+      None trains the whole schedule.
+    progress: show a tqdm bar.
+
+  Returns:
+    The state after the last step taken.
+  """
+  validate_config(config)
+  bev_paths = [os.fspath(p) for p in bev_paths]
+  satellite_paths = [os.fspath(p) for p in satellite_paths]
+  check_images(bev_paths, "BEV image", config.num_threads)
+  check_images(satellite_paths, "satellite image", config.num_threads)
+  spe = steps_per_epoch(len(bev_paths), len(satellite_paths),
+                        config.batch_size)
+  total = (config.n_epochs + config.n_epochs_decay) * spe
+  stop = total if max_steps is None else min(total, int(max_steps))
+
+  model = tr.get_model(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json(indent=2))
+  mngr = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(
+          preservation_policy=ocp.checkpoint_managers.LatestN(
+              config.keep_checkpoints)))
+  key = jax.random.PRNGKey(config.seed)
+  latest = mngr.latest_step()
+  if latest is None:
+    state = model.init(key, spe)
+  else:
+    abstract = jax.tree.map(ocp.tree.to_shape_dtype_struct,
+                            jax.eval_shape(lambda k: model.init(k, spe), key))
+    state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+    if int(state.steps_per_epoch) != spe:
+      mngr.close()
+      raise ValueError(
+          f"Checkpoint {mngr.directory}/{latest} was trained with "
+          f"{int(state.steps_per_epoch)} steps per epoch, the data now gives "
+          f"{spe}: the image lists or batch_size changed. Use a new workdir.")
+  step = int(state.step)
+
+  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+  bar = tqdm.tqdm(total=stop, initial=step, disable=not progress,
+                  desc="translate: train", unit="step")
+  t0, n0 = time.perf_counter(), step
+  try:
+    while step < stop:
+      epoch, pos = divmod(step, spe)
+      for batch in epoch_batches(bev_paths, satellite_paths, config, epoch,
+                                 pos, spe):
+        state, metrics = model.jit_train_step(
+            state, batch, jax.random.fold_in(state.rng, step))
+        step += 1
+        bar.update(1)
+        save = (step % config.ckpt_every_steps == 0 or step % spe == 0
+                or step == stop)
+        if save or step % config.log_every_steps == 0:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          _check_finite(metrics, step)
+          now = time.perf_counter()
+          rate = (step - n0) * config.batch_size / max(now - t0, 1e-9)
+          t0, n0 = now, step
+          metrics_file.write(json.dumps(
+              {"step": step, "epoch": epoch, "images_per_s": rate,
+               **metrics}) + "\n")
+          metrics_file.flush()
+          bar.set_postfix({"img/s": f"{rate:.1f}",
+                           "G": f"{metrics['g_total']:.3f}",
+                           "D_A": f"{metrics['d_a']:.3f}",
+                           "D_B": f"{metrics['d_b']:.3f}"})
+        if save:
+          mngr.save(step, args=ocp.args.StandardSave(state))
+        if step >= stop or step % spe == 0:
+          break
+  finally:
+    bar.close()
+    metrics_file.close()
+    mngr.wait_until_finished()
+    mngr.close()
+  return state
+
+
+# ----------------------------------------------------------------------------
+# Writing fake satellite images.
+# ----------------------------------------------------------------------------
+
+
+def write_png_atomic(path: str, image: np.ndarray) -> None:
+  """Writes an RGB uint8 image as PNG via a temporary file + os.replace."""
+  ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+  if not ok:
+    raise ValueError(f"Could not encode an image for {path}.")
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+  with open(tmp, "wb") as f:
+    f.write(data.tobytes())
+  os.replace(tmp, path)
+
+
+def translate_split(bev_paths: Sequence[str], out_paths: Sequence[str],
+                    params_g_ab, config: ml_collections.ConfigDict, *,
+                    progress: bool = True) -> int:
+  """Writes g_ab(BEV) for every BEV whose output does not exist yet.
+
+  BEVs are resized to `crop_size` (no crop, no flip: the official test-time
+  transform) and the `crop_size` square fakes are written as PNG.
+
+  Args:
+    bev_paths: [N] input BEV images.
+    out_paths: [N] output PNG paths.
+    params_g_ab: params of the A -> B generator (`state.params_g["g_ab"]`).
+    config: the training config (architecture and `crop_size`).
+    progress: show a tqdm bar.
+
+  Returns:
+    How many images were written.
+  """
+  validate_config(config)
+  if len(bev_paths) != len(out_paths):
+    raise ValueError(f"translate_split: {len(bev_paths)} BEV paths but "
+                     f"{len(out_paths)} output paths.")
+  todo = [(os.fspath(i), os.fspath(o)) for i, o in zip(bev_paths, out_paths)
+          if not os.path.exists(o)]
+  if not todo:
+    return 0
+  check_images([i for i, _ in todo], "BEV image", config.num_threads,
+               decode=False)
+  model = tr.get_model(config)
+  bs = config.translate_batch_size
+  load = lambda p: resize(read_image(p), config.crop_size)
+  bar = tqdm.tqdm(total=len(todo), disable=not progress,
+                  desc="translate: write g2a_sat", unit="img")
+  t0 = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(config.num_threads) as pool:
+    chunks = [todo[i:i + bs] for i in range(0, len(todo), bs)]
+    loaded = pool.map(lambda c: np.stack([load(p) for p, _ in c]), chunks)
+    for chunk, images in zip(chunks, loaded):
+      n = len(images)
+      if n < bs:  # pad to one compiled shape
+        images = np.concatenate([images, np.repeat(images[-1:], bs - n, 0)])
+      fakes = np.asarray(model.jit_translate(params_g_ab, images))[:n]
+      for (_, out), fake in zip(chunk, fakes):
+        write_png_atomic(out, fake)
+      bar.update(n)
+      bar.set_postfix({"img/s": f"{bar.n / (time.perf_counter() - t0):.1f}"})
+  bar.close()
+  return len(todo)
+
+
+def translate(index, workdir: str, config: ml_collections.ConfigDict, *,
+              progress: bool = True) -> dict:
+  """The stage: BEVs `root/g2a/<id>.png` -> fakes `root/g2a_sat/<id>.png`.
+
+  Trains on the split's BEVs and its satellite tiles (unpaired), then
+  translates every BEV of the split. Writes `workdir/translate/DONE`.
+
+  Args:
+    index: a `cvgl_jax.data.index.PairIndex` (the training split).
+    workdir: the run's workdir; this stage uses `workdir/translate`.
+    config: see `cvgl_jax.cfp.translate.get_config`.
+    progress: show progress bars.
+
+  Returns:
+    {"steps": training steps, "written": fakes written, "total": BEVs}.
+  """
+  validate_config(config)
+  bev_dir = os.path.join(index.root, "g2a")
+  if not os.path.isdir(bev_dir):
+    raise ValueError(f"BEV folder {bev_dir} does not exist: run the cfp "
+                     "stage first.")
+  ids = [str(i) for i in index.ground_ids]
+  bev_paths = [os.path.join(bev_dir, f"{i}.png") for i in ids]
+  out_paths = [os.path.join(index.root, "g2a_sat", f"{i}.png") for i in ids]
+  stage_dir = os.path.join(workdir, "translate")
+  state = train_translation(bev_paths, list(index.satellite_paths), stage_dir,
+                            config, progress=progress)
+  written = translate_split(bev_paths, out_paths, state.params_g["g_ab"],
+                            config, progress=progress)
+  result = {"steps": int(state.step), "written": written,
+            "total": len(bev_paths)}
+  with open(os.path.join(stage_dir, "DONE"), "w") as f:
+    json.dump(result, f)
+  return result
