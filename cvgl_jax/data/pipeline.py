@@ -24,7 +24,19 @@ process is one line, and its iterators have JSON-able dict states.
 `TrainIterator` wraps one epoch's grain iterator; its state holds the epoch,
 the seed and the pairing as well, so an orbax restore
 (`grain.checkpoint.CheckpointRestore`) lands on the same epoch, pairing and
-position without the training loop saving the pairing itself.
+position without the training loop saving the pairing itself:
+
+  it = pipe.iterator(epoch=0, pairs=pairs0)      # pairs: pseudo_pairs only
+  if mngr.latest_step() is not None:             # it.epoch, it.pairs restored
+    mngr.restore(step, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(it), ...))
+  for epoch in range(it.epoch, num_epochs):
+    if epoch != it.epoch:
+      it.set_epoch(epoch, pairs=new_pairs, labeled=new_labeled)
+    for batch in it: ...                         # stops at the epoch's end
+
+Decoding runs in grain's reader threads (cv2 releases the GIL while it
+decodes and resizes), so no worker processes are needed.
 """
 
 from __future__ import annotations
