@@ -1,6 +1,8 @@
 """Tests of cvgl_jax.data.augment: each augmentation does what it says."""
 
 import colorsys
+import dataclasses
+import math
 
 import cv2
 import jax
@@ -8,7 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cvgl_jax.cfp import geometry
 from cvgl_jax.data import augment
+from cvgl_jax.data.synthetic import config
+from cvgl_jax.data.synthetic import layouts
+from cvgl_jax.data.synthetic import render
+from cvgl_jax.data.synthetic import world as world_lib
 
 ONLY = dict(dropout_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 
@@ -263,3 +270,49 @@ def test_config_validation_names_the_field():
     augment.PairedConfig(rotate_p=-0.1)
   with pytest.raises(TypeError):
     augment.ViewConfig(jiter_p=0.5)  # Typo in a key.
+
+
+def _ncc(a, b):
+  a = a - a.mean(axis=(0, 1))
+  b = b - b.mean(axis=(0, 1))
+  return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def test_paired_geometry_keeps_a_rendered_pair_matching_its_bev():
+  """On the synthetic world, the BEV (cfp.geometry) of the augmented
+  panorama still matches the augmented tile, and not its other rotations."""
+  height, fov = 2.0, 168.0
+  cfg = dataclasses.replace(
+      config.SyntheticConfig(), map_cells=768, block_m=(30.0, 50.0),
+      tile_m=2 * height * math.tan(math.radians(fov / 2)), sat_px=64,
+      pano_width=512, cvusa_width=512, min_separation_m=8.0,
+  ).without_nuisances(height)
+  w = world_lib.make_world(cfg, np.random.default_rng(21))
+  rng = np.random.default_rng(0)
+  shots = layouts.draw_shots(w, cfg, layouts.place_cameras(w, cfg, 4, rng),
+                             rng)
+  panos = np.stack([render.render_panorama(
+      w, s.pose, 512, 0, 256, cfg.max_ray_m, np.random.default_rng(1))
+                    for s in shots])
+  tiles = np.stack([render.render_satellite(
+      w, s.pose.tile_row, s.pose.tile_col, cfg.tile_m, 64, 0.0,
+      np.random.default_rng(1)) for s in shots])
+  g, s = augment.augment_pairs(
+      jax.random.key(0), np.tile(panos, (4, 1, 1, 1)),
+      np.tile(tiles, (4, 1, 1, 1)), augment.no_view_augmentation(),
+      augment.no_view_augmentation(), augment.PairedConfig(0.5, 1.0))
+  grid = geometry.bev_grid((256, 512), 64, fov, wrap=True)
+  bevs = np.asarray(geometry.sample_bev(g, grid, wrap=True))
+  s = np.asarray(s)
+  wins, moves = 0, set()
+  for i, (bev, tile) in enumerate(zip(bevs, s)):
+    scores = [_ncc(bev, np.rot90(tile, k)) for k in range(4)]
+    wins += int(np.argmax(scores) == 0)
+    orig = tiles[i % 4] / 255.0
+    moves |= {(k, f) for k in range(4) for f in (0, 1)
+              if np.allclose(np.rot90(orig[:, ::-1] if f else orig, k),
+                             tile, atol=1e-6)}
+  assert wins >= 15, wins
+  # The pairs were really rotated (k = 1, 2, 3) and some also flipped.
+  assert {k for k, _ in moves} == {1, 2, 3}
+  assert {f for _, f in moves} == {0, 1}
