@@ -241,7 +241,8 @@ def write_cvusa(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
       for shot in shots:
         pid = f"{number[j]:07d}"
         split = "val" if is_val[j] else "train"
-        sat_rel, pano_rel = f"bingmap/19/{pid}.jpg", f"streetview/panos/{pid}.jpg"
+        sat_rel = f"bingmap/19/{pid}.jpg"
+        pano_rel = f"streetview/panos/{pid}.jpg"
         _render_pair(out, cfg, world, shot, sat_rel, pano_rel,
                      (pw, cfg.cvusa_top, ph))
         lines[split].append((pid, f"{sat_rel},{pano_rel},"

@@ -138,8 +138,25 @@ def _wall_normals(world, ri, ci, dir_r, dir_c):
   return n_r, n_c
 
 
+def _box_pixels(r_lo, r_hi, c_lo, c_hi, width):
+  """Pixels of boxes [r_lo, r_hi) x [c_lo, c_hi] (columns wrap): (box of
+  each pixel, row, column)."""
+  nc = np.maximum(c_hi - c_lo + 1, 0)
+  count = nc * np.maximum(r_hi - r_lo, 0)
+  total = int(count.sum())
+  box = np.repeat(np.arange(len(count)), count)
+  local = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+  return (box, r_lo[box] + local // nc[box],
+          np.mod(c_lo[box] + local % nc[box], width))
+
+
 def _trees(world, pose, az_col, elev, row0, width, max_ray_m):
-  """Crown and trunk pixels: (flat pixel index, ray length, RGB) arrays."""
+  """Crown and trunk pixels: (flat pixel index, ray length, RGB) arrays.
+
+  Crowns: every pixel of a crown's bounding box casts its ray at the
+  ellipsoid. Trunks: a box at least one column wide, so that they stay
+  visible at any distance.
+  """
   t = world.trees
   cell, h = world.cell_m, pose.height_m
   rel = (t.pos - np.array([pose.row, pose.col])) * cell   # (south, east) m
@@ -151,70 +168,70 @@ def _trees(world, pose, az_col, elev, row0, width, max_ray_m):
   rad, rz, cz = t.radius[keep], t.radius_z[keep], t.centre_z[keep]
   trunk, colour = t.trunk[keep], t.colour[keep]
   rows_out = len(elev)
-  hf = width / 2
-  # Column centre and half width of each tree's box.
+  per_rad = width / (2 * math.pi)
+  to_row = lambda e: (math.pi / 2 - e) * (width / 2) / math.pi - 0.5 - row0
+  rows_of = lambda e_hi, e_lo: (
+      np.clip(np.floor(to_row(e_hi)), 0, rows_out).astype(np.int64),
+      np.clip(np.ceil(to_row(e_lo)) + 1, 0, rows_out).astype(np.int64))
   az = np.arctan2(rel[:, 1], -rel[:, 0]) - pose.heading_rad
-  col_c = width / 2 + az * width / (2 * math.pi)
-  half = np.arcsin(np.minimum(rad / dist, 1.0)) * width / (2 * math.pi) + 1
-  near, far = dist - rad, dist + rad
-  e_lo = np.minimum(np.arctan2(-h, near), np.arctan2(cz - rz - h, far))
-  e_hi = np.maximum(np.arctan2(cz + rz - h, near), np.arctan2(cz + rz - h,
-                                                              far))
-  to_row = lambda e: (math.pi / 2 - e) * hf / math.pi - 0.5 - row0
-  r_lo = np.clip(np.floor(to_row(e_hi)), 0, rows_out).astype(np.int64)
-  r_hi = np.clip(np.ceil(to_row(e_lo)) + 1, 0, rows_out).astype(np.int64)
-  c_lo = np.floor(col_c - half).astype(np.int64)
-  nc = (np.ceil(col_c + half) - c_lo + 1).astype(np.int64)
-  nr = r_hi - r_lo
-  count = nc * nr
-  total = int(count.sum())
-  if total == 0:
-    return None
-  tree = np.repeat(np.arange(len(dist)), count)
-  local = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
-  pr = r_lo[tree] + local // nc[tree]
-  pc = np.mod(c_lo[tree] + local % nc[tree], width)
-  e = elev[pr]
-  ce, se = np.cos(e), np.sin(e)
-  a_col = az_col[pc]
-  v = np.stack([-np.cos(a_col) * ce, np.sin(a_col) * ce, se], -1)
-  # Crown: ellipsoid -> sphere by scaling heights by radius / radius_z.
-  s = (rad / rz)[tree]
-  cen = np.stack([rel[tree, 0], rel[tree, 1], (cz[tree] - h) * s], -1)
-  vs = v * np.stack([np.ones_like(s), np.ones_like(s), s], -1)
-  a = np.einsum("pi,pi->p", vs, vs)
-  b = np.einsum("pi,pi->p", vs, cen)
-  c = np.einsum("pi,pi->p", cen, cen) - rad[tree] ** 2
-  disc = b * b - a * c
-  hit = disc > 0
-  depth = (b - np.sqrt(np.maximum(disc, 0))) / a
-  hit &= depth > 0
-  pts = depth[:, None] * vs - cen
-  depth = np.where(hit, depth, np.inf)
-  nrm = pts * np.stack([np.ones_like(s), np.ones_like(s), s], -1)
-  nrm /= np.linalg.norm(nrm, axis=-1, keepdims=True) + 1e-9
-  tex_u = np.arctan2(pts[:, 1], pts[:, 0]) * rad[tree] * 8.0
-  tex_v = pts[:, 2] / s * 8.0
-  tex = world.leaf_texture[np.mod(tex_v.astype(np.int64), 64),
-                           np.mod(tex_u.astype(np.int64), 64)]
+  col_c = width / 2 + az * per_rad
   sun = _sun_vector(pose.sun_az, pose.sun_el)
-  lam = np.clip(nrm @ sun, 0, 1)
-  shade = (0.42 + 0.62 * lam) * (0.72 + 0.28 * (nrm[:, 2] + 1) / 2)
-  rgb = colour[tree] * (shade * (1 + 0.3 * tex))[:, None]
-  # Trunks: vertical cylinders, at least one column wide.
-  twid = np.maximum(np.arctan2(trunk, dist) * width / (2 * math.pi), 0.5)
-  top = cz - 0.4 * rz
-  z_at = h + np.tan(e) * dist[tree]
-  dcol = np.mod(pc - col_c[tree] + width / 2, width) - width / 2
-  on_trunk = (np.abs(dcol) <= twid[tree]) & (z_at >= 0) & (z_at <= top[tree])
-  t_depth = dist[tree] / np.maximum(ce, 1e-6)
-  use_trunk = on_trunk & (t_depth < depth)
-  depth = np.where(use_trunk, t_depth, depth)
-  side = np.clip(-np.cos(a_col - pose.sun_az), 0, 1)
-  bark = np.float32((92, 72, 54)) * (0.55 + 0.4 * side)[:, None]
-  rgb = np.where(use_trunk[:, None], bark, rgb)
-  ok = hit | use_trunk
-  return pr[ok] * width + pc[ok], depth[ok], rgb[ok]
+  flats, depths, rgbs = [], [], []
+
+  # Crowns: ellipsoids, made spheres by scaling heights by radius / rz.
+  half = np.arcsin(np.minimum(rad / dist, 1.0)) * per_rad + 1
+  near, far = dist - rad, dist + rad
+  bottom, top = cz - rz - h, cz + rz - h
+  r_lo, r_hi = rows_of(
+      np.maximum(np.arctan2(top, near), np.arctan2(top, far)),
+      np.minimum(np.arctan2(bottom, near), np.arctan2(bottom, far)))
+  tree, pr, pc = _box_pixels(r_lo, r_hi, np.floor(col_c - half).astype(
+      np.int64), np.ceil(col_c + half).astype(np.int64), width)
+  if len(tree):
+    e = elev[pr]
+    ce, se = np.cos(e), np.sin(e)
+    a_col = az_col[pc]
+    s = (rad / rz)[tree]
+    v = np.stack([-np.cos(a_col) * ce, np.sin(a_col) * ce, se * s], -1)
+    cen = np.stack([rel[tree, 0], rel[tree, 1], (cz[tree] - h) * s], -1)
+    a = np.einsum("pi,pi->p", v, v)
+    b = np.einsum("pi,pi->p", v, cen)
+    c = np.einsum("pi,pi->p", cen, cen) - rad[tree] ** 2
+    disc = b * b - a * c
+    depth = (b - np.sqrt(np.maximum(disc, 0))) / a
+    hit = (disc > 0) & (depth > 0)
+    tree, pr, pc, depth, s = tree[hit], pr[hit], pc[hit], depth[hit], s[hit]
+    pts = depth[:, None] * v[hit] - cen[hit]
+    nrm = pts * np.stack([np.ones_like(s), np.ones_like(s), s], -1)
+    nrm /= np.linalg.norm(nrm, axis=-1, keepdims=True) + 1e-9
+    tex_u = np.arctan2(pts[:, 1], pts[:, 0]) * rad[tree] * 8.0
+    tex_v = pts[:, 2] / s * 8.0
+    tex = world.leaf_texture[np.mod(tex_v.astype(np.int64), 64),
+                             np.mod(tex_u.astype(np.int64), 64)]
+    lam = np.clip(nrm @ sun, 0, 1)
+    shade = (0.42 + 0.62 * lam) * (0.72 + 0.28 * (nrm[:, 2] + 1) / 2)
+    flats.append(pr * width + pc)
+    depths.append(depth)
+    rgbs.append(colour[tree] * (shade * (1 + 0.3 * tex))[:, None])
+
+  # Trunks: vertical cylinders up into the crown, at least a column wide.
+  twid = np.maximum(np.arctan2(trunk, dist) * per_rad, 0.5)
+  r_lo, r_hi = rows_of(np.arctan2(cz - 0.4 * rz - h, dist),
+                       np.arctan2(-h, dist))
+  tree, pr, pc = _box_pixels(r_lo, r_hi, np.floor(col_c - twid).astype(
+      np.int64), np.ceil(col_c + twid).astype(np.int64), width)
+  if len(tree):
+    dcol = np.mod(pc - col_c[tree] + width / 2, width) - width / 2
+    on = np.abs(dcol) <= twid[tree]
+    tree, pr, pc = tree[on], pr[on], pc[on]
+    side = np.clip(-np.cos(az_col[pc] - pose.sun_az), 0, 1)
+    flats.append(pr * width + pc)
+    depths.append(dist[tree] / np.maximum(np.cos(elev[pr]), 1e-6))
+    rgbs.append(np.float32((92, 72, 54)) * (0.55 + 0.4 * side)[:, None])
+  if not flats:
+    return None
+  return (np.concatenate(flats), np.concatenate(depths),
+          np.concatenate(rgbs).astype(np.float32))
 
 
 def render_panorama(world: world_lib.World, pose: Pose, width: int,
@@ -241,23 +258,30 @@ def render_panorama(world: world_lib.World, pose: Pose, width: int,
   d = ray_distances(max_ray_m, width)
   k_n = len(d)
   ri = _reflect(np.rint(pose.row + dir_r[:, None] * (d / cell)).astype(
-      np.int64), n)
+      np.int32), n)
   ci = _reflect(np.rint(pose.col + dir_c[:, None] * (d / cell)).astype(
-      np.int64), n)
-  hgt = world.height[ri, ci]                                   # [W, K]
-  run = np.maximum.accumulate(np.arctan((hgt - h) / d), axis=1)
+      np.int32), n)
+  hgt = world.height.ravel()[ri * n + ci]                       # [W, K]
+  # Running max of each sample's elevation, as its tangent.
+  run = np.maximum.accumulate(((hgt - h) / d).astype(np.float32), axis=1)
   elev = canvas_elevations(width, row0, rows)
-  offs = 4.0 * np.arange(width)[:, None]
-  k = np.ascontiguousarray((np.searchsorted(
-      (run + offs).ravel(), (elev[None, :] + offs).ravel()).reshape(
-          width, rows) - np.arange(width)[:, None] * k_n).T)         # [R, W]
+  tau_rows = np.tan(elev)                                       # decreasing
+  # Row r first hits sample k(r) = #{k : run_k < tan(elev_r)}. Inverted to
+  # stay cheap: sample k lies below the rows r < s_k, s_k = #{r : tan(elev_r)
+  # > run_k}, so k(r) = K - #{k : s_k <= r}: one search in the R rows per
+  # sample and a cumulative histogram per column.
+  below = np.searchsorted(-tau_rows, -run.ravel())
+  owner = np.repeat(np.arange(width) * (rows + 1), k_n)
+  hist = np.bincount(owner + below, minlength=width * (rows + 1))
+  k = k_n - np.cumsum(hist.reshape(width, rows + 1), axis=1)[:, :rows]
+  k = np.ascontiguousarray(k.T)                                 # [R, W]
   hit = k < k_n
   kk = np.minimum(k, k_n - 1)
   cols = np.broadcast_to(np.arange(width), k.shape)
   hk = hgt[cols, kk]
   dk = d[kk]
   dprev = np.where(kk > 0, d[np.maximum(kk - 1, 0)], 0.0)
-  tau = np.tan(elev)[:, None]
+  tau = tau_rows[:, None]
   top = hit & (tau < 0) & (h + dprev * tau >= hk)
   side = hit & ~top
   horiz = np.where(top, (hk - h) / np.where(tau < 0, tau, -1.0),
@@ -313,7 +337,8 @@ def render_panorama(world: world_lib.World, pose: Pose, width: int,
     zbuf = depth.ravel()
     front = tdepth < zbuf[flat]
     flat, tdepth, trgb = flat[front], tdepth[front], trgb[front]
-    order = np.lexsort((tdepth, flat))
+    # One float key sorts by pixel, then by depth within a pixel.
+    order = np.argsort(flat + tdepth / (tdepth.max() * 1.01 + 1e-9))
     flat, tdepth, trgb = flat[order], tdepth[order], trgb[order]
     first = np.ones(len(flat), bool)
     first[1:] = flat[1:] != flat[:-1]
@@ -345,15 +370,15 @@ def render_panorama(world: world_lib.World, pose: Pose, width: int,
     col += (cloud - col) * alpha[:, None]
     col[e < 0] = haze_rgb
     img[mr, mc] = col
-  hr, hc = np.nonzero(hit)
-  fog = np.clip(depth[hr, hc] / max_ray_m, 0, 1) ** fog_pow * fog_amount
-  img[hr, hc] += (haze_rgb - img[hr, hc]) * fog[:, None].astype(np.float32)
+  fog = np.clip(np.where(hit, depth, 0.0) / max_ray_m, 0, 1).astype(
+      np.float32) ** np.float32(fog_pow) * np.float32(fog_amount)
+  img += (haze_rgb - img) * fog[..., None]
 
   # Street-camera style: exposure, saturation, sensor noise.
-  img *= exposure
-  gray = img.mean(-1, keepdims=True)
+  img *= np.float32(exposure)
+  gray = (img @ np.full(3, 1 / 3, np.float32))[..., None]
   img = gray + (img - gray) * np.float32(saturation)
-  img += rng.standard_normal(img.shape, dtype=np.float32) * 1.8
+  img += rng.standard_normal((rows, width, 1), dtype=np.float32) * 1.8
   return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -386,9 +411,7 @@ def render_satellite(world: world_lib.World, row: float, col: float,
   tile = cv2.warpAffine(world.sat_mips[level], m, (px, px),
                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                         borderMode=cv2.BORDER_REFLECT_101).astype(np.float32)
-  field = np.stack([world_lib.value_noise(rng, (px, px), px / 2.0, 2)
-                    for _ in range(3)], -1)
-  common = world_lib.value_noise(rng, (px, px), px / 2.0, 2)[..., None]
-  tile *= np.exp(appearance * (0.25 * field + 0.35 * common))
+  field = world_lib.smooth_field(rng, (px, px), 3, 4)
+  tile *= np.exp(appearance * (0.25 * field[..., :3] + 0.35 * field[..., 3:]))
   tile += rng.normal(0, 2.0, tile.shape).astype(np.float32)
   return np.clip(tile, 0, 255).astype(np.uint8)

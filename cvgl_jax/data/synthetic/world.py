@@ -153,6 +153,16 @@ def value_noise(rng: np.random.Generator, shape, scale: float,
   return out / (out.std() + 1e-6)
 
 
+def smooth_field(rng: np.random.Generator, shape, cells: int,
+                 channels: int = 1) -> np.ndarray:
+  """Low-frequency noise: a (cells + 1)^2 random lattice spanning `shape`,
+  cubic-upsampled. Returns [H, W, channels] float32, about unit std."""
+  grid = rng.standard_normal((cells + 1, cells + 1, channels)).astype(
+      np.float32)
+  out = cv2.resize(grid, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC)
+  return out.reshape(shape[0], shape[1], channels)
+
+
 def _lines(rng, length, block):
   """Street positions (metres) along one axis, and their half widths."""
   pos = [rng.uniform(-block[1], 0.0)]
