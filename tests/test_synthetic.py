@@ -317,6 +317,9 @@ def test_readers_round_trip_the_truth(datasets):
            for g, k, semi in zip(idx.ground_ids, idx.positive,
                                  idx.semi_positives)}
     assert got == want, (mode, split)
+    truth_ids = {p["ground_id"]: p["satellite_id"] for p in pairs}
+    assert {g: idx.satellite_ids[k] for g, k in zip(
+        idx.ground_ids, idx.positive)} == truth_ids
     assert idx.num_satellite == sum(
         s["city"] in cities for s in truth["satellites"])
 

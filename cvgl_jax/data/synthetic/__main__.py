@@ -9,6 +9,7 @@ Every field of `SyntheticConfig` is a flag of the same name (e.g.
 """
 
 import dataclasses
+import re
 import time
 
 from absl import app
@@ -27,11 +28,31 @@ _SEED = flags.DEFINE_integer("seed", 0, "The dataset's seed.")
 _NO_NUISANCES = flags.DEFINE_bool("no_nuisances", False, "Exact poses and "
                                   "appearance (overrides the nuisance flags).")
 
+
+
+def _field_help() -> dict:
+  """{field: its description} from SyntheticConfig's docstring."""
+  out, names = {}, []
+  for line in config_lib.SyntheticConfig.__doc__.splitlines():
+    entry = re.match(r"^    ([a-z_0-9, ]+): (.*)$", line)
+    if entry:
+      names = [n.strip() for n in entry.group(1).split(",")]
+      for n in names:
+        out[n] = entry.group(2)
+    elif re.match(r"^      \S", line):
+      for n in names:
+        out[n] += " " + line.strip()
+    else:
+      names = []
+  return out
+
+
 _DEFAULTS = config_lib.SyntheticConfig()
+_HELP = _field_help()
 _FIELDS = {}
 for _f in dataclasses.fields(config_lib.SyntheticConfig):
   _value = getattr(_DEFAULTS, _f.name)
-  _help = f"SyntheticConfig.{_f.name}."
+  _help = _HELP[_f.name]
   if isinstance(_value, bool):
     _FIELDS[_f.name] = flags.DEFINE_bool(_f.name, _value, _help)
   elif isinstance(_value, int):

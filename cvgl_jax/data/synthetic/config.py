@@ -41,7 +41,7 @@ class SyntheticConfig:
     cvusa_width: width of the CVUSA band crop; its height and vertical
       placement follow the 1232 x 224 crop scaled to this width.
     max_ray_m: how far the panorama sees; beyond it the horizon haze.
-    jpeg_quality: of every JPEG written.
+    jpeg_quality: quality of every JPEG written.
   Nuisances (each 0 / equal bounds / False turns it off):
     gps_sigma_m: std of the recorded position's error, per axis, metres;
       the satellite tile is centred on the recorded position.

@@ -389,7 +389,8 @@ def write_vigor(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
                        cfg.jpeg_quality)
           truth["satellites"].append({
               "city": city, "satellite": f"{city}/satellite/{name}",
-              "satellite_id": name, "centre_en_m": _en(cfg, tr, tc)})
+              "satellite_id": os.path.splitext(name)[0],
+              "centre_en_m": _en(cfg, tr, tc)})
           bar.update(1)
       # Cameras whose recorded position stays inside the grid of centres.
       pad = 4 * cfg.gps_sigma_m / cfg.cell_m + 1
@@ -425,7 +426,8 @@ def write_vigor(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
         labels.append(" ".join(fields))
         truth["pairs"].append(dict(
             city=city, ground_id=pid, ground=f"{city}/panorama/{name}",
-            satellite=tiles[0], satellite_id=os.path.basename(tiles[0]),
+            satellite=tiles[0],
+            satellite_id=os.path.splitext(os.path.basename(tiles[0]))[0],
             semi_positives=tiles[1:], **_pose_truth(cfg, shot)))
         bar.update(1)
       test = np.zeros(len(labels), bool)
