@@ -242,7 +242,7 @@ def test_cvact_layout(datasets):
 
 
 def test_vigor_layout(datasets):
-  path, truth = datasets["vigor"]
+  path, _ = datasets["vigor"]
   half = SMALL.sat_px / 2
   positives = []
   for city in config_lib.VIGOR_CITIES:
@@ -264,7 +264,8 @@ def test_vigor_layout(datasets):
       pano = fields[0]
       assert os.path.isfile(os.path.join(path, city, "panorama", pano))
       pid, lat, lon, tail = pano.split(",")
-      assert tail == ".jpg" and float(lat) and float(lon)
+      assert len(pid) == 22 and pid.isalnum() and tail == ".jpg"
+      assert float(lat) and float(lon)
       names = fields[1::3]
       offsets = np.array([fields[2::3], fields[3::3]], float).T
       assert len(set(names)) == 4 and set(names) <= set(tiles)

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import string
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import cv2
 import numpy as np

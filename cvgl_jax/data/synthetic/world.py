@@ -349,11 +349,15 @@ def _streets(canvas, rng, block):
   """Draws the street grid; returns per-axis street lines for later use."""
   n, cell = canvas.size, canvas.cell
   coord = (np.arange(n) + 0.5) * cell
+  # Axis 0: streets along x at fixed y; axis 1: along y at fixed x.
+  drawn = [_lines(rng, n * cell, block) for _ in (0, 1)]
   lines = []
   masks = []
-  for axis in (0, 1):   # 0: streets along x at fixed y; 1: along y.
-    pos, hw, walk = _lines(rng, n * cell, block)
-    keep = rng.random((len(pos), len(pos) + 2)) > 0.22
+  for axis in (0, 1):
+    pos, hw, walk = drawn[axis]
+    # keep[k, b]: street k runs through block b of the other axis; dropped
+    # segments make T-junctions and dead ends.
+    keep = rng.random((len(pos), len(drawn[1 - axis][0]) + 1)) > 0.22
     lines.append((pos, hw, walk, keep))
   for axis in (0, 1):
     pos, hw, walk, keep = lines[axis]
