@@ -1,5 +1,6 @@
 """Tests of the ConvNeXt backbone, the heads and the two-tower encoder."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,3 +175,23 @@ def test_from_config_builds_custom_and_rejects_bad_values():
                                                        dtype="float16")))
   with pytest.raises(ValueError, match="Unknown ConvNeXt variant 'huge'"):
     encoder.from_config(ml_collections.ConfigDict(dict(variant="huge")))
+
+
+def test_depthwise_implementations_agree_with_grouped_conv():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 11, 6))
+  ref = nn.Conv(6, (7, 7), padding=3, feature_group_count=6)
+  params = _randomize(ref.init(jax.random.key(1), x))
+  expected = ref.apply(params, x)
+  for impl in ("conv", "shifts"):
+    layer = convnext.DepthwiseConv(6, 7, impl=impl)
+    assert jax.tree.map(jnp.shape, layer.init(jax.random.key(1), x)) == (
+        jax.tree.map(jnp.shape, params))
+    np.testing.assert_allclose(layer.apply(params, x), expected, rtol=1e-5,
+                               atol=1e-5)
+    grad = jax.grad(lambda p, l=layer: jnp.sum(l.apply(p, x) ** 2))(params)
+    ref_grad = jax.grad(lambda p: jnp.sum(ref.apply(p, x) ** 2))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                         atol=1e-4),
+                 grad, ref_grad)
+  with pytest.raises(ValueError, match="'fft'"):
+    convnext.DepthwiseConv(6, impl="fft").init(jax.random.key(0), x)

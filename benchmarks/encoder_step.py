@@ -1,0 +1,173 @@
+r"""One training step of the two-tower ConvNeXt + SAFA: ours vs PyTorch/timm.
+
+A step is forward + backward + AdamW on a batch of (ground, satellite)
+pairs: two separate ConvNeXt towers with SAFA heads (the paper's model),
+symmetric InfoNCE with label smoothing, drop path 0.2, float32. The PyTorch
+baseline is timm's ConvNeXt with the authors' SAFA module, timed in the same
+process, round-robin with ours; medians are reported.
+
+  python benchmarks/encoder_step.py --variant=tiny --size=128 --batch=8
+
+torch and timm are needed only for the baseline (developer machines:
+`pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31`); without them
+only our step is timed.
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cvgl_jax.models import convnext
+from cvgl_jax.models import encoder
+from cvgl_jax.train import losses
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("variant", "tiny", "ConvNeXt size.")
+flags.DEFINE_integer("size", 128, "Image side (ground and satellite).")
+flags.DEFINE_integer("batch", 8, "Pairs per step.")
+flags.DEFINE_integer("rounds", 5, "Round-robin rounds.")
+flags.DEFINE_integer("steps", 2, "Timed steps per variant per round.")
+
+LABEL_SMOOTHING = 0.1
+DROP_PATH = 0.2
+
+
+def jax_step_fn(variant, size, batch):
+  """Returns (step(), description) running our jitted step on fixed data."""
+  model = encoder.TwoTower(variant=variant, head="safa",
+                           drop_path_rate=DROP_PATH)
+  rng = np.random.default_rng(0)
+  g = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
+  s = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
+  params = model.init(jax.random.key(0), g, s)["params"]
+  tx = optax.adamw(1e-4, weight_decay=0.01)
+  state = {"params": params, "opt": tx.init(params), "step": jnp.int32(0)}
+
+  @jax.jit
+  def step(state, g, s):
+    key = jax.random.fold_in(jax.random.key(1), state["step"])
+
+    def loss_fn(p):
+      zq, zr, t = model.apply({"params": p}, g, s, train=True,
+                              rngs={"dropout": key})
+      return losses.info_nce(zq, zr, t, LABEL_SMOOTHING)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates),
+            "opt": opt, "step": state["step"] + 1}, loss
+
+  holder = [state]
+
+  def run():
+    holder[0], loss = step(holder[0], g, s)
+    loss.block_until_ready()
+  return run
+
+
+def torch_step_fn(variant, size, batch):
+  """Returns step() for the same model in PyTorch/timm, or None."""
+  try:
+    import timm
+    import torch
+    import torch.nn.functional as F
+  except ImportError:
+    return None
+  torch.manual_seed(0)
+
+  class SAFA(torch.nn.Module):
+    """The authors' spatial-aware aggregation (8 heads)."""
+
+    def __init__(self, hw, num=8):
+      super().__init__()
+      self.w1 = torch.nn.Parameter(torch.randn(hw, hw // 2, num) * 0.005)
+      self.b1 = torch.nn.Parameter(torch.full((1, hw // 2, num), 0.1))
+      self.w2 = torch.nn.Parameter(torch.randn(hw // 2, hw, num) * 0.005)
+      self.b2 = torch.nn.Parameter(torch.full((1, hw, num), 0.1))
+
+    def forward(self, x):
+      b, c = x.shape[:2]
+      x = x.reshape(b, c, -1)
+      mask = x.max(1)[0]
+      mask = torch.einsum("bi,ijd->bjd", mask, self.w1) + self.b1
+      mask = torch.einsum("bjd,jid->bid", mask, self.w2) + self.b2
+      return torch.einsum("bci,bid->bcd", x, mask).reshape(b, -1)
+
+  class Tower(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.backbone = timm.create_model(
+          f"convnext_{variant}", pretrained=False, num_classes=0,
+          drop_path_rate=DROP_PATH)
+      self.head = SAFA((size // 32) ** 2)
+
+    def forward(self, x):
+      return F.normalize(self.head(self.backbone.forward_features(x)), dim=-1)
+
+  towers = torch.nn.ModuleList([Tower(), Tower()]).train()
+  logit_scale = torch.nn.Parameter(torch.tensor(np.log(1 / 0.07)))
+  params = list(towers.parameters()) + [logit_scale]
+  opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+  g = torch.randn(batch, 3, size, size)
+  s = torch.randn(batch, 3, size, size)
+  labels = torch.arange(batch)
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    logits = logit_scale.exp() * towers[0](g) @ towers[1](s).T
+    loss = 0.5 * (F.cross_entropy(logits, labels,
+                                  label_smoothing=LABEL_SMOOTHING) +
+                  F.cross_entropy(logits.T, labels,
+                                  label_smoothing=LABEL_SMOOTHING))
+    loss.backward()
+    opt.step()
+  return run
+
+
+def main(argv):
+  del argv
+  convnext.get_variant(FLAGS.variant)
+  variants = {"jax": jax_step_fn(FLAGS.variant, FLAGS.size, FLAGS.batch)}
+  torch_run = torch_step_fn(FLAGS.variant, FLAGS.size, FLAGS.batch)
+  if torch_run is None:
+    print("torch/timm not importable: timing ours only.")
+  else:
+    import torch  # pylint: disable=g-import-not-at-top
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    variants["torch"] = torch_run
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"ConvNeXt-{FLAGS.variant} x2 + SAFA, {FLAGS.size}px, "
+        f"batch {FLAGS.batch} pairs")
+  for run in variants.values():  # Compile / warm up.
+    run()
+    run()
+  times = {k: [] for k in variants}
+  for _ in range(FLAGS.rounds):
+    for name, run in variants.items():
+      start = time.perf_counter()
+      for _ in range(FLAGS.steps):
+        run()
+      times[name].append((time.perf_counter() - start) / FLAGS.steps)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  for name, t in med.items():
+    print(f"{name:6s} {t * 1e3:9.1f} ms/step  {FLAGS.batch / t:7.2f} pairs/s "
+          f" (min {min(times[name]) * 1e3:.1f}, max "
+          f"{max(times[name]) * 1e3:.1f} ms)")
+  if "torch" in med:
+    print(f"speed-up of ours over torch/timm: {med['torch'] / med['jax']:.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)
