@@ -139,6 +139,27 @@ def test_bev_of_panorama_matches_tile_only_north_up(band):
   assert np.mean(true_scores) - np.mean(rotated_scores) > 0.2
 
 
+def test_cvusa_band_is_the_band_of_the_full_panorama(small_world):
+  """The CVUSA crop holds rows cvusa_top .. cvusa_top + H of the full
+  panorama: +38.6 to -26.9 deg elevation."""
+  cfg = dataclasses.replace(SMALL, cvusa_width=616)
+  (h, w), top = cfg.cvusa_hw, cfg.cvusa_top
+  assert (h, w, top) == (112, 616, 88.0)
+  elev = np.degrees(render.canvas_elevations(w, top - 0.5, h + 1))
+  np.testing.assert_allclose([elev[0], elev[-1]], [38.57, -26.88], atol=0.01)
+  rng = np.random.default_rng(4)
+  shot = layouts.draw_shots(
+      small_world, cfg, layouts.place_cameras(small_world, cfg, 1, rng),
+      rng)[0]
+  full = render.render_panorama(small_world, shot.pose, w, 0, w // 2,
+                                cfg.max_ray_m, np.random.default_rng(0))
+  band = render.render_panorama(small_world, shot.pose, w, top, h,
+                                cfg.max_ray_m, np.random.default_rng(0))
+  diff = lambda s: np.abs(full[88 + s:88 + s + h].astype(float) - band).mean()
+  assert diff(0) < 4.0
+  assert diff(0) < 0.5 * min(diff(-4), diff(4))
+
+
 def test_nuisance_knobs_change_what_they_name(small_world):
   w = small_world
   base = SMALL
@@ -354,6 +375,9 @@ def test_bad_input_is_named_before_rendering(tmp_path):
                           progress=False)
   with pytest.raises(ValueError, match="map_cells"):
     layouts.write_dataset("vigor", str(tmp_path / "v"), SMALL, 4000, 0,
+                          progress=False)
+  with pytest.raises(ValueError, match="num_pairs >= 8"):
+    layouts.write_dataset("vigor", str(tmp_path / "v"), SMALL, 5, 0,
                           progress=False)
 
 

@@ -28,8 +28,8 @@ class SyntheticConfig:
     map_cells: side of a world's square map, in cells.
     cell_m: metres per cell (the map's ground resolution).
     num_worlds: worlds mixed into one CVUSA/CVACT dataset; 0 chooses
-      ceil(num_pairs / pairs_per_world), at least 2. VIGOR uses one world
-      per city.
+      ceil(num_pairs / pairs_per_world), at least 2 (and at most
+      num_pairs). VIGOR uses one world per city.
     pairs_per_world: see num_worlds.
     min_separation_m: least distance between two cameras of a dataset.
     block_m: (min, max) side of a city block, metres.
@@ -118,7 +118,8 @@ class SyntheticConfig:
   def worlds_for(self, num_pairs: int) -> int:
     if self.num_worlds:
       return self.num_worlds
-    return max(2, math.ceil(num_pairs / self.pairs_per_world))
+    auto = max(2, math.ceil(num_pairs / self.pairs_per_world))
+    return max(1, min(num_pairs, auto))
 
   def validate(self) -> SyntheticConfig:
     """Raises ValueError naming the first bad field; returns self."""

@@ -86,6 +86,8 @@ def place_cameras(world: world_lib.World, cfg: config_lib.SyntheticConfig,
     ok = ((rows >= box[0]) & (rows < box[1]) & (cols >= box[2]) &
           (cols < box[3]))
     rows, cols = rows[ok], cols[ok]
+  if count == 0:
+    return np.zeros((0, 2))
   sep = cfg.min_separation_m / cfg.cell_m
   bucket = max(sep, 1.0)
   taken: dict = {}
@@ -209,8 +211,8 @@ def _pair_shots(cfg, num_pairs, seed, on_world):
     yield world, draw_shots(world, cfg, positions, rng)
 
 
-def _progress(total, enabled, desc):
-  return tqdm.tqdm(total=total, disable=not enabled, desc=desc, unit="pair")
+def _progress(total, enabled, desc, unit="pair"):
+  return tqdm.tqdm(total=total, disable=not enabled, desc=desc, unit=unit)
 
 
 def write_cvusa(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
@@ -346,6 +348,9 @@ def write_vigor(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
   """
   _check_inputs(cfg, num_pairs)
   cities = config_lib.VIGOR_CITIES
+  if num_pairs < 2 * len(cities):
+    raise ValueError(f"VIGOR needs num_pairs >= {2 * len(cities)} (a train "
+                     f"and a test panorama in each city), got {num_pairs}.")
   per = [num_pairs // len(cities) + (c < num_pairs % len(cities))
          for c in range(len(cities))]
   stride = cfg.tile_m / 2 / cfg.cell_m              # cells
@@ -365,7 +370,7 @@ def write_vigor(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
   truth["satellites"] = []
   px_per_cell = cfg.sat_px / (cfg.tile_m / cfg.cell_m)
   total = num_pairs + sum((s + 1) ** 2 for s in spans)
-  with _progress(total, progress, "vigor") as bar:
+  with _progress(total, progress, "vigor", "image") as bar:
     for ci, city in enumerate(cities):
       world = world_lib.make_world(cfg, _rng(seed, _WORLD, ci), ci)
       truth["worlds"].append(dict(_world_truth(world), city=city))
