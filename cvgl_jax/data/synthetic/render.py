@@ -314,9 +314,9 @@ def render_panorama(world: world_lib.World, pose: Pose, width: int,
     top_h = hk[sr, sc]
     rgb = world.side[wri, wci].astype(np.float32)
     kind = world.kind[wri, wci]
-    px = (pose.row + dir_r[sc] * dist / cell) * cell
-    py = (pose.col + dir_c[sc] * dist / cell) * cell
-    along = px * -n_c + py * n_r
+    south = pose.row * cell + dir_r[sc] * dist
+    east = pose.col * cell + dir_c[sc] * dist
+    along = south * -n_c + east * n_r         # metres along the wall
     win = ((kind == world_lib.BUILDING) & (np.mod(y, 3.0) > 1.0) &
            (np.mod(y, 3.0) < 2.1) & (np.mod(along, 2.7) > 0.6) &
            (np.mod(along, 2.7) < 1.8) & (y > 0.9) & (y < top_h - 0.5))
