@@ -78,7 +78,10 @@ def _config() -> config_lib.SyntheticConfig:
   cfg = config_lib.SyntheticConfig(**values)
   if _NO_NUISANCES.value:
     cfg = cfg.without_nuisances()
-  return cfg.validate()
+  try:
+    return cfg.validate()
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
 
 
 def main(argv):
