@@ -202,6 +202,7 @@ class _Canvas:
     return slice(r0, r1), slice(c0, c1)
 
   def box(self, y0, y1, x0, x1, kind, height=None, top=None, side=None):
+    """Paints a rectangle (metres); returns its cell slices or None."""
     s = self.cells(y0, y1, x0, x1)
     if s is None:
       return None
@@ -244,12 +245,14 @@ class _Canvas:
         self.top[s[0].start + int(a * n):s[0].start + int(b * n), s[1]] = glass
 
   def tree(self, rng, y, x, scale=1.0):
+    """A tree at (y, x) metres if it stands on open ground."""
     if self.kind_at(y, x) not in (GRASS, DIRT, SIDEWALK):
       return
     radius = rng.uniform(1.6, 4.2) * scale
     rz = radius * rng.uniform(0.85, 1.3)
     trunk_h = rng.uniform(1.2, 4.5)
-    self.trees.append((y / self.cell, x / self.cell, radius, rz,
+    # Cell coordinates with pixel centres at integers, as cv2's warps.
+    self.trees.append((y / self.cell - 0.5, x / self.cell - 0.5, radius, rz,
                        trunk_h + rz, rng.uniform(0.12, 0.28) * scale))
 
 
