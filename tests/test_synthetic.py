@@ -290,6 +290,15 @@ def test_vigor_layout(datasets):
       names = fields[1::3]
       offsets = np.array([fields[2::3], fields[3::3]], float).T
       assert len(set(names)) == 4 and set(names) <= set(tiles)
+      # VIGOR's delta: (tile centre - panorama) in (lat, lon), in pixels.
+      metres_per_px = SMALL.tile_m / SMALL.sat_px
+      for k, name in enumerate(names):
+        t_lat, t_lon = map(float, name[len("satellite_"):-4].split("_"))
+        want = np.array([
+            (t_lat - float(lat)) * 111_320.0,
+            (t_lon - float(lon)) * 111_320.0 * math.cos(math.radians(
+                config_lib.VIGOR_CITY_LATLON[city][0]))]) / metres_per_px
+        np.testing.assert_allclose(offsets[k], want, atol=0.05)
       # Positive: the panorama lies in its central quarter; the others
       # still contain it.
       assert np.all(np.abs(offsets[0]) <= half / 2 + 1e-3)

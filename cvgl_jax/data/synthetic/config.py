@@ -11,8 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-# VIGOR's four cities, in the order the layout writes them.
-VIGOR_CITIES = ("Chicago", "NewYork", "SanFrancisco", "Seattle")
+# VIGOR's four cities, in the order the layout writes them, and the
+# (lat, lon) where each synthetic city's map is placed.
+VIGOR_CITY_LATLON = {"Chicago": (41.8781, -87.6298),
+                     "NewYork": (40.7128, -74.0060),
+                     "SanFrancisco": (37.7749, -122.4194),
+                     "Seattle": (47.6062, -122.3321)}
+VIGOR_CITIES = tuple(VIGOR_CITY_LATLON)
 
 # The CVUSA panorama crop: 1232 x 224 pixels of a 1232 x 616 panorama, its
 # top row at canvas row (616 - 224) / 2 - 20 = 176, i.e. the band from

@@ -39,11 +39,7 @@ TRUTH_FILE = "synthetic_truth.json"
 
 _WORLD, _POSES, _IDS = 0, 1, 2          # seed streams
 _ID_CHARS = np.array(list(string.ascii_letters + string.digits))
-# Where the synthetic cities lie: VIGOR's cities; UTM for CVACT's worlds.
-_CITY_LATLON = {"Chicago": (41.8781, -87.6298),
-                "NewYork": (40.7128, -74.0060),
-                "SanFrancisco": (37.7749, -122.4194),
-                "Seattle": (47.6062, -122.3321)}
+# Where CVACT's synthetic worlds lie (UTM), 5 km apart.
 _UTM_ORIGIN = (6_090_000.0, 690_000.0)   # (northing, easting), Canberra
 _METRES_PER_DEG = 111_320.0
 
@@ -324,7 +320,7 @@ def write_cvact(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
 
 
 def _latlon(city, cfg, row, col):
-  lat0, lon0 = _CITY_LATLON[city]
+  lat0, lon0 = config_lib.VIGOR_CITY_LATLON[city]
   east, north = _en(cfg, row, col)
   lat = lat0 + north / _METRES_PER_DEG
   lon = lon0 + east / (_METRES_PER_DEG * math.cos(math.radians(lat0)))
@@ -341,9 +337,11 @@ def write_vigor(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
   tile), same_area_balanced_{train,test}.txt and pano_label_balanced.txt
   (every panorama). A label line is `pano sat dy dx` for the positive (the
   tile whose central quarter holds the recorded position) then the three
-  semi-positives (the other tiles around it), where (dy, dx) is the
-  recorded position's pixel offset from that tile's centre: dy rows down
-  (south), dx columns right (east). `num_pairs` counts panoramas. Returns
+  semi-positives (the other tiles around it), where (dy, dx) is VIGOR's
+  "delta": the tile centre minus the recorded position in (latitude,
+  longitude), in pixels, so the panorama sits at pixel (row, col) =
+  (H/2 + dy, W/2 - dx) of the tile (as the VIGOR authors' own
+  evaluate_from_npy.py plots it). `num_pairs` counts panoramas. Returns
   the truth dict.
   """
   _check_inputs(cfg, num_pairs)
@@ -424,8 +422,8 @@ def write_vigor(out: str, cfg: config_lib.SyntheticConfig, num_pairs: int,
         around.sort(key=lambda ab: (ab[0] - fa) ** 2 + (ab[1] - fb) ** 2)
         fields, tiles = [name], []
         for a, b in around:
-          dy = (p.tile_row - centres_r[a]) * px_per_cell
-          dx = (p.tile_col - centres_c[b]) * px_per_cell
+          dy = (p.tile_row - centres_r[a]) * px_per_cell   # south
+          dx = (centres_c[b] - p.tile_col) * px_per_cell   # west
           fields += [sat_names[a, b], f"{dy:.4f}", f"{dx:.4f}"]
           tiles.append(f"{city}/satellite/{sat_names[a, b]}")
         labels.append(" ".join(fields))
