@@ -8,10 +8,12 @@ starting at `row0`. Satellite tiles are north-up.
 
 The panorama casts one horizontal ray per column against the height field
 (K samples, finer near the camera), takes the running maximum of each
-sample's elevation angle and finds every row's first hit with one batched
-`np.searchsorted`: O(W K + W H log K) instead of marching every pixel. Hits
-from above read the albedo's mip pyramid at the pixel's footprint; hits
-from the side are walls (Lambert-lit, with windows) or car bodies. Trees
+sample's elevation angle and finds every row's first hit by a batched
+`np.searchsorted` (of each sample among the rows, then a cumulative count):
+O(W K log H + W H) instead of marching every pixel. Hits from above read
+the albedo's mip pyramid at the pixel's footprint; hits from the side are
+walls (Lambert-lit, with windows) or car bodies; both cast a short ray
+toward the panorama's own sun for shadows. Trees
 are ellipsoids on trunks, intersected analytically per pixel of their
 bounding boxes and z-tested against the height field, so crowns stay round
 near the camera and trunks do not vanish with distance. Then sky, clouds,
@@ -121,6 +123,30 @@ def _sun_vector(az, el):
   """Unit vector toward the sun in (row = south, col = east, up)."""
   return np.array([-math.cos(az) * math.cos(el),
                    math.sin(az) * math.cos(el), math.sin(el)])
+
+
+# Distances (metres) at which a shadow ray samples the occluder map: fine
+# near the surface (cars, trunks), coarse far away (buildings).
+_SHADOW_STEPS = np.array([0.3, 0.7, 1.2, 1.9, 2.8, 4.0, 5.6, 7.7, 10.5,
+                          14.2, 19.0, 25.0, 33.0], np.float32)
+
+
+def _in_shadow(world, south, east, z, sun_az, sun_el):
+  """[P] bool: whether points ((south, east) metres, z metres up) are cut
+  off from the sun by the world's occluders (buildings, cars, crowns)."""
+  n, cell = world.size, world.cell_m
+  rise = math.tan(sun_el)
+  steps = _SHADOW_STEPS[_SHADOW_STEPS * rise < 40.0]
+  r = (south.astype(np.float32)[:, None] / cell -
+       np.float32(math.cos(sun_az) / cell) * steps)
+  c = (east.astype(np.float32)[:, None] / cell +
+       np.float32(math.sin(sun_az) / cell) * steps)
+  # Clipping (not reflecting) at the border is enough for short rays.
+  idx = (np.clip(np.rint(r), 0, n - 1).astype(np.int32) * n +
+         np.clip(np.rint(c), 0, n - 1).astype(np.int32))
+  occ = world.occluder.ravel()[idx]
+  ray = z.astype(np.float32)[:, None] + (steps * np.float32(rise) + 0.05)
+  return np.any(occ > ray, axis=1)
 
 
 def _wall_normals(world, ri, ci, dir_r, dir_c):
@@ -301,7 +327,9 @@ def render_panorama(world: world_lib.World, pose: Pose, width: int,
     foot_r = foot_t / np.maximum(np.abs(tau[tr, 0]), 1e-3)
     level = np.log2(np.maximum(np.sqrt(foot_t * foot_r) / cell, 1.0))
     rgb = sample_mips(world.albedo_mips, pr, pc, level)
-    img[tr, tc] = rgb * (0.5 + 0.7 * sun[2])
+    lit = ~_in_shadow(world, pr * cell, pc * cell, hk[tr, tc], pose.sun_az,
+                      pose.sun_el)
+    img[tr, tc] = rgb * (0.5 + 0.7 * sun[2] * lit)[:, None]
 
   # Sides: walls with windows, car bodies.
   sr, sc = np.nonzero(side)
@@ -327,6 +355,8 @@ def render_panorama(world: world_lib.World, pose: Pose, width: int,
     rgb = np.where((car & (y < 0.38))[:, None], np.float32((25, 25, 28)), rgb)
     rgb = np.where((car & (y > top_h - 0.55) & (y < top_h - 0.08))[:, None],
                    np.float32((35, 40, 50)), rgb)
+    lam *= ~_in_shadow(world, south + 0.3 * n_r, east + 0.3 * n_c, y,
+                       pose.sun_az, pose.sun_el)
     shade = (0.5 + 0.62 * lam) * (0.86 + 0.14 * np.clip(y / 3.0, 0, 1))
     img[sr, sc] = rgb * shade[:, None]
 

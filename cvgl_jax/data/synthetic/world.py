@@ -104,6 +104,8 @@ class World:
     camera_cells: [P] int64 flat indices of cells a camera may stand on:
       road away from cars, crowns and the map border.
     leaf_texture: [64, 64] float32 tileable noise in about [-1, 1].
+    occluder: [N, N] float16 metres: `height` with the tree crowns' tops,
+      what casts shadows in both views.
   """
 
   index: int
@@ -118,6 +120,7 @@ class World:
   sat_sun: tuple
   camera_cells: np.ndarray
   leaf_texture: np.ndarray
+  occluder: np.ndarray
 
   @property
   def size(self) -> int:
@@ -571,4 +574,5 @@ def make_world(cfg: config_lib.SyntheticConfig, rng: np.random.Generator,
                albedo_mips=_mips(albedo_u8, levels), side=side,
                sat_mips=_mips(sat, levels), trees=trees,
                axis_angle=axis_angle, sat_sun=(sun_az, sun_el),
-               camera_cells=np.flatnonzero(ok), leaf_texture=leaf_texture)
+               camera_cells=np.flatnonzero(ok), leaf_texture=leaf_texture,
+               occluder=sat_h.astype(np.float16))
