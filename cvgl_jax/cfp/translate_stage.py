@@ -275,7 +275,8 @@ def train_translation(bev_paths: Sequence[str],
   metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
   bar = tqdm.tqdm(total=stop, initial=step, disable=not progress,
                   desc="translate: train", unit="step")
-  t0, n0 = time.perf_counter(), step
+  # Logged at the first step of a run too, to show the starting losses.
+  t0, n0, first = time.perf_counter(), step, step + 1
   try:
     while step < stop:
       epoch, pos = divmod(step, spe)
@@ -287,7 +288,8 @@ def train_translation(bev_paths: Sequence[str],
         bar.update(1)
         save = (step % config.ckpt_every_steps == 0 or step % spe == 0
                 or step == stop)
-        if save or step % config.log_every_steps == 0:
+        log = step % config.log_every_steps == 0 or step == first
+        if save or log:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           _check_finite(metrics, step)
           now = time.perf_counter()
@@ -402,9 +404,8 @@ def translate(index, workdir: str, config: ml_collections.ConfigDict, *,
   if not os.path.isdir(bev_dir):
     raise ValueError(f"BEV folder {bev_dir} does not exist: run the cfp "
                      "stage first.")
-  ids = [str(i) for i in index.ground_ids]
-  bev_paths = [os.path.join(bev_dir, f"{i}.png") for i in ids]
-  out_paths = [os.path.join(index.root, "g2a_sat", f"{i}.png") for i in ids]
+  bev_paths = list(index.derived_paths("g2a"))
+  out_paths = list(index.derived_paths("g2a_sat"))
   stage_dir = os.path.join(workdir, "translate")
   state = train_translation(bev_paths, list(index.satellite_paths), stage_dir,
                             config, progress=progress)

@@ -1,0 +1,281 @@
+"""Tests of the CFP CycleGAN (cfp/translate.py) and its stage.
+
+Every training here shares one tiny config (8 filters, 2 residual blocks,
+32 x 32 crops), so the train step compiles once per test process.
+"""
+
+import json
+import os
+import re
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from cvgl_jax.cfp import project
+from cvgl_jax.cfp import translate as tr
+from cvgl_jax.cfp import translate_stage as ts
+from cvgl_jax.data import cvusa
+from cvgl_jax.data.synthetic import config as synthetic_config
+from cvgl_jax.data.synthetic import layouts
+
+# A 160 m synthetic world with 64 px satellite tiles (as test_synthetic).
+SMALL_WORLD = synthetic_config.SyntheticConfig(
+    map_cells=640, block_m=(30.0, 50.0), sat_px=64, tile_m=32.0,
+    pano_width=128, cvusa_width=256, min_separation_m=3.0)
+
+
+def tiny_config(**overrides):
+  config = tr.get_config()
+  config.ngf = 8
+  config.ndf = 8
+  config.n_blocks = 2
+  config.n_layers_d = 2
+  config.load_size = 36
+  config.crop_size = 32
+  config.pool_size = 8
+  config.n_epochs = 1
+  config.n_epochs_decay = 1
+  config.log_every_steps = 4
+  config.num_threads = 2
+  config.update(overrides)
+  return config
+
+
+def _write_rgb(path, image):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  assert cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+  return path
+
+
+def _noise_images(folder, n, seed, size=40):
+  rng = np.random.default_rng(seed)
+  return [_write_rgb(os.path.join(folder, f"{i:03d}.png"),
+                     rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+          for i in range(n)]
+
+
+def _colour_distance(paths, reference_paths, size=32):
+  """Earth mover's distance between two sets' colour distributions.
+
+  The 1-D Wasserstein distance between the pixel values of `paths` and of
+  `reference_paths` (all resized to `size`), per RGB channel, averaged over
+  the channels; in grey levels.
+  """
+  pixels = lambda ps: np.stack([ts.resize(ts.read_image(p), size)
+                                for p in ps]).reshape(-1, 3)
+  x, y = pixels(paths), pixels(reference_paths)
+  return np.mean([scipy.stats.wasserstein_distance(x[:, c], y[:, c])
+                  for c in range(3)])
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_default_networks_are_the_official_ones():
+  # pytorch-CycleGAN prints 11.378 M parameters for resnet_9blocks and
+  # 2.765 M for the basic (70x70) PatchGAN; the exact counts follow from
+  # the layer list (c7s1-64 ... c7s1-3; C64-C128-C256-C512-C1, all biased).
+  x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
+  key = jax.random.PRNGKey(0)
+  g, d = tr.ResnetGenerator(), tr.PatchDiscriminator()
+  g_params = jax.eval_shape(g.init, key, x)
+  d_params = jax.eval_shape(d.init, key, x)
+  assert _count(g_params) == 11_378_179
+  assert _count(d_params) == 2_764_737
+  assert jax.eval_shape(g.apply, g_params, x).shape == (1, 256, 256, 3)
+  # 256 -> 128 -> 64 -> 32 -> 31 -> 30: a 30 x 30 grid of 70 x 70 patches.
+  assert jax.eval_shape(d.apply, d_params, x).shape == (1, 30, 30, 1)
+
+
+def test_tiny_networks_shapes_range_and_init():
+  config = tiny_config()
+  model = tr.get_model(config)
+  state = model.init(jax.random.PRNGKey(0), steps_per_epoch=3)
+  images = np.random.default_rng(0).integers(0, 256, (2, 36, 44, 3),
+                                              dtype=np.uint8)
+  fake = jax.jit(model.translate)(state.params_g["g_ab"], images)
+  assert fake.shape == (2, 36, 44, 3)
+  assert float(jnp.abs(fake).max()) <= 1.0
+  scores = jax.jit(model.discriminator.apply)(
+      {"params": state.params_d["d_a"]}, tr.to_float(images))
+  assert scores.shape == (2, 7, 9, 1)  # 36x44 -> 18x22 -> 9x11 -> 8x10 -> 7x9
+  kernels = [x for p, x in jax.tree_util.tree_leaves_with_path(state.params_g)
+             if "kernel" in jax.tree_util.keystr(p)]
+  biases = [x for p, x in jax.tree_util.tree_leaves_with_path(state.params_g)
+            if "bias" in jax.tree_util.keystr(p)]
+  all_k = np.concatenate([np.ravel(k) for k in kernels])
+  assert abs(all_k.std() - 0.02) < 0.002 and abs(all_k.mean()) < 0.002
+  assert all(not np.any(b) for b in biases)
+  # Instance norm carries no parameters (affine=False).
+  assert not any("InstanceNorm" in jax.tree_util.keystr(p)
+                 for p, _ in jax.tree_util.tree_leaves_with_path(state))
+
+
+def test_image_pool_follows_the_official_rules():
+  query = jax.jit(tr.pool_query)
+  images = lambda ids: jnp.asarray(ids, jnp.float32).reshape(-1, 1, 1, 1)
+  ids = lambda x: [int(v) for v in np.asarray(x).ravel()]
+
+  empty = tr.ImagePool.create(0, (1, 1, 1))
+  _, out = tr.pool_query(empty, images([1, 2]), jax.random.PRNGKey(0))
+  assert ids(out) == [1, 2]
+
+  pool = tr.ImagePool.create(4, (1, 1, 1))
+  pool, out = query(pool, images([1, 2, 3]), jax.random.PRNGKey(1))
+  assert ids(out) == [1, 2, 3] and int(pool.count) == 3
+  assert ids(pool.images)[:3] == [1, 2, 3]
+
+  pool, out = tr.pool_query(pool, images([4]), jax.random.PRNGKey(2))
+  assert ids(out) == [4] and ids(pool.images) == [1, 2, 3, 4]
+
+  # Once full, each new image is returned as is or swapped with a stored
+  # one: nothing is lost or duplicated between pool and output.
+  swaps, slots_hit = 0, set()
+  for step in range(60):
+    new = list(range(10 + 10 * step, 20 + 10 * step))
+    before = ids(pool.images)
+    pool, out = query(pool, images(new), jax.random.PRNGKey(100 + step))
+    after, out = ids(pool.images), ids(out)
+    assert sorted(before + new) == sorted(after + out)
+    assert int(pool.count) == 4
+    swaps += sum(o != n for o, n in zip(out, new))
+    slots_hit |= {i for i in range(4) if before[i] != after[i]}
+  # 600 draws with p = 1/2: 6 sigma is +-73.
+  assert abs(swaps - 300) < 73
+  assert slots_hit == {0, 1, 2, 3}
+
+
+def test_learning_rate_is_constant_then_linear():
+  config = tiny_config(n_epochs=2, n_epochs_decay=3, lr=1.0)
+  steps = jnp.arange(25)
+  lr = np.asarray(tr.learning_rate(config, steps, jnp.int32(5)))
+  expected = np.repeat([1.0, 1.0, 0.75, 0.5, 0.25], 5)
+  np.testing.assert_allclose(lr, expected, rtol=1e-6)
+
+
+def test_config_and_inputs_are_checked_before_training(tmp_path):
+  good = _noise_images(str(tmp_path / "a"), 3, 0)
+  work = str(tmp_path / "work")
+  with pytest.raises(ValueError, match="crop_size"):
+    ts.train_translation(good, good, work, tiny_config(crop_size=30))
+  config = tiny_config()
+  config.unknown_knob = 1
+  with pytest.raises(ValueError, match="unknown_knob"):
+    ts.train_translation(good, good, work, config)
+  missing = str(tmp_path / "nowhere" / "x.png")
+  with pytest.raises(ValueError, match=re.escape(str(tmp_path / "nowhere"))):
+    ts.train_translation(good, [missing], work, tiny_config())
+  with pytest.raises(ValueError, match="No satellite images"):
+    ts.train_translation(good, [], work, tiny_config())
+  corrupt = str(tmp_path / "a" / "corrupt.png")
+  with open(corrupt, "wb") as f:
+    f.write(b"\x89PNG not really")
+  with pytest.raises(ValueError, match="corrupt.png"):
+    ts.train_translation(good + [corrupt], good, work, tiny_config())
+  assert not os.path.exists(os.path.join(work, "checkpoints"))
+
+
+def test_resume_continues_exactly(tmp_path):
+  a = _noise_images(str(tmp_path / "a"), 6, 1)
+  b = _noise_images(str(tmp_path / "b"), 5, 2)
+  config = tiny_config(ckpt_every_steps=4)  # 6 steps an epoch, 12 in all
+  whole = ts.train_translation(a, b, str(tmp_path / "whole"), config,
+                               progress=False)
+  assert int(whole.step) == 12
+
+  parts = str(tmp_path / "parts")
+  first = ts.train_translation(a, b, parts, config, max_steps=5,
+                               progress=False)
+  assert int(first.step) == 5
+  resumed = ts.train_translation(a, b, parts, config, progress=False)
+  assert int(resumed.step) == 12
+  for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  logged = [json.loads(line)["step"]
+            for line in open(os.path.join(parts, "metrics.jsonl"))]
+  assert logged == [1, 4, 5, 6, 8, 12]  # no step was taken twice
+
+  # A finished run resumes to its end and trains no further.
+  again = ts.train_translation(a, b, parts, config, progress=False)
+  assert int(again.step) == 12
+  np.testing.assert_array_equal(
+      np.asarray(jax.tree.leaves(again.params_g)[0]),
+      np.asarray(jax.tree.leaves(whole.params_g)[0]))
+  # Different data cannot silently continue this run.
+  with pytest.raises(ValueError, match="steps per epoch"):
+    ts.train_translation(a[:3], b[:3], parts, config, progress=False)
+
+
+def test_translate_split_is_atomic_and_skips_done(tmp_path):
+  config = tiny_config()
+  state = tr.get_model(config).init(jax.random.PRNGKey(3), 1)
+  bevs = _noise_images(str(tmp_path / "g2a"), 5, 4, size=48)
+  outs = [str(tmp_path / "g2a_sat" / f"{i}.png") for i in range(5)]
+  params = state.params_g["g_ab"]
+  assert ts.translate_split(bevs, outs, params, config, progress=False) == 5
+  assert sorted(os.listdir(tmp_path / "g2a_sat")) == [f"{i}.png"
+                                                      for i in range(5)]
+  expected = np.asarray(tr.get_model(config).jit_translate(
+      params, np.stack([ts.resize(ts.read_image(p), 32) for p in bevs])))
+  for out, want in zip(outs, expected):
+    np.testing.assert_array_equal(ts.read_image(out), want)
+
+  mtimes = [os.stat(p).st_mtime_ns for p in outs]
+  assert ts.translate_split(bevs, outs, params, config, progress=False) == 0
+  os.remove(outs[2])
+  assert ts.translate_split(bevs, outs, params, config, progress=False) == 1
+  assert [os.stat(p).st_mtime_ns for i, p in enumerate(outs)
+          if i != 2] == mtimes[:2] + mtimes[3:]
+  os.remove(outs[0])
+  os.remove(bevs[0])
+  with pytest.raises(ValueError, match="000.png"):
+    ts.translate_split(bevs, outs, params, config, progress=False)
+
+
+def test_stage_moves_bevs_toward_the_satellite_domain(tmp_path):
+  """Synthetic world -> BEVs (cfp) -> CycleGAN -> fakes closer to tiles."""
+  root = str(tmp_path / "cvusa")
+  layouts.write_dataset("cvusa", root, SMALL_WORLD, 60, seed=5,
+                        progress=False)
+  index = cvusa.read(root, "train")
+  with pytest.raises(ValueError, match="run the cfp stage first"):
+    ts.translate(index, str(tmp_path / "work"), tiny_config())
+  project.project_split(index, 40, 175.0, placement="cvusa", progress=False)
+
+  n = len(index.ground_ids)
+  # lr 1e-3 instead of 2e-4: a tiny net must get somewhere in 3 epochs.
+  config = tiny_config(n_epochs=2, n_epochs_decay=1, lr=1e-3,
+                       log_every_steps=n // 2)
+  result = ts.translate(index, str(tmp_path / "work"), config,
+                        progress=False)
+  assert result == {"steps": 3 * n, "written": n, "total": n}
+  stage = tmp_path / "work" / "translate"
+  assert json.loads((stage / "DONE").read_text()) == result
+
+  # The cycle and identity losses fall (the GAN terms are a game).
+  log = [json.loads(line) for line in open(stage / "metrics.jsonl")]
+  recon = lambda m: m["cycle_a"] + m["cycle_b"] + m["idt_a"] + m["idt_b"]
+  assert log[0]["step"] == 1
+  assert np.mean([recon(m) for m in log[-2:]]) < 0.6 * recon(log[0])
+  assert all(np.isfinite(m["d_a"]) and np.isfinite(m["d_b"]) for m in log)
+
+  # The effect: the fakes' colours are much closer to the real tiles' than
+  # the BEVs' are, and than an untrained generator's output.
+  bevs = index.derived_paths("g2a")
+  untrained = [str(tmp_path / "untrained" / f"{i}.png") for i in range(n)]
+  state0 = tr.get_model(config).init(jax.random.PRNGKey(config.seed), 1)
+  ts.translate_split(bevs, untrained, state0.params_g["g_ab"], config,
+                     progress=False)
+  tiles = index.satellite_paths
+  d_bev = _colour_distance(bevs, tiles)
+  d_fake = _colour_distance(index.derived_paths("g2a_sat"), tiles)
+  d_untrained = _colour_distance(untrained, tiles)
+  print(f"colour distance to tiles: BEV {d_bev:.1f}, untrained "
+        f"{d_untrained:.1f}, translated {d_fake:.1f} grey levels")
+  assert d_fake < 0.5 * d_bev
+  assert d_fake < 0.75 * d_untrained
