@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.stats
 
 from cvgl_jax.cfp import project
 from cvgl_jax.cfp import translate as tr
@@ -58,18 +57,21 @@ def _noise_images(folder, n, seed, size=40):
           for i in range(n)]
 
 
-def _colour_distance(paths, reference_paths, size=32):
-  """Earth mover's distance between two sets' colour distributions.
+def _colour_distance(paths, reference_paths, size=32, bins=8):
+  """Total variation between two sets' joint RGB colour histograms.
 
-  The 1-D Wasserstein distance between the pixel values of `paths` and of
-  `reference_paths` (all resized to `size`), per RGB channel, averaged over
-  the channels; in grey levels.
+  Pixels of every image (resized to `size`) fall in `bins`^3 colour cells;
+  the distance is half the L1 distance of the two normalised histograms, in
+  [0, 1]. Unlike per-channel statistics it separates colourful noise from
+  the few colours a satellite tile has.
   """
-  pixels = lambda ps: np.stack([ts.resize(ts.read_image(p), size)
-                                for p in ps]).reshape(-1, 3)
-  x, y = pixels(paths), pixels(reference_paths)
-  return np.mean([scipy.stats.wasserstein_distance(x[:, c], y[:, c])
-                  for c in range(3)])
+  def histogram(ps):
+    x = np.stack([ts.resize(ts.read_image(p), size) for p in ps])
+    x = x.reshape(-1, 3).astype(np.int64) // (256 // bins)
+    h = np.bincount((x[:, 0] * bins + x[:, 1]) * bins + x[:, 2],
+                    minlength=bins ** 3)
+    return h / h.sum()
+  return 0.5 * np.abs(histogram(paths) - histogram(reference_paths)).sum()
 
 
 def _count(tree):
@@ -275,7 +277,6 @@ def test_stage_moves_bevs_toward_the_satellite_domain(tmp_path):
   d_bev = _colour_distance(bevs, tiles)
   d_fake = _colour_distance(index.derived_paths("g2a_sat"), tiles)
   d_untrained = _colour_distance(untrained, tiles)
-  print(f"colour distance to tiles: BEV {d_bev:.1f}, untrained "
-        f"{d_untrained:.1f}, translated {d_fake:.1f} grey levels")
-  assert d_fake < 0.5 * d_bev
-  assert d_fake < 0.75 * d_untrained
+  print(f"colour distance to tiles: BEV {d_bev:.3f}, untrained "
+        f"{d_untrained:.3f}, translated {d_fake:.3f}")
+  assert d_fake < 0.8 * min(d_bev, d_untrained)
