@@ -182,6 +182,14 @@ def test_config_and_inputs_are_checked_before_training(tmp_path):
   assert not os.path.exists(os.path.join(work, "checkpoints"))
 
 
+def test_divergence_stops_with_the_losses_named():
+  ts.check_finite({"g_total": 1.0, "d_a": 0.5}, 7)
+  with pytest.raises(FloatingPointError, match=r"step 7.*d_a.*nan"):
+    ts.check_finite({"g_total": 1.0, "d_a": float("nan")}, 7)
+  with pytest.raises(FloatingPointError, match="g_total"):
+    ts.check_finite({"g_total": float("inf")}, 3)
+
+
 def test_resume_continues_exactly(tmp_path):
   a = _noise_images(str(tmp_path / "a"), 6, 1)
   b = _noise_images(str(tmp_path / "b"), 5, 2)

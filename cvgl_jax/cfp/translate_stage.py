@@ -204,7 +204,8 @@ def epoch_batches(a_paths, b_paths, config, epoch: int, start_step: int,
 # ----------------------------------------------------------------------------
 
 
-def _check_finite(metrics: dict, step: int) -> None:
+def check_finite(metrics: dict, step: int) -> None:
+  """Raises FloatingPointError naming the non-finite losses of a step."""
   bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
   if bad:
     raise FloatingPointError(
@@ -291,7 +292,7 @@ def train_translation(bev_paths: Sequence[str],
         log = step % config.log_every_steps == 0 or step == first
         if save or log:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          _check_finite(metrics, step)
+          check_finite(metrics, step)
           now = time.perf_counter()
           rate = (step - n0) * config.batch_size / max(now - t0, 1e-9)
           t0, n0 = now, step
