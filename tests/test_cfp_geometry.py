@@ -28,6 +28,9 @@ def golden():
 
 def test_cvusa_placement_matches_the_authors(golden):
   assert geometry.cvusa_crop_top(CVUSA_HW) == golden["cvusa_ty"]
+  # A crop resized to half width keeps the band: the synthetic world's
+  # 616 x 112 CVUSA crops start at canvas row 88.
+  assert geometry.cvusa_crop_top((112, 616)) == 88.0
   np.testing.assert_array_equal(
       geometry.pad_to_canvas(golden["cvusa_input"], 176),
       golden["cvusa_padded"])

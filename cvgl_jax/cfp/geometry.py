@@ -75,12 +75,14 @@ def cvusa_crop_top(pano_hw: Sequence[int]) -> float:
     pano_hw: (H, W) of the crop, e.g. (224, 1232).
 
   Returns:
-    `(W/2 - H)/2 - 20`: 176.0 for 1232 x 224, i.e. rows 176..399 of the
-    616-row canvas, elevations from about +38.5 to -26.9 deg (the band's
-    centre sits 20 rows above the horizon).
+    `(W/2 - H)/2 - 20 * W/1232`: 176.0 for 1232 x 224, i.e. rows 176..399
+    of the 616-row canvas, elevations from about +38.5 to -26.9 deg (the
+    band's centre sits 20 rows above the horizon). The authors' 20 px is a
+    length at CVUSA's native width, so it scales with W: crops resized to
+    another width keep the same elevation band (616 x 112 -> 88.0).
   """
   h, w = _hw(pano_hw, "pano_hw")
-  return (w / 2 - h) / 2 - 20
+  return (w / 2 - h) / 2 - 20 * w / 1232
 
 
 def bev_grid(pano_hw: Sequence[int], out_hw: Sequence[int] | int,
