@@ -219,6 +219,8 @@ def test_resume_continues_exactly(tmp_path):
   # Different data cannot silently continue this run.
   with pytest.raises(ValueError, match="steps per epoch"):
     ts.train_translation(a[:3], b[:3], parts, config, progress=False)
+  with pytest.raises(ValueError, match="does not fit this config"):
+    ts.train_translation(a, b, parts, tiny_config(ngf=4), progress=False)
 
 
 def test_translate_split_is_atomic_and_skips_done(tmp_path):

@@ -264,7 +264,14 @@ def train_translation(bev_paths: Sequence[str],
   else:
     abstract = jax.tree.map(ocp.tree.to_shape_dtype_struct,
                             jax.eval_shape(lambda k: model.init(k, spe), key))
-    state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+    try:
+      state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError, TypeError) as err:
+      mngr.close()
+      raise ValueError(
+          f"Checkpoint {mngr.directory}/{latest} does not fit this config "
+          "(ngf, ndf, n_blocks, n_layers_d, crop_size or pool_size changed?)."
+          " Use a new workdir.") from err
     if int(state.steps_per_epoch) != spe:
       mngr.close()
       raise ValueError(
