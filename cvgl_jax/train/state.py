@@ -1,0 +1,140 @@
+"""Train state and optimizer: AdamW with the paper's per-epoch cosine.
+
+The state is a pytree of arrays only (params, optimizer state, step, rng),
+so an orbax checkpoint is the state itself and a jitted step can donate it.
+Randomness is derived, never carried: step s uses
+`jax.random.fold_in(state.rng, s)`.
+
+Learning rate (METHOD.md; the authors' `adjust_learning_rate`, called once
+per epoch): lr_e = lr * (1 + cos(pi * e / E)) / 2 with e the 0-based epoch,
+constant within the epoch. The rate is injected into the optimizer state
+(`optax.inject_hyperparams`), so the checkpoint holds it and the step can
+report it. Weight decay is decoupled (AdamW) and applies to every
+parameter, the logit scale included, as the authors' `torch.optim.AdamW`
+(default weight_decay 0.01) over all parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cvgl_jax import parallel
+from cvgl_jax.models import weights
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training step reads and writes.
+
+  Attributes:
+    params: the model's param tree (float32).
+    opt_state: the optax state of `create_optimizer`'s transformation.
+    step: int32 scalar, number of updates done.
+    rng: uint32 [2] raw PRNG key; step s uses fold_in(rng, s).
+  """
+  params: Any
+  opt_state: Any
+  step: jax.Array
+  rng: jax.Array
+
+
+def cosine_per_epoch(lr: float, steps_per_epoch: int,
+                     num_epochs: int) -> Callable[[jax.Array], jax.Array]:
+  """step -> lr * (1 + cos(pi * e / E)) / 2 with e = step // steps_per_epoch.
+
+  Args:
+    lr: peak (epoch 0) learning rate.
+    steps_per_epoch: optimizer steps per epoch (> 0).
+    num_epochs: E, the epochs of the stage (> 0).
+  """
+  if steps_per_epoch <= 0 or num_epochs <= 0:
+    raise ValueError(f"cosine_per_epoch: steps_per_epoch ({steps_per_epoch})"
+                     f" and num_epochs ({num_epochs}) must be positive.")
+
+  def schedule(step):
+    epoch = jnp.asarray(step) // steps_per_epoch
+    return lr * 0.5 * (1.0 + jnp.cos(math.pi * epoch / num_epochs))
+  return schedule
+
+
+def create_optimizer(lr: float, weight_decay: float, steps_per_epoch: int,
+                     num_epochs: int) -> optax.GradientTransformation:
+  """AdamW (optax defaults b1 0.9, b2 0.999, eps 1e-8, as torch) with the
+  per-epoch cosine; `learning_rate(opt_state)` reads the current rate."""
+  if lr <= 0 or weight_decay < 0:
+    raise ValueError(f"create_optimizer: lr ({lr}) must be > 0 and "
+                     f"weight_decay ({weight_decay}) >= 0.")
+  return optax.inject_hyperparams(optax.adamw)(
+      learning_rate=cosine_per_epoch(lr, steps_per_epoch, num_epochs),
+      weight_decay=weight_decay)
+
+
+def learning_rate(opt_state) -> jax.Array:
+  """The rate the last update used (the schedule at its step), from the
+  state of a `create_optimizer` transformation."""
+  return opt_state.hyperparams["learning_rate"]
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, *,
+                 ground_size: Sequence[int], satellite_size: Sequence[int],
+                 seed: int, mesh: jax.sharding.Mesh,
+                 pretrained: Optional[str] = None) -> TrainState:
+  """A fresh TrainState, created directly in the replicated sharding.
+
+  Args:
+    model: a `TwoTower` (`cvgl_jax.models.encoder`).
+    tx: from `create_optimizer`.
+    ground_size: (H, W) of the ground images the model will see (the SAFA
+      head's params depend on the feature map size).
+    satellite_size: (H, W) of the satellite images.
+    seed: initialises params and the training rng.
+    mesh: the data mesh.
+    pretrained: optional ImageNet ConvNeXt checkpoint file (timm or
+      official naming) loaded into both backbones
+      (`cvgl_jax.models.weights.load_pretrained`).
+
+  Returns:
+    TrainState with replicated params and optimizer state, step 0.
+  """
+  shapes = {}
+  for name, size in (("ground_size", ground_size),
+                     ("satellite_size", satellite_size)):
+    if len(size) != 2 or any(int(v) <= 0 for v in size):
+      raise ValueError(f"create_state: {name} must be (height, width) > 0, "
+                       f"got {size!r}.")
+    shapes[name] = (1, int(size[0]), int(size[1]), 3)
+  init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+  repl = parallel.replicated(mesh)
+
+  def init(key):
+    ground = jnp.zeros(shapes["ground_size"], jnp.float32)
+    satellite = jnp.zeros(shapes["satellite_size"], jnp.float32)
+    return model.init(key, ground, satellite)["params"]
+
+  # Created by a jit with out_shardings, so params appear on every device
+  # at once instead of on device 0 first.
+  params = jax.jit(init, out_shardings=repl)(init_key)
+  if pretrained:
+    host = jax.tree.map(np.asarray, params)
+    params = parallel.put_replicated(
+        weights.load_pretrained(host, pretrained), mesh)
+  opt_state = jax.jit(tx.init, out_shardings=repl)(params)
+  return TrainState(
+      params=params, opt_state=opt_state,
+      step=parallel.put_replicated(np.int32(0), mesh),
+      rng=parallel.put_replicated(np.asarray(rng), mesh))
+
+
+def abstract_state(state: TrainState) -> TrainState:
+  """ShapeDtypeStructs with shardings: the restore target for orbax."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      state)

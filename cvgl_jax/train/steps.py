@@ -1,0 +1,206 @@
+"""Pure jitted training steps: (state, batch) -> (state, metrics).
+
+Each factory closes over the model, the optimizer, the mesh and the static
+augmentation settings, and returns one jitted function that donates the
+state. Inside a step, on device and in this order: a key
+`fold_in(state.rng, state.step)`, the random augmentations
+(`cvgl_jax.data.augment`, one key per example), ImageNet normalisation to
+the model's dtype, the towers (drop path active), the InfoNCE loss over the
+GLOBAL batch (`info_nce(..., mesh=mesh)`), its gradient and the AdamW
+update.
+
+Batches are global arrays sharded on the mesh's `data` axis
+(`parallel.to_global`): uint8 images {"ground": [B, Hg, Wg, 3],
+"satellite": [B, Hs, Ws, 3]} and, for the partial-label step, "labeled"
+[B] bool. Other entries (e.g. "ground_index") are ignored. Random numbers
+come from threefry keys split over the global batch, which JAX makes
+independent of how the batch is sharded, so a step on 8 devices computes
+what it computes on 1 (up to the order of float sums).
+
+Metrics (float32 scalars, replicated): loss, lr (the rate of this update),
+logit_scale (exp(t)), grad_norm (global L2 norm of the gradients), and the
+loss's own terms (loss_q2r, accuracy_q2r, ... ; for the intra-view step
+prefixed "ground/" and "satellite/").
+
+Kinds (METHOD.md):
+  intra-view (stage 1): two views of each ground image through the query
+    tower and of each satellite image through the reference tower;
+    loss = InfoNCE(g1, g2) + InfoNCE(s1, s2), smoothing 0.1.
+  cross-view (stage 2 with fakes, smoothing 0.3; supervised on true pairs,
+    smoothing 0.1): the paired augmentation, loss = InfoNCE(zq, zr).
+  partial-label (stage 3): as cross-view with `valid = batch["labeled"]`,
+    the extra "no match" class; smoothing 0.1.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from cvgl_jax import parallel
+from cvgl_jax.data import augment
+from cvgl_jax.train import losses
+from cvgl_jax.train import state as state_lib
+
+StepFn = Callable[[state_lib.TrainState, dict], tuple[state_lib.TrainState,
+                                                      dict]]
+
+
+def _keys(st: state_lib.TrainState, n: int):
+  return jax.random.split(jax.random.fold_in(st.rng, st.step), n)
+
+
+def _update(st, tx, grads, metrics):
+  """Applies the gradients; returns the new state and the full metrics."""
+  updates, opt_state = tx.update(grads, st.opt_state, st.params)
+  params = optax.apply_updates(st.params, updates)
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                 lr=jnp.asarray(state_lib.learning_rate(opt_state),
+                                jnp.float32))
+  new = st.replace(params=params, opt_state=opt_state, step=st.step + 1)
+  return new, metrics
+
+
+def _jit(step, mesh):
+  repl = parallel.replicated(mesh)
+  return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
+
+
+def _check_smoothing(label_smoothing):
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f"label_smoothing must lie in [0, 1), got "
+                     f"{label_smoothing!r}.")
+
+
+def make_intra_step(model: nn.Module, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh, *, label_smoothing: float = 0.1,
+                    ground_aug: augment.ViewConfig = augment.ground_view(),
+                    satellite_aug: augment.ViewConfig = augment.satellite_view(),
+                    satellite_aug2: augment.ViewConfig = (
+                        augment.satellite_second_view())) -> StepFn:
+  """Stage 1 step (intra-view); batch {"ground", "satellite"} uint8.
+
+  Both ground views use `ground_aug`; the satellite views use
+  `satellite_aug` and `satellite_aug2` (the second also warped harder).
+  """
+  _check_smoothing(label_smoothing)
+  dtype = model.dtype
+
+  def embed(module, g1, g2, s1, s2):
+    return (module.embed_ground(g1, True), module.embed_ground(g2, True),
+            module.embed_satellite(s1, True), module.embed_satellite(s2, True),
+            module.logit_scale)
+
+  def step(st, batch):
+    k_g1, k_g2, k_s1, k_s2, k_drop = _keys(st, 5)
+    g, s = batch["ground"], batch["satellite"]
+    views = [augment.augment_batch(k_g1, g, ground_aug),
+             augment.augment_batch(k_g2, g, ground_aug),
+             augment.augment_batch(k_s1, s, satellite_aug),
+             augment.augment_batch(k_s2, s, satellite_aug2)]
+    views = [augment.normalize(v, dtype) for v in views]
+
+    def loss_fn(params):
+      g1, g2, s1, s2, t = model.apply({"params": params}, *views,
+                                      method=embed, rngs={"dropout": k_drop})
+      loss_g, m_g = losses.info_nce(g1, g2, t, label_smoothing, mesh=mesh)
+      loss_s, m_s = losses.info_nce(s1, s2, t, label_smoothing, mesh=mesh)
+      metrics = {f"ground/{k}": v for k, v in m_g.items() if k != "logit_scale"}
+      metrics.update(
+          {f"satellite/{k}": v for k, v in m_s.items() if k != "logit_scale"})
+      loss = loss_g + loss_s
+      metrics.update(loss=loss, logit_scale=m_g["logit_scale"])
+      return loss, metrics
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(st.params)
+    return _update(st, tx, grads, metrics)
+
+  return _jit(step, mesh)
+
+
+def _pair_step(model, tx, mesh, label_smoothing, ground_aug, satellite_aug,
+               paired_aug, partial):
+  _check_smoothing(label_smoothing)
+  dtype = model.dtype
+
+  def step(st, batch):
+    k_aug, k_drop = _keys(st, 2)
+    g, s = augment.augment_pairs(k_aug, batch["ground"], batch["satellite"],
+                                 ground_aug, satellite_aug, paired_aug)
+    g, s = augment.normalize(g, dtype), augment.normalize(s, dtype)
+    valid = batch["labeled"].astype(bool) if partial else None
+
+    def loss_fn(params):
+      zq, zr, t = model.apply({"params": params}, g, s, train=True,
+                              rngs={"dropout": k_drop})
+      return losses.info_nce(zq, zr, t, label_smoothing, valid, mesh=mesh)
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(st.params)
+    return _update(st, tx, grads, metrics)
+
+  return _jit(step, mesh)
+
+
+def make_cross_step(model: nn.Module, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh, *, label_smoothing: float,
+                    ground_aug: augment.ViewConfig = augment.ground_view(),
+                    satellite_aug: augment.ViewConfig = augment.satellite_view(),
+                    paired_aug: augment.PairedConfig = augment.PairedConfig()
+                    ) -> StepFn:
+  """Cross-view step; batch {"ground", "satellite"} uint8, row i a pair.
+
+  label_smoothing: 0.3 for stage 2 (fake satellite images), 0.1 for the
+  supervised stage on true pairs.
+  """
+  return _pair_step(model, tx, mesh, label_smoothing, ground_aug,
+                    satellite_aug, paired_aug, partial=False)
+
+
+def make_partial_step(model: nn.Module, tx: optax.GradientTransformation,
+                      mesh: jax.sharding.Mesh, *,
+                      label_smoothing: float = 0.1,
+                      ground_aug: augment.ViewConfig = augment.ground_view(),
+                      satellite_aug: augment.ViewConfig = (
+                          augment.satellite_view()),
+                      paired_aug: augment.PairedConfig = (
+                          augment.PairedConfig())) -> StepFn:
+  """Stage 3 step; batch {"ground", "satellite", "labeled" [B] bool}:
+  unlabelled rows and columns target the "no match" class."""
+  return _pair_step(model, tx, mesh, label_smoothing, ground_aug,
+                    satellite_aug, paired_aug, partial=True)
+
+
+def make_embed_fn(model: nn.Module, mesh: jax.sharding.Mesh,
+                  which: str) -> Callable[[dict, jax.Array], jax.Array]:
+  """Jitted (params, images) -> embeddings, no augmentation.
+
+  Args:
+    model: a TwoTower.
+    mesh: the data mesh.
+    which: "ground" (query tower) or "satellite" (reference tower).
+
+  Returns:
+    fn(params, images [B, H, W, 3] uint8 sharded on `data`) -> [B, D]
+    float32 unit embeddings, replicated (every process can read them all).
+  """
+  methods = {"ground": "embed_ground", "satellite": "embed_satellite"}
+  if which not in methods:
+    raise ValueError(f"make_embed_fn: which must be 'ground' or 'satellite',"
+                     f" got {which!r}.")
+  method = methods[which]
+  dtype = model.dtype
+
+  def embed(params, images):
+    x = augment.normalize(images, dtype)
+    z = model.apply({"params": params}, x, False, method=method)
+    return z.astype(jnp.float32)
+
+  return jax.jit(embed, out_shardings=parallel.replicated(mesh))
+
+
+STEP_FACTORIES = {"intra": make_intra_step, "cross": make_cross_step,
+                  "partial": make_partial_step}
