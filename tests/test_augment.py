@@ -12,6 +12,7 @@ import pytest
 
 from cvgl_jax.cfp import geometry
 from cvgl_jax.data import augment
+from cvgl_jax.data import image_io
 from cvgl_jax.data.synthetic import config
 from cvgl_jax.data.synthetic import layouts
 from cvgl_jax.data.synthetic import render
@@ -252,13 +253,13 @@ def test_normalize_imagenet_in_the_requested_dtype():
 def test_resize_uses_area_to_shrink_and_linear_to_grow():
   x = _images(1, 40, 80)[0]
   np.testing.assert_array_equal(
-      augment.resize(x, (20, 40)),
+      image_io.resize(x, (20, 40)),
       cv2.resize(x, (40, 20), interpolation=cv2.INTER_AREA))
   np.testing.assert_array_equal(
-      augment.resize(x, (50, 60)),
+      image_io.resize(x, (50, 60)),
       cv2.resize(x, (60, 50), interpolation=cv2.INTER_LINEAR))
   with pytest.raises(ValueError, match="positive"):
-    augment.resize(x, (0, 10))
+    image_io.resize(x, (0, 10))
 
 
 def test_config_validation_names_the_field():

@@ -18,6 +18,7 @@ from cvgl_jax.cfp import project
 from cvgl_jax.cfp import translate as tr
 from cvgl_jax.cfp import translate_stage as ts
 from cvgl_jax.data import cvusa
+from cvgl_jax.data import image_io
 from cvgl_jax.data.synthetic import config as synthetic_config
 from cvgl_jax.data.synthetic import layouts
 
@@ -66,7 +67,7 @@ def _colour_distance(paths, reference_paths, size=32, bins=8):
   the few colours a satellite tile has.
   """
   def histogram(ps):
-    x = np.stack([ts.resize(ts.read_image(p), size) for p in ps])
+    x = np.stack([image_io.resize(image_io.read_rgb(p), (size, size)) for p in ps])
     x = x.reshape(-1, 3).astype(np.int64) // (256 // bins)
     h = np.bincount((x[:, 0] * bins + x[:, 1]) * bins + x[:, 2],
                     minlength=bins ** 3)
@@ -233,9 +234,10 @@ def test_translate_split_is_atomic_and_skips_done(tmp_path):
   assert sorted(os.listdir(tmp_path / "g2a_sat")) == [f"{i}.png"
                                                       for i in range(5)]
   expected = np.asarray(tr.get_model(config).jit_translate(
-      params, np.stack([ts.resize(ts.read_image(p), 32) for p in bevs])))
+      params, np.stack([image_io.resize(image_io.read_rgb(p), (32, 32))
+                for p in bevs])))
   for out, want in zip(outs, expected):
-    np.testing.assert_array_equal(ts.read_image(out), want)
+    np.testing.assert_array_equal(image_io.read_rgb(out), want)
 
   mtimes = [os.stat(p).st_mtime_ns for p in outs]
   assert ts.translate_split(bevs, outs, params, config, progress=False) == 0

@@ -18,12 +18,12 @@ import time
 from typing import Dict, Optional, Sequence, Union
 
 from absl import logging
-import cv2
 import jax
 import numpy as np
 import tqdm
 
 from cvgl_jax.cfp import geometry
+from cvgl_jax.data import image_io
 from cvgl_jax.data.index import PairIndex
 
 
@@ -49,27 +49,13 @@ def resolve_crop_top(placement: Union[str, float],
 def decode_panorama(path: str,
                     expected_hw: Optional[Sequence[int]] = None) -> np.ndarray:
   """Reads one panorama as [H, W, 3] uint8 RGB; errors name the file."""
-  image = cv2.imread(path, cv2.IMREAD_COLOR)
-  if image is None:
-    raise ValueError(f"Cannot decode panorama {path!r}: the file is corrupt "
-                     "or not an image.")
+  image = image_io.read_rgb(path)
   if expected_hw is not None and image.shape[:2] != tuple(expected_hw):
     raise ValueError(
         f"Panorama {path!r} is {image.shape[1]}x{image.shape[0]} (WxH), but "
         f"the split's panoramas are {expected_hw[1]}x{expected_hw[0]}; one "
         "projection grid serves a whole split.")
-  return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def write_png_atomic(path: str, image: np.ndarray) -> None:
-  """Writes [H, W, 3] uint8 RGB to `path` via a temporary file + rename."""
-  ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-  if not ok:
-    raise RuntimeError(f"PNG encoding failed for {path!r}.")
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data.tobytes())
-  os.replace(tmp, path)
+  return image
 
 
 def project_split(index: PairIndex,
@@ -153,7 +139,7 @@ def project_split(index: PairIndex,
         pending_loads.append(pool.submit(load, batches[k + 2]))
       bevs = np.asarray(geometry.project_uint8(panos, plan))
       for j, i in enumerate(batch):
-        writes.append(pool.submit(write_png_atomic, outputs[i], bevs[j]))
+        writes.append(pool.submit(image_io.write_png_atomic, outputs[i], bevs[j]))
       # Bound the queue of images waiting to be written.
       while len(writes) > 2 * batch_size:
         writes.popleft().result()

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from cvgl_jax.cfp import translate as tr
+from cvgl_jax.data import image_io
 
 
 # ----------------------------------------------------------------------------
@@ -85,25 +86,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"not exceed load_size={config.load_size}.")
   if not config.lr > 0:
     raise ValueError(f"translate config: lr={config.lr} must be > 0.")
-
-
-def read_image(path: str) -> np.ndarray:
-  """[H, W, 3] uint8 RGB; ValueError naming `path` if it cannot be read."""
-  image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
-  if image is None:
-    reason = "does not exist" if not os.path.exists(path) else (
-        "is not a readable image")
-    raise ValueError(f"Image {path} {reason}.")
-  return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Square resize; area averaging when shrinking, bicubic when enlarging."""
-  if image.shape[0] == size and image.shape[1] == size:
-    return image
-  shrink = image.shape[0] * image.shape[1] > size * size
-  return cv2.resize(image, (size, size),
-                    interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
 
 
 def _decodable(path: str) -> bool:
@@ -173,7 +155,7 @@ def load_train_pair(record, config) -> dict:
   rng = np.random.default_rng(seed)
   out = {}
   for name, path in (("a", a_path), ("b", b_path)):
-    image = resize(read_image(path), config.load_size)
+    image = image_io.resize(image_io.read_rgb(path), (config.load_size,) * 2)
     y, x = rng.integers(0, config.load_size - config.crop_size + 1, 2)
     image = image[y:y + config.crop_size, x:x + config.crop_size]
     if config.flip and rng.random() < 0.5:
@@ -328,19 +310,6 @@ def train_translation(bev_paths: Sequence[str],
 # ----------------------------------------------------------------------------
 
 
-def write_png_atomic(path: str, image: np.ndarray) -> None:
-  """Writes an RGB uint8 image as PNG via a temporary file + os.replace."""
-  ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-  if not ok:
-    raise ValueError(f"Could not encode an image for {path}.")
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-  with open(tmp, "wb") as f:
-    f.write(data.tobytes())
-  os.replace(tmp, path)
-
-
 def translate_split(bev_paths: Sequence[str], out_paths: Sequence[str],
                     params_g_ab, config: ml_collections.ConfigDict, *,
                     progress: bool = True) -> int:
@@ -371,7 +340,7 @@ def translate_split(bev_paths: Sequence[str], out_paths: Sequence[str],
                decode=False)
   model = tr.get_model(config)
   bs = config.translate_batch_size
-  load = lambda p: resize(read_image(p), config.crop_size)
+  load = lambda p: image_io.resize(image_io.read_rgb(p), (config.crop_size,) * 2)
   bar = tqdm.tqdm(total=len(todo), disable=not progress,
                   desc="translate: write g2a_sat", unit="img")
   t0 = time.perf_counter()
@@ -384,7 +353,7 @@ def translate_split(bev_paths: Sequence[str], out_paths: Sequence[str],
         images = np.concatenate([images, np.repeat(images[-1:], bs - n, 0)])
       fakes = np.asarray(model.jit_translate(params_g_ab, images))[:n]
       for (_, out), fake in zip(chunk, fakes):
-        write_png_atomic(out, fake)
+        image_io.write_png_atomic(out, fake)
       bar.update(n)
       bar.set_postfix({"img/s": f"{bar.n / (time.perf_counter() - t0):.1f}"})
   bar.close()

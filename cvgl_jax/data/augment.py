@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
 
-import cv2
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -186,23 +183,6 @@ def no_view_augmentation() -> ViewConfig:
 
 
 # ---------------------------------------------------------------- host ----
-
-
-def resize(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-  """Resizes an [H, W, C] uint8 image to size = (height, width) on the host.
-
-  INTER_AREA when shrinking both sides (no aliasing), INTER_LINEAR
-  otherwise. Returns the input itself when it already has that size.
-  """
-  h, w = int(size[0]), int(size[1])
-  if h <= 0 or w <= 0:
-    raise ValueError(f"resize: size must be positive (height, width), got "
-                     f"{tuple(size)}.")
-  if image.shape[:2] == (h, w):
-    return image
-  shrink = image.shape[0] >= h and image.shape[1] >= w
-  return cv2.resize(image, (w, h), interpolation=(
-      cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
 
 
 # ---------------------------------------------------------- one example ----

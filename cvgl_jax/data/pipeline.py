@@ -47,24 +47,17 @@ import os
 import zlib
 from typing import Callable, Optional, Sequence
 
-import cv2
 import grain
 import jax
 import numpy as np
 
-from cvgl_jax.data import augment
+from cvgl_jax.data import image_io
 from cvgl_jax.data.index import PairIndex
 
 
 def decode(path: str, size: Sequence[int]) -> np.ndarray:
   """Reads an image file as [H, W, 3] uint8 RGB resized to size (H, W)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"Image file not found: {path}")
-  image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB)
-  if image is None:
-    raise ValueError(f"Cannot decode image file {path} (corrupt or not an "
-                     f"image format OpenCV reads).")
-  return augment.resize(image, size)
+  return image_io.resize(image_io.read_rgb(path), size)
 
 
 def _check_size(name: str, size) -> tuple[int, int]:
