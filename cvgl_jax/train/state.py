@@ -16,6 +16,7 @@ parameter, the logit scale included, as the authors' `torch.optim.AdamW`
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -112,25 +113,32 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, *,
                        f"got {size!r}.")
     shapes[name] = (1, int(size[0]), int(size[1]), 3)
   init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
-  repl = parallel.replicated(mesh)
-
-  def init(key):
-    ground = jnp.zeros(shapes["ground_size"], jnp.float32)
-    satellite = jnp.zeros(shapes["satellite_size"], jnp.float32)
-    return model.init(key, ground, satellite)["params"]
-
-  # Created by a jit with out_shardings, so params appear on every device
-  # at once instead of on device 0 first.
-  params = jax.jit(init, out_shardings=repl)(init_key)
+  params = _init_fn(model, shapes["ground_size"], shapes["satellite_size"],
+                    mesh)(init_key)
   if pretrained:
     host = jax.tree.map(np.asarray, params)
     params = parallel.put_replicated(
         weights.load_pretrained(host, pretrained), mesh)
-  opt_state = jax.jit(tx.init, out_shardings=repl)(params)
+  opt_state = jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(
+      params)
   return TrainState(
       params=params, opt_state=opt_state,
       step=parallel.put_replicated(np.int32(0), mesh),
       rng=parallel.put_replicated(np.asarray(rng), mesh))
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(model, ground_shape, satellite_shape, mesh):
+  """Jitted key -> params, cached: a stage and its restarts compile once."""
+
+  def init(key):
+    ground = jnp.zeros(ground_shape, jnp.float32)
+    satellite = jnp.zeros(satellite_shape, jnp.float32)
+    return model.init(key, ground, satellite)["params"]
+
+  # Created by a jit with out_shardings, so params appear on every device
+  # at once instead of on device 0 first.
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))
 
 
 def abstract_state(state: TrainState) -> TrainState:

@@ -58,7 +58,7 @@ def _update(st, tx, grads, metrics):
   """Applies the gradients; returns the new state and the full metrics."""
   updates, opt_state = tx.update(grads, st.opt_state, st.params)
   params = optax.apply_updates(st.params, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                  lr=jnp.asarray(state_lib.learning_rate(opt_state),
                                 jnp.float32))
   new = st.replace(params=params, opt_state=opt_state, step=st.step + 1)

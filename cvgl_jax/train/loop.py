@@ -1,0 +1,354 @@
+"""The epoch loop of one training stage: steps, checkpoints, eval, metrics.
+
+`train` runs the epochs of a `TrainPipeline` through a jitted step
+(`cvgl_jax.train.steps`) and owns everything with side effects:
+
+  workdir/<stage>/checkpoints/<step>/  orbax, every `ckpt_every_steps`
+      steps and at each epoch end: items "params", "train" (optimizer
+      state, step, rng) and "data" (the grain iterator: epoch, position and,
+      for pseudo pairs, the epoch's pairing);
+  workdir/<stage>/best/<step>/         "params" of the best evaluation by
+      `best_metric` (R@1), with its metrics;
+  workdir/<stage>/metrics.jsonl        one JSON object per line:
+      {"step", "epoch", "kind": "train" | "eval" | "epoch_start", ...};
+  workdir/<stage>/tensorboard/         the same scalars as TensorBoard event
+      files (tensorboardX: no TensorFlow), tags "<kind>/<name>".
+
+A rerun resumes from the latest checkpoint: state, data position and
+pairing come back; an epoch that starts after the resume point calls the
+epoch-start hook again. NaN or Inf in the loss or the gradient norm stops
+the run with `FloatingPointError` before the bad state is saved, so the
+last checkpoint stays the last good one. Metrics are fetched from the
+device only every `log_every_steps` steps (and before saving), so steps
+dispatch asynchronously in between; every step's loss is still checked.
+
+Only process 0 writes metrics and shows the progress bar; every process
+takes part in orbax saves and restores, as orbax requires.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+
+from cvgl_jax import parallel
+from cvgl_jax.data import pipeline as pipeline_lib
+from cvgl_jax.train import state as state_lib
+
+EpochStartFn = Callable[[state_lib.TrainState, int], Optional[Mapping]]
+EvalFn = Callable[[state_lib.TrainState], Mapping[str, float]]
+
+
+class MetricWriter:
+  """Scalars to `metrics.jsonl` and TensorBoard event files in one folder.
+
+  Writes nothing when `enabled` is False (processes other than 0).
+  """
+
+  def __init__(self, folder: str, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl = self._tb = None
+    if enabled:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      os.makedirs(folder, exist_ok=True)
+      self._jsonl = open(os.path.join(folder, "metrics.jsonl"), "a")
+      self._tb = tensorboardX.SummaryWriter(
+          os.path.join(folder, "tensorboard"), flush_secs=30)
+
+  def write(self, step: int, epoch: int, kind: str,
+            metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    values = {k: float(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps(
+        {"step": int(step), "epoch": int(epoch), "kind": kind, **values})
+        + "\n")
+    self._jsonl.flush()
+    for name, value in values.items():
+      self._tb.add_scalar(f"{kind}/{name}", value, int(step))
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _split(state: state_lib.TrainState) -> dict:
+  return {"params": state.params,
+          "train": {"opt_state": state.opt_state, "step": state.step,
+                    "rng": state.rng}}
+
+
+def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(
+          preservation_policy=ocp.checkpoint_managers.LatestN(keep)))
+
+
+def restore_params(directory: str, params_like: Any,
+                   step: Optional[int] = None) -> Any:
+  """Params of a `train` checkpoint, restored into `params_like`'s sharding.
+
+  Args:
+    directory: `workdir/<stage>/checkpoints` (latest state) or
+      `workdir/<stage>/best` (best evaluation).
+    params_like: a param tree of the same structure (e.g. a fresh
+      `create_state(...).params`); its shardings are used.
+    step: which checkpoint; default the latest.
+
+  Raises:
+    FileNotFoundError: no checkpoint in `directory`.
+  """
+  with _manager(directory, 1) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {directory}: train that "
+                              f"stage first.")
+    out = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(
+            state_lib.abstract_state(params_like))))
+  return out["params"]
+
+
+def _placeholder_iterator(pipe: pipeline_lib.TrainPipeline):
+  """An iterator to restore a checkpointed one into (its state replaces the
+  epoch and pairing given here)."""
+  if not pipe.needs_pairs:
+    return pipe.iterator(0)
+  rows = pipe.batch_size * pipe.process_count
+  return pipe.iterator(0, pairs=np.zeros((rows, 2), np.int64))
+
+
+def _check_finite(stage, fetched, ckpt_dir, last_saved):
+  for step, metrics in fetched:
+    bad = {k: float(metrics[k]) for k in ("loss", "grad_norm")
+           if k in metrics and not math.isfinite(float(metrics[k]))}
+    if bad:
+      kept = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}"
+              if last_saved is not None else "no checkpoint was saved yet")
+      raise FloatingPointError(
+          f"Stage {stage!r} diverged: {bad} at step {step}. Training "
+          f"stopped and this state was not saved; {kept}. Lower the "
+          f"learning rate or check the input data, then rerun (it resumes "
+          f"from that checkpoint).")
+
+
+def _mean(fetched):
+  keys = fetched[-1][1].keys()
+  return {k: float(np.mean([float(m[k]) for _, m in fetched])) for k in keys}
+
+
+def train(state: state_lib.TrainState,
+          step_fn: Callable,
+          pipe: pipeline_lib.TrainPipeline,
+          *,
+          mesh: jax.sharding.Mesh,
+          workdir: str,
+          stage: str,
+          num_epochs: int,
+          steps_per_epoch: int,
+          ckpt_every_steps: int = 1000,
+          log_every_steps: int = 50,
+          eval_fn: Optional[EvalFn] = None,
+          eval_every_epochs: int = 0,
+          best_metric: str = "R@1",
+          epoch_start_fn: Optional[EpochStartFn] = None,
+          keep_checkpoints: int = 2,
+          max_steps: Optional[int] = None,
+          progress: bool = True) -> tuple[state_lib.TrainState, dict]:
+  """Trains one stage for `num_epochs` epochs, resuming from `workdir`.
+
+  Args:
+    state: the starting state (`create_state`, possibly with params of an
+      earlier stage); ignored when a checkpoint of this stage exists.
+    step_fn: jitted (state, batch) -> (state, metrics), e.g.
+      `steps.make_cross_step(...)`; it donates the state.
+    pipe: the stage's `TrainPipeline` (batch_size per process).
+    mesh: the data mesh.
+    workdir: the run's folder; this stage writes under workdir/<stage>.
+    stage: the stage's name, e.g. "intra".
+    num_epochs: epochs of the stage (E of the cosine schedule).
+    steps_per_epoch: steps of every epoch, as the optimizer schedule was
+      built with; each epoch's iterator must agree (pseudo-pair epochs must
+      be filled to this length).
+    ckpt_every_steps: checkpoint interval, besides every epoch end.
+    log_every_steps: interval of train metrics (means over the interval).
+    eval_fn: state -> metrics (e.g. `evaluate.make_eval_fn`); run after
+      every `eval_every_epochs`-th epoch and after the last one.
+    eval_every_epochs: 0 evaluates only after the last epoch (with eval_fn).
+    best_metric: the eval metric whose maximum is kept in workdir/<stage>/
+      best.
+    epoch_start_fn: optional hook (state, epoch) -> None or a dict with
+      "pairs" [M, 2], "labeled" [M] (the epoch's pairing, for pseudo-pair
+      pipelines) and/or "metrics" {name: float} to log; called at the start
+      of every epoch this run starts (not for an epoch resumed mid-way,
+      whose pairing the checkpoint holds).
+    keep_checkpoints: how many of the latest checkpoints to keep.
+    max_steps: stop (with a checkpoint) once the stage's step count reaches
+      this, e.g. a time-boxed job; None trains every epoch.
+    progress: show a tqdm bar (process 0).
+
+  Returns:
+    (state, summary): the state after the last step taken; summary = {
+    "stage", "step", "epochs_done", "finished" (all epochs trained),
+    "train" (last logged train metrics), "eval" (last eval metrics),
+    "best" ({"step", best_metric: value} or None)}.
+
+  Raises:
+    FloatingPointError: non-finite loss or gradient norm.
+    ValueError: bad arguments, or an epoch whose length differs from
+      `steps_per_epoch`.
+  """
+  for name, value in (("num_epochs", num_epochs),
+                      ("steps_per_epoch", steps_per_epoch),
+                      ("ckpt_every_steps", ckpt_every_steps),
+                      ("log_every_steps", log_every_steps),
+                      ("keep_checkpoints", keep_checkpoints)):
+    if int(value) <= 0:
+      raise ValueError(f"train({stage!r}): {name} must be > 0, got {value}.")
+  if eval_every_epochs < 0:
+    raise ValueError(f"train({stage!r}): eval_every_epochs must be >= 0, "
+                     f"got {eval_every_epochs}.")
+  main = parallel.is_main_process()
+  stage_dir = os.path.join(workdir, stage)
+  ckpt_dir = os.path.join(stage_dir, "checkpoints")
+  total = num_epochs * steps_per_epoch
+  stop = total if max_steps is None else min(total, int(max_steps))
+
+  mngr = _manager(ckpt_dir, keep_checkpoints)
+  best_mngr = _manager(os.path.join(stage_dir, "best"), 1)
+  writer = MetricWriter(stage_dir, enabled=main)
+  it = None
+  latest = mngr.latest_step()
+  if latest is not None:
+    it = _placeholder_iterator(pipe)
+    restored = mngr.restore(latest, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(
+            state_lib.abstract_state(state.params)),
+        train=ocp.args.StandardRestore(
+            state_lib.abstract_state(_split(state)["train"])),
+        data=grain.checkpoint.CheckpointRestore(it)))
+    state = state.replace(params=restored["params"], **restored["train"])
+  best = None
+  if best_mngr.latest_step() is not None:
+    value = (best_mngr.metrics(best_mngr.latest_step()) or {}).get(
+        best_metric)
+    if value is not None:
+      best = {"step": best_mngr.latest_step(), best_metric: float(value)}
+
+  step = int(jax.device_get(state.step))
+  if latest is None and step != 0:
+    raise ValueError(
+        f"train({stage!r}): the starting state is at step {step}, not 0. "
+        f"Start a stage from a fresh `create_state` (its own optimizer and "
+        f"schedule) and copy the earlier stage's params into it.")
+  last_saved = latest
+  summary = {"stage": stage, "train": {}, "eval": {}, "best": best}
+  bar = tqdm.tqdm(total=total, initial=step, desc=stage, unit="step",
+                  disable=not (progress and main))
+  pending = []
+  t0, n0, images = time.perf_counter(), step, 0
+
+  def flush(epoch):
+    nonlocal pending, t0, n0
+    if not pending:
+      return
+    fetched = jax.device_get(pending)
+    pending = []
+    _check_finite(stage, fetched, ckpt_dir, last_saved)
+    now = time.perf_counter()
+    metrics = _mean(fetched)
+    metrics["images_per_s"] = images * (step - n0) / max(now - t0, 1e-9)
+    t0, n0 = now, step
+    summary["train"] = metrics
+    writer.write(step, epoch, "train", metrics)
+    bar.set_postfix({"img/s": f"{metrics['images_per_s']:.1f}",
+                     "loss": f"{metrics['loss']:.4f}"})
+
+  def save(epoch):
+    nonlocal last_saved
+    flush(epoch)
+    if last_saved != step:
+      mngr.save(step, args=ocp.args.Composite(
+          **{k: ocp.args.StandardSave(v) for k, v in _split(state).items()},
+          data=grain.checkpoint.CheckpointSave(it)), force=True)
+      last_saved = step
+
+  try:
+    epoch = step // steps_per_epoch
+    while step < stop:
+      if step % steps_per_epoch == 0:
+        plan = dict((epoch_start_fn and epoch_start_fn(state, epoch)) or {})
+        if plan.get("metrics"):
+          writer.write(step, epoch, "epoch_start", plan["metrics"])
+        pairs = {k: plan[k] for k in ("pairs", "labeled") if k in plan}
+        if it is None:
+          it = pipe.iterator(epoch, **pairs)
+        else:
+          it.set_epoch(epoch, **pairs)
+        t0, n0 = time.perf_counter(), step
+      elif it.epoch != epoch:
+        raise ValueError(f"Checkpoint {ckpt_dir}/{latest} holds data epoch "
+                         f"{it.epoch} at step {step}, which is epoch {epoch} "
+                         f"with {steps_per_epoch} steps per epoch: the "
+                         f"dataset or batch size changed. Use a new workdir.")
+      if it.steps_per_epoch != steps_per_epoch:
+        raise ValueError(f"Epoch {epoch} of stage {stage!r} has "
+                         f"{it.steps_per_epoch} steps, the schedule "
+                         f"{steps_per_epoch}: every epoch must have the same "
+                         f"length (fill pseudo-pair epochs to it).")
+      epoch_end = (epoch + 1) * steps_per_epoch
+      while step < min(epoch_end, stop):
+        batch = next(it)
+        images = sum(v.shape[0] for v in batch.values()
+                     if np.ndim(v) == 4) * jax.process_count()
+        state, metrics = step_fn(state, parallel.to_global(batch, mesh))
+        step += 1
+        pending.append((step, metrics))
+        bar.update(1)
+        if step % log_every_steps == 0:
+          flush(epoch)
+        if step % ckpt_every_steps == 0 and step != epoch_end:
+          save(epoch)
+      if step < epoch_end:  # Stopped by max_steps.
+        save(epoch)
+        break
+      flush(epoch)
+      epoch += 1
+      if eval_fn is not None and (
+          epoch == num_epochs
+          or (eval_every_epochs and epoch % eval_every_epochs == 0)):
+        result = {k: float(v) for k, v in eval_fn(state).items()}
+        summary["eval"] = result
+        writer.write(step, epoch, "eval", result)
+        if best_metric not in result:
+          raise KeyError(f"eval_fn returned {sorted(result)}, without "
+                         f"best_metric {best_metric!r}.")
+        if best is None or result[best_metric] > best[best_metric]:
+          best_mngr.save(step, args=ocp.args.Composite(
+              params=ocp.args.StandardSave(state.params)),
+              metrics=result, force=True)
+          best = {"step": step, best_metric: result[best_metric]}
+          summary["best"] = best
+      save(epoch - 1)
+  finally:
+    bar.close()
+    writer.close()
+    for m in (mngr, best_mngr):
+      m.wait_until_finished()
+      m.close()
+    if it is not None:
+      it.close()
+  summary.update(step=step, epochs_done=step // steps_per_epoch,
+                 finished=step >= total)
+  return state, summary
