@@ -122,7 +122,7 @@ def test_evaluate_end_to_end_finds_identical_pairs(tmp_path):
                     satellite_paths=np.array(s_paths),
                     satellite_ids=np.arange(n).astype(str), positive=perm)
   model = encoder.TwoTower(
-      variant=convnext.Variant((1, 1, 1, 1), (8, 8, 16, 16), False),
+      variant=convnext.Variant((1, 1), (8, 16), False),
       head="gap", share_weights=True)
   mesh = parallel.make_mesh()
   params = jax.jit(model.init)(jax.random.PRNGKey(0),

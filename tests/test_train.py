@@ -1,10 +1,11 @@
 """Tests of the training engine: mesh, state, steps and the epoch loop.
 
-A tiny two-tower ConvNeXt on a tiny world written with cv2: 16 panoramas
-(32x64) with their fake satellite images (32x32). Each place has its own
-random colour pattern, shared by its panorama and its fake, so pairs can
-be learnt (the fake is the centre of the panorama's pattern). One jitted cross-view step on the 8 simulated CPU devices is
-compiled once and shared by the tests (compiling dominates their time).
+A tiny two-tower ConvNeXt (two stages of one block; XLA:CPU compile time
+grows with depth and dominates these tests) on a tiny world written with
+cv2: 16 panoramas (32x64) with their fake satellite images (32x32). Each
+place has its own random colour pattern; its fake is the centre of its
+panorama's pattern, so pairs can be learnt. One jitted cross-view step on
+the 8 simulated CPU devices is compiled once and shared by the tests.
 """
 
 import glob
@@ -17,6 +18,7 @@ import cv2
 import jax
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
 from cvgl_jax import parallel
 from cvgl_jax.data import augment
@@ -43,7 +45,7 @@ PAIRED_OFF = augment.PairedConfig(flip_p=0.0, rotate_p=0.0)
 
 def _model():
   return encoder.TwoTower(
-      variant=convnext.Variant((1, 1, 1, 1), (8, 8, 16, 16), False),
+      variant=convnext.Variant((1, 1), (8, 16), False),
       head="gap")
 
 
@@ -206,7 +208,9 @@ class _Recorder:
     if self.calls == self.nan_at:
       state = state.replace(params=jax.tree.map(lambda x: x * np.nan,
                                                 state.params))
-    self.order.append(np.asarray(jax.device_get(batch["ground_index"])))
+    self.order.append(tuple(np.asarray(jax.device_get(batch[k]))
+                            for k in ("ground_index", "satellite_index",
+                                      "labeled") if k in batch))
     return self.step(state, batch)
 
 
@@ -231,7 +235,6 @@ def _train(engine, world, workdir, step_fn, seed=0, **kw):
 def _read_events(folder):
   """(tag, step, value) of every scalar in the TensorBoard event files,
   read with the record framing and protobuf alone."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   out = []
   for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
     data = open(path, "rb").read()
@@ -324,3 +327,40 @@ def test_train_rejects_a_started_state_without_checkpoint(engine, world,
     loop.train(state, engine.step, _pipe(world), mesh=engine.mesh,
                workdir=str(tmp_path), stage="x", num_epochs=1,
                steps_per_epoch=SPE, progress=False)
+
+
+def test_pseudo_pair_epochs_take_the_hooks_pairing_and_resume_it(
+    engine, world, tmp_path):
+  """A pseudo-pair pipeline gets each epoch's pairing from the epoch-start
+  hook; after a crash mid-epoch the checkpoint restores that pairing (the
+  hook is not asked again) and the next epoch asks it anew."""
+  pipe = lambda: pipeline.pseudo_pairs(  # pylint: disable=g-long-lambda
+      world, ground_size=G_SIZE, satellite_size=S_SIZE, batch_size=BATCH,
+      seed=4, num_threads=2)
+  ground = np.arange(Q)
+
+  def run(step_fn, hook_calls, seed):
+    def hook(state, epoch):
+      hook_calls.append(epoch)
+      return {"pairs": np.stack([ground, (ground + epoch + 1) % Q], 1),
+              "labeled": ground % 2 == 0}
+    return loop.train(engine.state(seed), step_fn, pipe(), mesh=engine.mesh,
+                      workdir=str(tmp_path), stage="pseudo", num_epochs=3,
+                      steps_per_epoch=SPE, ckpt_every_steps=3,
+                      log_every_steps=10, epoch_start_fn=hook,
+                      progress=False)
+
+  calls_a, calls_b = [], []
+  crashing = _Recorder(engine.step, crash_at=4)  # Checkpoint at step 3.
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    run(crashing, calls_a, 0)
+  resumed = _Recorder(engine.step)
+  _, summary = run(resumed, calls_b, 5)
+  assert calls_a == [0, 1] and calls_b == [2]
+  assert summary["step"] == 3 * SPE and summary["finished"]
+  seen = crashing.order + resumed.order
+  assert len(seen) == 3 * SPE
+  for step, (g, s, lab) in enumerate(seen):
+    epoch = step // SPE
+    np.testing.assert_array_equal(s, (g + epoch + 1) % Q)
+    np.testing.assert_array_equal(lab, g % 2 == 0)

@@ -12,7 +12,8 @@
   workdir/<stage>/metrics.jsonl        one JSON object per line:
       {"step", "epoch", "kind": "train" | "eval" | "epoch_start", ...};
   workdir/<stage>/tensorboard/         the same scalars as TensorBoard event
-      files (tensorboardX: no TensorFlow), tags "<kind>/<name>".
+      files (tensorboardX: no TensorFlow), tags "<kind>/<name>" (with
+      characters TensorBoard does not allow, such as "@", written "_").
 
 A rerun resumes from the latest checkpoint: state, data position and
 pairing come back; an epoch that starts after the resume point calls the

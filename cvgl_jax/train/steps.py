@@ -12,10 +12,12 @@ update.
 Batches are global arrays sharded on the mesh's `data` axis
 (`parallel.to_global`): uint8 images {"ground": [B, Hg, Wg, 3],
 "satellite": [B, Hs, Ws, 3]} and, for the partial-label step, "labeled"
-[B] bool. Other entries (e.g. "ground_index") are ignored. Random numbers
-come from threefry keys split over the global batch, which JAX makes
-independent of how the batch is sharded, so a step on 8 devices computes
-what it computes on 1 (up to the order of float sums).
+[B] bool. Other entries (e.g. "ground_index") are dropped before the
+jitted function, so one compiled step serves any pipeline that has its
+entries. Random numbers come from threefry keys split over the global
+batch, which JAX makes independent of how the batch is sharded, so a step
+on 8 devices computes what it computes on 1 (up to the order of float
+sums).
 
 Metrics (float32 scalars, replicated): loss, lr (the rate of this update),
 logit_scale (exp(t)), grad_norm (global L2 norm of the gradients), and the
@@ -65,9 +67,20 @@ def _update(st, tx, grads, metrics):
   return new, metrics
 
 
-def _jit(step, mesh):
+def _jit(step, mesh, keys):
+  """jit(step) donating the state; called with only the batch's `keys`, so
+  extra entries (indices, labels another step needs) neither recompile nor
+  reach the device program."""
   repl = parallel.replicated(mesh)
-  return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
+  jitted = jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
+
+  def run(st, batch):
+    missing = [k for k in keys if k not in batch]
+    if missing:
+      raise KeyError(f"This training step needs batch entries {keys}; the "
+                     f"batch has {sorted(batch)} (missing {missing}).")
+    return jitted(st, {k: batch[k] for k in keys})
+  return run
 
 
 def _check_smoothing(label_smoothing):
@@ -79,7 +92,8 @@ def _check_smoothing(label_smoothing):
 def make_intra_step(model: nn.Module, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, *, label_smoothing: float = 0.1,
                     ground_aug: augment.ViewConfig = augment.ground_view(),
-                    satellite_aug: augment.ViewConfig = augment.satellite_view(),
+                    satellite_aug: augment.ViewConfig = (
+                        augment.satellite_view()),
                     satellite_aug2: augment.ViewConfig = (
                         augment.satellite_second_view())) -> StepFn:
   """Stage 1 step (intra-view); batch {"ground", "satellite"} uint8.
@@ -119,7 +133,7 @@ def make_intra_step(model: nn.Module, tx: optax.GradientTransformation,
     grads, metrics = jax.grad(loss_fn, has_aux=True)(st.params)
     return _update(st, tx, grads, metrics)
 
-  return _jit(step, mesh)
+  return _jit(step, mesh, ("ground", "satellite"))
 
 
 def _pair_step(model, tx, mesh, label_smoothing, ground_aug, satellite_aug,
@@ -142,13 +156,15 @@ def _pair_step(model, tx, mesh, label_smoothing, ground_aug, satellite_aug,
     grads, metrics = jax.grad(loss_fn, has_aux=True)(st.params)
     return _update(st, tx, grads, metrics)
 
-  return _jit(step, mesh)
+  keys = ("ground", "satellite") + (("labeled",) if partial else ())
+  return _jit(step, mesh, keys)
 
 
 def make_cross_step(model: nn.Module, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, *, label_smoothing: float,
                     ground_aug: augment.ViewConfig = augment.ground_view(),
-                    satellite_aug: augment.ViewConfig = augment.satellite_view(),
+                    satellite_aug: augment.ViewConfig = (
+                        augment.satellite_view()),
                     paired_aug: augment.PairedConfig = augment.PairedConfig()
                     ) -> StepFn:
   """Cross-view step; batch {"ground", "satellite"} uint8, row i a pair.
