@@ -45,6 +45,9 @@ from cvgl_jax import parallel
 from cvgl_jax.data import pipeline as pipeline_lib
 from cvgl_jax.train import state as state_lib
 
+CHECKPOINTS = "checkpoints"  # workdir/<stage>/checkpoints: the latest state
+BEST = "best"                # workdir/<stage>/best: params of the best eval
+
 EpochStartFn = Callable[[state_lib.TrainState, int], Optional[Mapping]]
 EvalFn = Callable[[state_lib.TrainState], Mapping[str, float]]
 
@@ -222,12 +225,12 @@ def train(state: state_lib.TrainState,
                      f"got {eval_every_epochs}.")
   main = parallel.is_main_process()
   stage_dir = os.path.join(workdir, stage)
-  ckpt_dir = os.path.join(stage_dir, "checkpoints")
+  ckpt_dir = os.path.join(stage_dir, CHECKPOINTS)
   total = num_epochs * steps_per_epoch
   stop = total if max_steps is None else min(total, int(max_steps))
 
   mngr = _manager(ckpt_dir, keep_checkpoints)
-  best_mngr = _manager(os.path.join(stage_dir, "best"), 1)
+  best_mngr = _manager(os.path.join(stage_dir, BEST), 1)
   writer = MetricWriter(stage_dir, enabled=main)
   it = None
   latest = mngr.latest_step()
