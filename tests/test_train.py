@@ -364,3 +364,25 @@ def test_pseudo_pair_epochs_take_the_hooks_pairing_and_resume_it(
     epoch = step // SPE
     np.testing.assert_array_equal(s, (g + epoch + 1) % Q)
     np.testing.assert_array_equal(lab, g % 2 == 0)
+
+
+def test_create_state_loads_pretrained_backbones_replicated(engine):
+  """Both towers get the checkpoint's ConvNeXt (a tiny timm-named golden
+  file); params and optimizer state live replicated on all 8 devices."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), "golden",
+                      "convnext_conv_mlp.safetensors")
+  model = encoder.TwoTower(
+      variant=convnext.Variant((1, 1, 2, 1), (16, 24, 32, 48), True),
+      head="gap")
+  state = state_lib.create_state(model, engine.tx, ground_size=G_SIZE,
+                                 satellite_size=S_SIZE, seed=0,
+                                 mesh=engine.mesh, pretrained=path)
+  stem = load_file(path)["stem.0.weight"].transpose(2, 3, 1, 0)
+  for tower in ("query", "reference"):
+    kernel = state.params[tower]["backbone"]["stem_conv"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(kernel), stem)
+  for leaf in jax.tree.leaves(state):
+    assert leaf.sharding.is_fully_replicated
+    assert len(leaf.sharding.device_set) == 8
+  assert int(state.step) == 0
