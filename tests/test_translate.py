@@ -269,7 +269,6 @@ def test_stage_moves_bevs_toward_the_satellite_domain(tmp_path):
                         progress=False)
   assert result == {"steps": 3 * n, "written": n, "total": n}
   stage = tmp_path / "work" / "translate"
-  assert json.loads((stage / "DONE").read_text()) == result
 
   # The cycle and identity losses fall (the GAN terms are a game).
   log = [json.loads(line) for line in open(stage / "metrics.jsonl")]

@@ -365,7 +365,7 @@ def translate(index, workdir: str, config: ml_collections.ConfigDict, *,
   """The stage: BEVs `root/g2a/<id>.png` -> fakes `root/g2a_sat/<id>.png`.
 
   Trains on the split's BEVs and its satellite tiles (unpaired), then
-  translates every BEV of the split. Writes `workdir/translate/DONE`.
+  translates every BEV of the split. (`main` marks the stage done.)
 
   Args:
     index: a `cvgl_jax.data.index.PairIndex` (the training split).
@@ -388,8 +388,5 @@ def translate(index, workdir: str, config: ml_collections.ConfigDict, *,
                             config, progress=progress)
   written = translate_split(bev_paths, out_paths, state.params_g["g_ab"],
                             config, progress=progress)
-  result = {"steps": int(state.step), "written": written,
-            "total": len(bev_paths)}
-  with open(os.path.join(stage_dir, "DONE"), "w") as f:
-    json.dump(result, f)
-  return result
+  return {"steps": int(state.step), "written": written,
+          "total": len(bev_paths)}

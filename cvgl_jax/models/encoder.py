@@ -41,6 +41,7 @@ class Tower(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
+  depthwise_impl: str = "auto"
 
   def setup(self):
     if self.head not in HEADS:
@@ -48,7 +49,7 @@ class Tower(nn.Module):
                        f"{self.head!r}.")
     self.backbone = convnext.convnext(
         self.variant, drop_path_rate=self.drop_path_rate, dtype=self.dtype,
-        remat=self.remat)
+        remat=self.remat, depthwise_impl=self.depthwise_impl)
     if self.head == "safa":
       self.pool = heads.SAFA(self.num_safa_heads, dtype=self.dtype,
                              name="head")
@@ -73,6 +74,7 @@ class TwoTower(nn.Module):
     drop_path_rate: stochastic depth of the backbones (0.2 in the paper).
     dtype: computation dtype; params are float32 and embeddings float32.
     remat: rematerialise backbone blocks in the backward pass.
+    depthwise_impl: "auto", "conv" or "shifts" (`convnext.DepthwiseConv`).
   """
   variant: str | convnext.Variant = "base"
   head: str = "safa"
@@ -81,11 +83,13 @@ class TwoTower(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
+  depthwise_impl: str = "auto"
 
   def setup(self):
     def tower(name):
       return Tower(self.variant, self.head, self.num_safa_heads,
-                   self.drop_path_rate, self.dtype, self.remat, name=name)
+                   self.drop_path_rate, self.dtype, self.remat,
+                   self.depthwise_impl, name=name)
     self.query = tower("query")
     self.reference = self.query if self.share_weights else tower("reference")
     self.logit_scale = self.param(
@@ -128,4 +132,5 @@ def from_config(cfg: ml_collections.ConfigDict) -> TwoTower:
       share_weights=cfg.get("share_weights", False),
       num_safa_heads=cfg.get("num_safa_heads", 8),
       drop_path_rate=cfg.get("drop_path_rate", 0.0),
-      dtype=dtypes[dtype], remat=cfg.get("remat", False))
+      dtype=dtypes[dtype], remat=cfg.get("remat", False),
+      depthwise_impl=cfg.get("depthwise_impl", "auto"))

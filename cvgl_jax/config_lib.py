@@ -1,0 +1,225 @@
+"""The run configuration: every key with its default, and validation.
+
+A config file in `configs/` starts from `default_config()` and changes what
+its experiment needs (big_vision style: a Python file whose `get_config()`
+returns a ConfigDict). `validate(config)` runs before any compute and
+raises `ConfigError` naming the key and the fix for: unknown keys (typos),
+values of the wrong type, unknown stages, missing data roots and missing
+weight files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+from cvgl_jax.cfp import translate as translate_lib
+
+STAGES = ("cfp", "translate", "intra", "cross_fake", "supervised")
+TRAINING_STAGES = ("intra", "cross_fake", "supervised")
+DATASETS = ("cvusa", "cvact", "vigor")
+
+
+class ConfigError(ValueError):
+  """The config cannot drive a run; the message names the key."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key a run reads, with the paper's values (METHOD.md)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages = ("cfp", "translate", "intra", "cross_fake")
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "cvusa"        # cvusa | cvact | vigor
+  c.data.root = ""                # the unpacked dataset (FORMATS.md)
+  c.data.train_split = "train"
+  c.data.eval_split = "val"       # cvact: val | test; vigor: test
+  c.data.vigor_mode = "same_area"  # same_area | cross_area
+  c.data.max_missing_fraction = 0.01
+  c.data.ground_size = (384, 384)   # (H, W) after resizing; VIGOR 384x768
+  c.data.satellite_size = (384, 384)
+  c.data.num_threads = 8            # host decode threads per process
+
+  # A synthetic world generated under the workdir when `enabled`; then
+  # data.root is ignored (the demo and the tests need nothing else).
+  c.synthetic = ml_collections.ConfigDict()
+  c.synthetic.enabled = False
+  c.synthetic.layout = "cvusa"
+  c.synthetic.num_pairs = 400
+  c.synthetic.seed = 0
+  c.synthetic.map_cells = 1024
+  c.synthetic.pairs_per_world = 200
+  c.synthetic.sat_px = 128
+  c.synthetic.pano_width = 256
+  c.synthetic.cvusa_width = 308
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "base"        # atto ... large, or "custom"
+  c.model.depths = (3, 3, 27, 3)  # only for variant="custom"
+  c.model.dims = (128, 256, 512, 1024)
+  c.model.head = "safa"           # safa | gap
+  c.model.share_weights = False   # True: Sample4Geo's shared encoder
+  c.model.num_safa_heads = 8
+  c.model.drop_path_rate = 0.2
+  c.model.dtype = "float32"       # float32 | bfloat16 (params stay f32)
+  c.model.remat = False
+  c.model.depthwise_impl = "auto"  # auto | conv | shifts (fast on CPU)
+  c.model.pretrained = ""         # local timm/official ConvNeXt file
+
+  c.cfp = ml_collections.ConfigDict()
+  c.cfp.out_size = 750            # CVUSA 750, CVACT 1200
+  c.cfp.fov_deg = 175.0           # CVUSA 175, CVACT 170
+  c.cfp.placement = "cvusa"       # cvusa (band crops) | full (2:1 panoramas)
+  c.cfp.batch_size = 16
+  c.cfp.wrap = False              # interpolate across the seam
+
+  c.translate = translate_lib.get_config()
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128        # global, across all devices and hosts
+  c.train.lr = 1e-4
+  c.train.weight_decay = 0.01     # torch AdamW's default, as the authors
+  c.train.eval_every_epochs = 4
+  c.train.eval_batch_size = 128
+  c.train.checkpoint_every_steps = 1000
+  c.train.log_every_steps = 50
+
+  c.intra = ml_collections.ConfigDict()
+  c.intra.epochs = 12
+  c.intra.label_smoothing = 0.1
+
+  c.cross_fake = ml_collections.ConfigDict()
+  c.cross_fake.epochs = 28
+  c.cross_fake.label_smoothing = 0.3
+
+  c.supervised = ml_collections.ConfigDict()
+  c.supervised.epochs = 40
+  c.supervised.label_smoothing = 0.1
+
+  return c
+
+
+# Per-dataset settings of METHOD.md (and, for VIGOR's CFP, ours: the paper
+# gives none; BUILD_NOTES.md).
+DATASET_SETTINGS = {
+    "cvusa": dict(ground_size=(384, 384), satellite_size=(384, 384),
+                  eval_split="val", out_size=750, fov_deg=175.0,
+                  placement="cvusa"),
+    "cvact": dict(ground_size=(384, 384), satellite_size=(384, 384),
+                  eval_split="val", out_size=1200, fov_deg=170.0,
+                  placement="full"),
+    "vigor": dict(ground_size=(384, 768), satellite_size=(384, 384),
+                  eval_split="test", out_size=640, fov_deg=170.0,
+                  placement="full"),
+}
+
+
+def for_dataset(dataset: str, root: str = "") -> ml_collections.ConfigDict:
+  """`default_config()` with the data and CFP settings of `dataset`."""
+  if dataset not in DATASET_SETTINGS:
+    raise ConfigError(f"Unknown dataset {dataset!r}; choose one of "
+                      f"{sorted(DATASET_SETTINGS)}.")
+  s = DATASET_SETTINGS[dataset]
+  c = default_config()
+  c.data.dataset = dataset
+  c.data.root = root
+  c.data.ground_size = s["ground_size"]
+  c.data.satellite_size = s["satellite_size"]
+  c.data.eval_split = s["eval_split"]
+  c.cfp.out_size = s["out_size"]
+  c.cfp.fov_deg = s["fov_deg"]
+  c.cfp.placement = s["placement"]
+  return c
+
+
+def _check_tree(config, defaults, prefix: str, errors: list[str]) -> None:
+  for key in config.keys():
+    name = f"{prefix}{key}"
+    if key not in defaults:
+      close = [k for k in defaults.keys() if k.startswith(key[:3])]
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      errors.append(f"unknown key config.{name}{hint}; known keys here: "
+                    f"{sorted(defaults.keys())}")
+      continue
+    value, default = config[key], defaults[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        errors.append(f"config.{name} must be a section (ConfigDict), got "
+                      f"{value!r}")
+      else:
+        _check_tree(value, default, name + ".", errors)
+    elif not _same_kind(value, default):
+      errors.append(f"config.{name}={value!r} should be a "
+                    f"{type(default).__name__} like the default {default!r}")
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError listing every problem; cheap (no data is read)."""
+  errors: list[str] = []
+  _check_tree(config, default_config(), "", errors)
+  if errors:
+    raise ConfigError("Invalid config:\n  " + "\n  ".join(errors))
+  for stage in config.stages:
+    if stage not in STAGES:
+      errors.append(f"config.stages names {stage!r}; stages are {STAGES}")
+  if len(set(config.stages)) != len(config.stages):
+    errors.append(f"config.stages repeats a stage: {tuple(config.stages)}")
+  d = config.data
+  if d.dataset not in DATASETS:
+    errors.append(f"config.data.dataset={d.dataset!r}; choose one of "
+                  f"{DATASETS}")
+  if config.synthetic.enabled:
+    if config.synthetic.layout not in DATASETS:
+      errors.append(f"config.synthetic.layout={config.synthetic.layout!r}; "
+                    f"choose one of {DATASETS}")
+  elif not d.root:
+    errors.append("config.data.root is empty: set it to the unpacked "
+                  "dataset (--config.data.root=/path), or enable "
+                  "config.synthetic")
+  elif not os.path.isdir(d.root):
+    errors.append(f"config.data.root={d.root!r} is not a directory")
+  for key in ("ground_size", "satellite_size"):
+    size = d[key]
+    if len(size) != 2 or min(size) < 32:
+      errors.append(f"config.data.{key}={tuple(size)} must be (H, W), each "
+                    ">= 32")
+  m = config.model
+  if m.pretrained and not os.path.isfile(m.pretrained):
+    errors.append(f"config.model.pretrained={m.pretrained!r} does not exist;"
+                  " give a local .safetensors/.pth file or '' for random "
+                  "init")
+  if m.head not in ("safa", "gap"):
+    errors.append(f"config.model.head={m.head!r}; choose 'safa' or 'gap'")
+  if m.depthwise_impl not in ("auto", "conv", "shifts"):
+    errors.append(f"config.model.depthwise_impl={m.depthwise_impl!r}; "
+                  "choose auto, conv or shifts")
+  if m.dtype not in ("float32", "bfloat16"):
+    errors.append(f"config.model.dtype={m.dtype!r}; choose 'float32' or "
+                  "'bfloat16'")
+  t = config.train
+  for key in ("batch_size", "eval_batch_size", "eval_every_epochs",
+              "checkpoint_every_steps", "log_every_steps"):
+    if t[key] < 1:
+      errors.append(f"config.train.{key}={t[key]} must be >= 1")
+  for stage in TRAINING_STAGES:
+    if config[stage].epochs < 1:
+      errors.append(f"config.{stage}.epochs must be >= 1")
+    if not 0 <= config[stage].label_smoothing < 1:
+      errors.append(f"config.{stage}.label_smoothing must be in [0, 1)")
+  if errors:
+    raise ConfigError("Invalid config:\n  " + "\n  ".join(errors))

@@ -1,0 +1,250 @@
+"""The paper's stages as thin compositions of the library.
+
+  cfp          panoramas -> BEV images `g2a/` (cfp/project.py)
+  translate    CycleGAN BEV -> satellite style, fakes `g2a_sat/`
+               (cfp/translate_stage.py)
+  intra        stage 1: intra-view self-supervision (two views of one image)
+  cross_fake   stage 2: ground image + its own fake satellite image
+  supervised   true pairs (the 100 %-labels row, Sample4Geo's baseline)
+
+Every stage works under `workdir/<stage>/` and ends by writing a `DONE`
+file holding its results (JSON); `main` skips stages that have one. A
+training stage starts from the final params of the training stage before
+it in `config.stages` (intra -> cross_fake), or from the pretrained
+ConvNeXt file, or from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Callable, Optional
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from cvgl_jax import config_lib
+from cvgl_jax import evaluate
+from cvgl_jax import parallel
+from cvgl_jax.cfp import project
+from cvgl_jax.cfp import translate_stage
+from cvgl_jax.data import pipeline
+from cvgl_jax.data import readers
+from cvgl_jax.data import synthetic
+from cvgl_jax.data.index import PairIndex
+from cvgl_jax.models import encoder
+from cvgl_jax.train import loop
+from cvgl_jax.train import state as state_lib
+from cvgl_jax.train import steps
+
+DONE = "DONE"
+SYNTHETIC_DIR = "synthetic_world"
+
+
+@dataclasses.dataclass
+class Run:
+  """What every stage needs: the config, the workdir, the data, the mesh."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  train: PairIndex
+  eval: PairIndex
+  mesh: jax.sharding.Mesh
+
+  def stage_dir(self, stage: str) -> str:
+    return os.path.join(self.workdir, stage)
+
+
+def done_file(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, DONE)
+
+
+def read_done(workdir: str, stage: str) -> Optional[dict]:
+  """The results a finished stage recorded, or None if it has not finished."""
+  path = done_file(workdir, stage)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_done(workdir: str, stage: str, result: dict) -> None:
+  """Marks `stage` finished (atomically: a crash leaves no half DONE)."""
+  if not parallel.is_main_process():
+    return
+  path = done_file(workdir, stage)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def synthetic_root(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Generates the config's synthetic world under workdir unless present.
+
+  The world is written to a temporary folder and renamed when complete, so
+  an interrupted generation is redone rather than used half-written.
+  """
+  s = config.synthetic
+  root = os.path.join(workdir, SYNTHETIC_DIR)
+  if os.path.isdir(root):
+    return root
+  cfg = synthetic.SyntheticConfig(
+      map_cells=s.map_cells, pairs_per_world=s.pairs_per_world,
+      sat_px=s.sat_px, pano_width=s.pano_width,
+      cvusa_width=s.cvusa_width).validate()
+  if parallel.is_main_process():
+    partial = root + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    logging.info("Generating a synthetic %s world of %d pairs in %s",
+                 s.layout, s.num_pairs, root)
+    synthetic.write_dataset(s.layout, partial, cfg, s.num_pairs, s.seed)
+    os.replace(partial, root)
+  multihost_utils.sync_global_devices("synthetic_world")
+  return root
+
+
+def read_data(config: ml_collections.ConfigDict,
+              workdir: str) -> tuple[PairIndex, PairIndex]:
+  """(train split, evaluation split) named by `config.data`."""
+  d = config.data
+  if config.synthetic.enabled:
+    dataset, root = config.synthetic.layout, synthetic_root(config, workdir)
+  else:
+    dataset, root = d.dataset, d.root
+  options = {"max_missing_fraction": d.max_missing_fraction}
+  if dataset == "vigor":
+    options["mode"] = d.vigor_mode
+  train = readers.read_split(dataset, root, d.train_split, **options)
+  evaluation = readers.read_split(dataset, root, d.eval_split, **options)
+  logging.info("Data: %s train %d ground / %d satellite, %s eval %d / %d",
+               train.name, train.num_ground, train.num_satellite,
+               evaluation.name, evaluation.num_ground,
+               evaluation.num_satellite)
+  return train, evaluation
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Validates the config, reads (or generates) the data, builds the mesh."""
+  config_lib.validate(config)
+  train, evaluation = read_data(config, workdir)
+  return Run(config, workdir, train, evaluation, parallel.make_mesh())
+
+
+def run_cfp(run: Run) -> dict:
+  """Projects every training panorama to a BEV image (`root/g2a/`)."""
+  c = run.config.cfp
+  return project.project_split(
+      run.train, out_size=c.out_size, fov_deg=c.fov_deg,
+      placement=c.placement, batch_size=c.batch_size, wrap=c.wrap,
+      progress=parallel.is_main_process())
+
+
+def run_translate(run: Run) -> dict:
+  """Trains the CycleGAN and writes the fake satellite images."""
+  return translate_stage.translate(run.train, run.workdir,
+                                   run.config.translate,
+                                   progress=parallel.is_main_process())
+
+
+def previous_training_stage(config: ml_collections.ConfigDict,
+                            stage: str) -> Optional[str]:
+  """The training stage run before `stage` in `config.stages`, if any."""
+  order = list(config.stages)
+  earlier = order[:order.index(stage)]
+  for name in reversed(earlier):
+    if name in config_lib.TRAINING_STAGES:
+      return name
+  return None
+
+
+def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
+                 make_step: Callable, pairs: Optional[np.ndarray] = None
+                 ) -> dict:
+  """Trains `stage` on `pipe`, evaluating on the eval split; returns the
+  loop's summary. Starts from the previous training stage's final params,
+  else from `config.model.pretrained`, else from scratch."""
+  c = run.config
+  model = encoder.from_config(c.model)
+  spe = pipe.steps_per_epoch(
+      None if pairs is None else pipe.check_pairs(pairs, None))
+  tx = state_lib.create_optimizer(c.train.lr, c.train.weight_decay, spe,
+                                  c[stage].epochs)
+  previous = previous_training_stage(c, stage)
+  state = state_lib.create_state(
+      model, tx, ground_size=c.data.ground_size,
+      satellite_size=c.data.satellite_size, seed=c.seed, mesh=run.mesh,
+      pretrained=None if previous else (c.model.pretrained or None))
+  if previous:
+    directory = os.path.join(run.workdir, previous, loop.CHECKPOINTS)
+    logging.info("Stage %s starts from the final params of %s", stage,
+                 previous)
+    state = state.replace(params=loop.restore_params(directory, state.params))
+  step_fn = make_step(model, tx, run.mesh,
+                      label_smoothing=c[stage].label_smoothing)
+  eval_fn = evaluate.make_eval_fn(
+      model, run.eval, ground_size=c.data.ground_size,
+      satellite_size=c.data.satellite_size,
+      batch_size=c.train.eval_batch_size // jax.process_count(),
+      mesh=run.mesh, num_threads=c.data.num_threads)
+  epoch_start_fn = None
+  if pairs is not None:
+    epoch_start_fn = lambda state, epoch: {"pairs": pairs}
+  _, summary = loop.train(
+      state, step_fn, pipe, mesh=run.mesh, workdir=run.workdir, stage=stage,
+      num_epochs=c[stage].epochs, steps_per_epoch=spe,
+      ckpt_every_steps=c.train.checkpoint_every_steps,
+      log_every_steps=c.train.log_every_steps, eval_fn=eval_fn,
+      eval_every_epochs=c.train.eval_every_epochs,
+      epoch_start_fn=epoch_start_fn, progress=parallel.is_main_process())
+  return summary
+
+
+def _pipe_options(run: Run) -> dict:
+  c = run.config
+  parallel.check_batch_size(c.train.batch_size, run.mesh, "train.batch_size")
+  parallel.check_batch_size(c.train.eval_batch_size, run.mesh,
+                            "train.eval_batch_size")
+  return dict(ground_size=c.data.ground_size,
+              satellite_size=c.data.satellite_size,
+              batch_size=c.train.batch_size // jax.process_count(),
+              seed=c.seed, num_threads=c.data.num_threads)
+
+
+def run_intra(run: Run) -> dict:
+  """Stage 1: two augmented views of each ground and each satellite image."""
+  pipe = pipeline.intra_view(run.train, **_pipe_options(run))
+  return _train_stage(run, "intra", pipe, steps.make_intra_step)
+
+
+def run_cross_fake(run: Run) -> dict:
+  """Stage 2: each panorama with its own fake satellite image (g2a_sat)."""
+  pipe = pipeline.cross_view(run.train, **_pipe_options(run))
+  return _train_stage(run, "cross_fake", pipe, steps.make_cross_step)
+
+
+def run_supervised(run: Run) -> dict:
+  """True pairs of the training split (every panorama with its tile)."""
+  positive = np.asarray(run.train.positive)
+  known = np.flatnonzero(positive >= 0)
+  if not len(known):
+    raise ValueError(f"The supervised stage needs true pairs, but "
+                     f"{run.train.name!r} has no known positives.")
+  pairs = np.stack([known, positive[known]], axis=1).astype(np.int64)
+  pipe = pipeline.pseudo_pairs(run.train, **_pipe_options(run))
+  return _train_stage(run, "supervised", pipe, steps.make_cross_step,
+                      pairs=pairs)
+
+
+STAGES: dict[str, Callable[[Run], dict]] = {
+    "cfp": run_cfp,
+    "translate": run_translate,
+    "intra": run_intra,
+    "cross_fake": run_cross_fake,
+    "supervised": run_supervised,
+}

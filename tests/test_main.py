@@ -1,0 +1,123 @@
+"""`main`: config validation, and the demo config's stages end to end."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from cvgl_jax import config_lib
+from cvgl_jax import main as main_lib
+from cvgl_jax import stages
+
+CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(CONFIGS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+def tiny_demo_config():
+  """The demo config shrunk to CI size: 48 pairs, a 2-stage ConvNeXt."""
+  config = load_config("synthetic_unsup")
+  config.synthetic.num_pairs = 48
+  config.synthetic.pairs_per_world = 24
+  config.synthetic.map_cells = 1024
+  config.synthetic.sat_px = 64
+  config.synthetic.cvusa_width = 154
+  config.data.ground_size = (32, 128)
+  config.data.satellite_size = (64, 64)
+  config.cfp.out_size = 48
+  t = config.translate
+  t.ngf, t.ndf, t.n_blocks, t.n_layers_d = 4, 4, 1, 1
+  t.load_size, t.crop_size, t.n_epochs, t.n_epochs_decay = 36, 32, 1, 0
+  config.model.variant = "custom"
+  config.model.depths, config.model.dims = (1, 1), (8, 16)
+  config.model.depthwise_impl = "conv"  # Compiles ~3x faster on CPU.
+  config.train.batch_size = 16
+  config.train.eval_batch_size = 16
+  config.train.log_every_steps = 1
+  config.intra.epochs = 1
+  config.cross_fake.epochs = 1
+  return config
+
+
+@pytest.mark.parametrize("name", ["cvusa_unsup", "cvact_unsup", "vigor_unsup",
+                                  "cvusa_supervised", "cvact_supervised",
+                                  "vigor_supervised"])
+def test_dataset_configs_validate_once_given_a_root(name, tmp_path):
+  config = load_config(name)
+  with pytest.raises(config_lib.ConfigError, match="data.root is empty"):
+    config_lib.validate(config)
+  config.data.root = str(tmp_path)
+  config_lib.validate(config)
+
+
+def test_sample4geo_config_shares_one_gap_encoder():
+  config = load_config("cvusa_supervised", "sample4geo")
+  assert config.model.share_weights and config.model.head == "gap"
+  with pytest.raises(config_lib.ConfigError, match="'paper' or 'sample4geo'"):
+    load_config("cvusa_supervised", "transgeo")
+
+
+def test_validation_names_every_bad_key(tmp_path):
+  config = load_config("cvusa_unsup")
+  config.data.root = str(tmp_path / "nowhere")
+  config.model.pretrained = str(tmp_path / "convnext.safetensors")
+  config.stages = ("cfp", "intra", "pseudo_labels")
+  config.train.batch_size = 0
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  msg = str(e.value)
+  assert "data.root=" in msg and "is not a directory" in msg
+  assert "convnext.safetensors' does not exist" in msg
+  assert "'pseudo_labels'" in msg
+  assert "train.batch_size=0" in msg
+  config = load_config("cvusa_unsup")
+  config.data.root = str(tmp_path)
+  config.train.batchsize = 64
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert "config.train.batchsize (did you mean 'batch_size'?)" in str(e.value)
+
+
+def test_previous_training_stage():
+  config = load_config("synthetic_unsup")
+  assert stages.previous_training_stage(config, "cross_fake") == "intra"
+  assert stages.previous_training_stage(config, "intra") is None
+
+
+def test_demo_stages_run_end_to_end_and_a_rerun_skips_them(tmp_path):
+  config = tiny_demo_config()
+  workdir = str(tmp_path / "run")
+  results = main_lib.run(config, workdir)
+
+  assert list(results) == ["cfp", "translate", "intra", "cross_fake"]
+  world = os.path.join(workdir, stages.SYNTHETIC_DIR)
+  train = stages.read_data(config, workdir)[0]
+  for folder in ("g2a", "g2a_sat"):
+    assert sorted(os.listdir(os.path.join(world, folder))) == sorted(
+        f"{i}.png" for i in train.ground_ids)
+  assert results["cfp"]["written"] == train.num_ground
+  assert results["translate"]["written"] == train.num_ground
+  for stage in ("intra", "cross_fake"):
+    summary = results[stage]
+    assert summary["finished"] and summary["step"] > 0
+    assert 0.0 <= summary["eval"]["R@1"] <= 100.0
+    assert summary["eval"]["num_queries"] > 0
+    lines = open(os.path.join(workdir, stage, "metrics.jsonl")).readlines()
+    assert any(json.loads(line)["kind"] == "eval" for line in lines)
+    assert stages.read_done(workdir, stage) == json.loads(json.dumps(summary))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["synthetic"]["num_pairs"] == 48
+
+  done_times = {s: os.path.getmtime(stages.done_file(workdir, s))
+                for s in results}
+  again = main_lib.run(config, workdir)
+  assert again == json.loads(json.dumps(results))
+  assert done_times == {s: os.path.getmtime(stages.done_file(workdir, s))
+                        for s in results}
