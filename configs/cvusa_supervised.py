@@ -4,22 +4,13 @@ r"""CVUSA, 100 % labels: supervised training on the true pairs.
       --config.data.root=/data/CVUSA --workdir=/runs/cvusa_sup
   python -m cvgl_jax.main --config=configs/cvusa_supervised.py:sample4geo ...
 
-Argument: "paper" (default: the paradigm's model, two ConvNeXt towers with
-SAFA, the 100 %-labels row) or "sample4geo" (one shared ConvNeXt with global
-average pooling, the supervised anchor).
+Argument: "paper" (default: two ConvNeXt towers with SAFA, the paradigm's
+100 %-labels row) or "sample4geo" (one shared ConvNeXt with global average
+pooling, the supervised anchor); see `config_lib.supervised`.
 """
 
 from cvgl_jax import config_lib
 
 
 def get_config(arg="paper"):
-  if arg not in ("paper", "sample4geo"):
-    raise config_lib.ConfigError(
-        f"configs/cvusa_supervised.py takes 'paper' or 'sample4geo', got "
-        f"{arg!r}.")
-  config = config_lib.for_dataset("cvusa")
-  config.stages = ("supervised",)
-  if arg == "sample4geo":
-    config.model.head = "gap"
-    config.model.share_weights = True
-  return config
+  return config_lib.supervised("cvusa", arg)

@@ -135,6 +135,30 @@ def for_dataset(dataset: str, root: str = "") -> ml_collections.ConfigDict:
   return c
 
 
+SUPERVISED_MODELS = ("paper", "sample4geo")
+
+
+def supervised(dataset: str, model: str = "paper") -> ml_collections.ConfigDict:
+  """The 100 %-labels run on `dataset`'s true pairs.
+
+  Args:
+    dataset: cvusa | cvact | vigor.
+    model: "paper" (two ConvNeXt towers with SAFA: the paradigm's 100 % row)
+      or "sample4geo" (one shared ConvNeXt with global average pooling, the
+      supervised anchor; its head accepts any image size, so VIGOR's
+      different ground and satellite sizes can share it).
+  """
+  if model not in SUPERVISED_MODELS:
+    raise ConfigError(f"The supervised config takes one of "
+                      f"{SUPERVISED_MODELS}, got {model!r}.")
+  config = for_dataset(dataset)
+  config.stages = ("supervised",)
+  if model == "sample4geo":
+    config.model.head = "gap"
+    config.model.share_weights = True
+  return config
+
+
 def _check_tree(config, defaults, prefix: str, errors: list[str]) -> None:
   for key in config.keys():
     name = f"{prefix}{key}"

@@ -60,7 +60,8 @@ def test_dataset_configs_validate_once_given_a_root(name, tmp_path):
 def test_sample4geo_config_shares_one_gap_encoder():
   config = load_config("cvusa_supervised", "sample4geo")
   assert config.model.share_weights and config.model.head == "gap"
-  with pytest.raises(config_lib.ConfigError, match="'paper' or 'sample4geo'"):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"one of \('paper', 'sample4geo'\)"):
     load_config("cvusa_supervised", "transgeo")
 
 

@@ -81,12 +81,8 @@ def read(root: str, split: str, *,
                for i in ids]
   readers.check_ids(name, ids, ground_paths)
 
-  ground_missing = readers.missing_mask(ground_paths, LAYOUT)
-  sat_missing = readers.missing_mask(sat_paths, LAYOUT)
-  missing = ([p for p, m in zip(ground_paths, ground_missing) if m] +
-             [p for p, m in zip(sat_paths, sat_missing) if m])
-  readers.report_missing(name, missing, 2 * len(ids), max_missing_fraction)
-  keep = ~(ground_missing | sat_missing)
+  keep = readers.complete_pairs(name, ground_paths, sat_paths, LAYOUT,
+                                max_missing_fraction)
 
   ids = np.array(ids)[keep]
   if coords is not None:

@@ -74,12 +74,8 @@ def read(root: str, split: str, *,
                      f"{LAYOUT}")
   readers.check_ids(name, ids, pano_paths)
 
-  sat_missing = readers.missing_mask(sat_paths, LAYOUT)
-  pano_missing = readers.missing_mask(pano_paths, LAYOUT)
-  missing = ([p for p, m in zip(sat_paths, sat_missing) if m] +
-             [p for p, m in zip(pano_paths, pano_missing) if m])
-  readers.report_missing(name, missing, 2 * len(ids), max_missing_fraction)
-  keep = ~(sat_missing | pano_missing)
+  keep = readers.complete_pairs(name, pano_paths, sat_paths, LAYOUT,
+                                max_missing_fraction)
 
   sat_paths = np.array(sat_paths)[keep]
   return index.PairIndex(

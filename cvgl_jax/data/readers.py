@@ -142,6 +142,24 @@ def report_missing(name: str, missing: Sequence[str], total: int,
   logging.warning("%s. Dropping the pairs that need them.", message)
 
 
+def complete_pairs(name: str, ground_paths: Sequence[str],
+                   satellite_paths: Sequence[str], layout: str,
+                   max_missing_fraction: float) -> np.ndarray:
+  """[N] bool: pairs i whose two files both exist (one-to-one layouts).
+
+  Missing files are reported (and fail above the fraction) by
+  `report_missing`; a pair missing either file is dropped whole, so the
+  pairing stays one-to-one.
+  """
+  ground_missing = missing_mask(ground_paths, layout)
+  satellite_missing = missing_mask(satellite_paths, layout)
+  missing = ([p for p, m in zip(ground_paths, ground_missing) if m] +
+             [p for p, m in zip(satellite_paths, satellite_missing) if m])
+  report_missing(name, missing, len(ground_paths) + len(satellite_paths),
+                 max_missing_fraction)
+  return ~(ground_missing | satellite_missing)
+
+
 def check_ids(name: str, ids: Sequence[str], paths: Sequence[str]) -> None:
   """Ids must be usable as file stems and name one file each.
 
