@@ -11,6 +11,11 @@ at CVUSA size (1232x224 crop -> 750x750, FoV 175) and CVACT size
            2:1 canvas, recompute the sampling grid from the formulas
            (float32, as their torch code), then bilinear `grid_sample`
            (align_corners, zeros outside) in float32.
+  torch    the same per-image algorithm in PyTorch, as the authors run it:
+           the grid recomputed with torch ops for every image, then
+           `torch.nn.functional.grid_sample(align_corners=True)` on the
+           padded canvas (only when torch is importable; CPU threads as
+           torch sets them, OMP_WAIT_POLICY=PASSIVE).
 
 Prints the median milliseconds per image and the speed-up over `authors`,
 and checks that the three outputs agree.
@@ -19,8 +24,11 @@ and checks that the three outputs agree.
 """
 
 import argparse
+import os
 import statistics
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import cv2
 import jax
@@ -72,6 +80,36 @@ def authors_project(crop, out_size, fov_deg, crop_top):
   return authors_grid_sample(canvas, grid)
 
 
+def torch_project_fn():
+  """The authors' per-image algorithm in PyTorch, or None without torch."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+
+  def project(crop, out_size, fov_deg, crop_top):
+    img = torch.from_numpy(crop).permute(2, 0, 1).float()
+    h, w = img.shape[1:]
+    canvas = torch.zeros(3, w // 2, w)
+    canvas[:, int(crop_top):int(crop_top) + h] = img
+    fov = torch.tensor(fov_deg * torch.pi / 180)
+    f = out_size / 2 / torch.tan(fov / 2)
+    rows, cols = torch.meshgrid(torch.arange(out_size, dtype=torch.float32),
+                                torch.arange(out_size, dtype=torch.float32),
+                                indexing="ij")
+    x, y = out_size / 2 - rows, out_size / 2 - cols
+    theta = torch.atan2(-f * torch.ones_like(x),
+                        torch.sqrt(x ** 2 + y ** 2)) + torch.pi / 2
+    phi = torch.atan2(y, x) + torch.pi
+    grid = torch.stack([(1 - phi / (2 * torch.pi)) * 2 - 1,
+                        (1 - theta / torch.pi) * 2 - 1], dim=-1)
+    out = F.grid_sample(canvas[None], grid[None], mode="bilinear",
+                        padding_mode="zeros", align_corners=True)
+    return out[0].permute(1, 2, 0).numpy()
+  return project
+
+
 def bench_size(name, pano_hw, out_size, fov_deg, crop_top, reps, batch,
                authors_per_rep, rng):
   panos = rng.integers(0, 256, (batch,) + pano_hw + (3,), dtype=np.uint8)
@@ -97,6 +135,10 @@ def bench_size(name, pano_hw, out_size, fov_deg, crop_top, reps, batch,
 
   variants = {"ours": (ours, batch), "remap": (remap, batch),
               "authors": (authors, authors_per_rep)}
+  torch_project = torch_project_fn()
+  if torch_project is not None:
+    variants["torch"] = (lambda: np.stack([
+        torch_project(p, out_size, fov_deg, crop_top) for p in panos]), batch)
   outputs = {k: fn() for k, (fn, _) in variants.items()}  # warm-up, compile
   times = {k: [] for k in variants}
   for _ in range(reps):
@@ -108,7 +150,7 @@ def bench_size(name, pano_hw, out_size, fov_deg, crop_top, reps, batch,
   ref = outputs["authors"].astype(np.float32)
   n = len(ref)
   agree = {k: float(np.abs(outputs[k][:n].astype(np.float32) - ref).mean())
-           for k in ("ours", "remap")}
+           for k in variants if k != "authors"}
   base = statistics.median(times["authors"])
   print(f"\n{name}: {pano_hw[1]}x{pano_hw[0]} -> {out_size}x{out_size}, "
         f"FoV {fov_deg:g}, {reps} rounds (batch {batch} for ours/remap)")
@@ -120,6 +162,10 @@ def bench_size(name, pano_hw, out_size, fov_deg, crop_top, reps, batch,
     print(f"  {k:8s} {t * 1e3:9.2f} {1 / t:8.1f} {base / t:10.1f}  {diff:>22s}")
   ratio = statistics.median(times["ours"]) / statistics.median(times["remap"])
   print(f"  ours / remap time: {ratio:.2f}")
+  if "torch" in times:
+    speedup = statistics.median(times["torch"]) / statistics.median(
+        times["ours"])
+    print(f"  ours vs the authors' algorithm in torch: {speedup:.1f}x faster")
   return times
 
 
