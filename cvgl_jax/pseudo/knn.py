@@ -1,0 +1,290 @@
+"""Nearest neighbours by inner product: exact (chunked matmul) and ScaNN.
+
+Two entry points, both NumPy in and NumPy out, best first:
+
+  knn(queries, database, k)        each query's top-k database rows.
+  cross_topk(ground, satellite, k) each ground's top-k satellites AND each
+                                   satellite's nearest ground: everything
+                                   mutual matching with a margin needs.
+
+Backends:
+  exact  `jax.lax.top_k` over a jitted matmul, on the default device (an
+         accelerator when there is one), in chunks of query rows so that no
+         more than `chunk_bytes` of similarities exist at once (never the
+         whole Nq x Nd matrix). `cross_topk` makes ONE pass over the ground
+         x satellite similarity: the row top-k and a running column max /
+         argmax come from the same chunk, so the second matrix (s @ g.T) of
+         the authors' code is never computed.
+  scann  `scann.scann_ops_pybind` (CPU, no TensorFlow), configured from the
+         database size as ScaNN's own rules of thumb say: brute force below
+         `brute_force_max` rows, asymmetric hashing (2 dims per block,
+         anisotropic threshold 0.2) re-ordered exactly above it, and a
+         k-means partition tree (~sqrt(N) leaves) from `tree_min` rows. Every
+         knob is a keyword override. `cross_topk` builds two indexes.
+  auto   exact when Nq * Nd is at most `AUTO_EXACT_MAX_PRODUCT` (measured on
+         the 2-core CPU this was written on: below it ScaNN's index build
+         costs more than the whole exact pass), or whenever an accelerator
+         is present and the database fits; ScaNN otherwise.
+
+Inputs are float32 [N, D]; for cosine similarity L2-normalise them first.
+Scores are inner products (larger is closer); indices are int64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Above this many query x database similarities, "auto" picks ScaNN on a CPU
+# host. Measured with benchmarks/refine.py (D = 1024, 2 shared cores).
+AUTO_EXACT_MAX_PRODUCT = 40_000 ** 2
+BACKENDS = ("auto", "exact", "scann")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScannOptions:
+  """ScaNN configuration; `None` fields are derived from the database size.
+
+  Attributes:
+    brute_force_max: below this many database rows, score by brute force.
+    tree_min: from this many rows on, partition with a k-means tree.
+    num_leaves: tree leaves (default ~sqrt(N), at least 16).
+    num_leaves_to_search: leaves visited per query (default 10 % of the
+      leaves, at least 8).
+    training_sample_size: rows used to train the tree and the quantizer.
+    dims_per_block: asymmetric-hashing dimensions per block.
+    anisotropic_threshold: anisotropic quantization threshold (dot product).
+    reorder: candidates re-scored exactly (default max(100, 4 k)).
+    batch_size: queries per `search_batched_parallel` batch.
+    num_threads: search threads (0: ScaNN's default, all cores).
+  """
+  brute_force_max: int = 20_000
+  tree_min: int = 100_000
+  num_leaves: int | None = None
+  num_leaves_to_search: int | None = None
+  training_sample_size: int | None = None
+  dims_per_block: int = 2
+  anisotropic_threshold: float = 0.2
+  reorder: int | None = None
+  batch_size: int = 256
+  num_threads: int = 0
+
+
+class CrossNeighbours(NamedTuple):
+  """Result of `cross_topk` (NumPy).
+
+  Attributes:
+    g2s_scores: [Ng, k] float32, each ground's best satellite scores.
+    g2s_indices: [Ng, k] int64, the satellites, best first.
+    s2g_scores: [Ns] float32, each satellite's best ground score.
+    s2g_indices: [Ns] int64, that ground (the first one on exact ties).
+  """
+  g2s_scores: np.ndarray
+  g2s_indices: np.ndarray
+  s2g_scores: np.ndarray
+  s2g_indices: np.ndarray
+
+
+def _check(name: str, x) -> np.ndarray:
+  x = np.asarray(x)
+  if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+    raise ValueError(f"{name} must be a non-empty [N, D] array, got shape "
+                     f"{x.shape}")
+  if not np.issubdtype(x.dtype, np.floating):
+    raise ValueError(f"{name} must be floating point, got {x.dtype}")
+  return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _check_pair(qname, queries, dname, database, k):
+  queries, database = _check(qname, queries), _check(dname, database)
+  if queries.shape[1] != database.shape[1]:
+    raise ValueError(f"{qname} has D={queries.shape[1]} but {dname} has "
+                     f"D={database.shape[1]}")
+  if not 1 <= k <= database.shape[0]:
+    raise ValueError(f"k={k} must be in [1, {database.shape[0]}] (the rows "
+                     f"of {dname})")
+  return queries, database
+
+
+def scann_options(overrides: Mapping[str, Any]) -> ScannOptions:
+  """`ScannOptions` from keyword overrides; unknown names are an error."""
+  names = {f.name for f in dataclasses.fields(ScannOptions)}
+  unknown = sorted(set(overrides) - names)
+  if unknown:
+    raise ValueError(f"unknown ScaNN option(s) {unknown}; known: "
+                     f"{sorted(names)}")
+  return ScannOptions(**overrides)
+
+
+def _backend(backend: str, nq: int, nd: int) -> str:
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r}, expected one of {BACKENDS}")
+  if backend != "auto":
+    return backend
+  if jax.default_backend() != "cpu" or nq * nd <= AUTO_EXACT_MAX_PRODUCT:
+    return "exact"
+  return "scann"
+
+
+# ---------------------------------------------------------------- exact ----
+
+
+def _chunk_rows(n_query: int, n_db: int, chunk_bytes: int) -> int:
+  """Query rows per chunk so that [rows, n_db] float32 fits chunk_bytes."""
+  rows = max(8, chunk_bytes // (4 * n_db) // 8 * 8)
+  return min(rows, -(-n_query // 8) * 8)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _topk_chunk(q, db, k):
+  s = jnp.dot(q, db.T, precision=jax.lax.Precision.HIGHEST)
+  return jax.lax.top_k(s, k)
+
+
+@functools.partial(jax.jit, static_argnames=("k",), donate_argnums=(0, 1))
+def _cross_chunk(col_best, col_arg, q, offset, n_valid, db, k):
+  """Row top-k of one ground chunk and the running column max / argmax."""
+  s = jnp.dot(q, db.T, precision=jax.lax.Precision.HIGHEST)
+  top_s, top_i = jax.lax.top_k(s, k)
+  valid = jnp.arange(q.shape[0]) < n_valid
+  s = jnp.where(valid[:, None], s, -jnp.inf)
+  cmax, carg = s.max(axis=0), s.argmax(axis=0).astype(jnp.int32) + offset
+  better = cmax > col_best  # Strict: earlier chunks win ties (first index).
+  return (jnp.where(better, cmax, col_best), jnp.where(better, carg, col_arg),
+          top_s, top_i)
+
+
+def _padded_chunks(x: np.ndarray, rows: int):
+  for start in range(0, x.shape[0], rows):
+    chunk = x[start:start + rows]
+    n = chunk.shape[0]
+    if n < rows:
+      chunk = np.concatenate([chunk, np.zeros((rows - n, x.shape[1]),
+                                              x.dtype)])
+    yield start, n, chunk
+
+
+def _exact_knn(queries, database, k, chunk_bytes):
+  db = jax.device_put(database)
+  rows = _chunk_rows(queries.shape[0], database.shape[0], chunk_bytes)
+  scores = np.empty((queries.shape[0], k), np.float32)
+  indices = np.empty((queries.shape[0], k), np.int64)
+  for start, n, chunk in _padded_chunks(queries, rows):
+    s, i = _topk_chunk(chunk, db, k)
+    scores[start:start + n] = np.asarray(s)[:n]
+    indices[start:start + n] = np.asarray(i)[:n]
+  return scores, indices
+
+
+def _exact_cross(ground, satellite, k, chunk_bytes):
+  db = jax.device_put(satellite)
+  ns = satellite.shape[0]
+  rows = _chunk_rows(ground.shape[0], ns, chunk_bytes)
+  col_best = jnp.full((ns,), -jnp.inf, jnp.float32)
+  col_arg = jnp.zeros((ns,), jnp.int32)
+  scores = np.empty((ground.shape[0], k), np.float32)
+  indices = np.empty((ground.shape[0], k), np.int64)
+  for start, n, chunk in _padded_chunks(ground, rows):
+    col_best, col_arg, s, i = _cross_chunk(
+        col_best, col_arg, chunk, np.int32(start), np.int32(n), db, k)
+    scores[start:start + n] = np.asarray(s)[:n]
+    indices[start:start + n] = np.asarray(i)[:n]
+  return CrossNeighbours(scores, indices, np.asarray(col_best),
+                         np.asarray(col_arg).astype(np.int64))
+
+
+# ---------------------------------------------------------------- scann ----
+
+
+def scann_searcher(database: np.ndarray, k: int, options: ScannOptions):
+  """Builds a dot-product ScaNN searcher for `database` [N, D] float32."""
+  from scann import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+  n = database.shape[0]
+  builder = scann_ops_pybind.builder(database, k, "dot_product")
+  sample = options.training_sample_size or min(n, 250_000)
+  if n >= options.tree_min:
+    leaves = options.num_leaves or max(16, int(math.sqrt(n)))
+    search = options.num_leaves_to_search or max(8, leaves // 10)
+    builder = builder.tree(num_leaves=leaves, num_leaves_to_search=search,
+                           training_sample_size=min(sample, n))
+  if n < options.brute_force_max:
+    builder = builder.score_brute_force()
+  else:
+    builder = builder.score_ah(
+        options.dims_per_block,
+        anisotropic_quantization_threshold=options.anisotropic_threshold,
+        training_sample_size=min(sample, n))
+    builder = builder.reorder(options.reorder or max(100, 4 * k))
+  searcher = builder.build()
+  if options.num_threads:
+    searcher.set_num_threads(options.num_threads)
+  return searcher
+
+
+def _scann_knn(queries, database, k, options):
+  searcher = scann_searcher(database, k, options)
+  indices, scores = searcher.search_batched_parallel(
+      queries, final_num_neighbors=k, batch_size=options.batch_size)
+  return (np.asarray(scores, np.float32).reshape(-1, k),
+          np.asarray(indices, np.int64).reshape(-1, k))
+
+
+# ----------------------------------------------------------------- public ----
+
+
+def knn(queries, database, k: int, backend: str = "auto", *,
+        chunk_bytes: int = 256 << 20, **scann_overrides
+        ) -> tuple[np.ndarray, np.ndarray]:
+  """Top-k database rows by inner product for every query.
+
+  Args:
+    queries: [Nq, D] float.
+    database: [Nd, D] float.
+    k: neighbours per query, 1 <= k <= Nd.
+    backend: "exact", "scann" or "auto" (see the module docstring).
+    chunk_bytes: exact backend: bytes of similarities held at once.
+    **scann_overrides: fields of `ScannOptions`.
+
+  Returns:
+    scores [Nq, k] float32 and indices [Nq, k] int64, best first.
+  """
+  queries, database = _check_pair("queries", queries, "database", database, k)
+  options = scann_options(scann_overrides)
+  if _backend(backend, len(queries), len(database)) == "exact":
+    return _exact_knn(queries, database, k, chunk_bytes)
+  return _scann_knn(queries, database, k, options)
+
+
+def cross_topk(ground, satellite, k: int, backend: str = "auto", *,
+               chunk_bytes: int = 256 << 20, **scann_overrides
+               ) -> CrossNeighbours:
+  """Each ground's top-k satellites and each satellite's nearest ground.
+
+  The exact backend gets both directions from one chunked pass over
+  ground @ satellite.T; ScaNN searches a satellite index with the grounds
+  (k) and a ground index with the satellites (1).
+
+  Args:
+    ground: [Ng, D] float.
+    satellite: [Ns, D] float.
+    k: satellites per ground, 1 <= k <= Ns.
+    backend: "exact", "scann" or "auto".
+    chunk_bytes: exact backend: bytes of similarities held at once.
+    **scann_overrides: fields of `ScannOptions`.
+
+  Returns:
+    A `CrossNeighbours` of NumPy arrays.
+  """
+  ground, satellite = _check_pair("ground", ground, "satellite", satellite, k)
+  options = scann_options(scann_overrides)
+  if _backend(backend, len(ground), len(satellite)) == "exact":
+    return _exact_cross(ground, satellite, k, chunk_bytes)
+  g_s, g_i = _scann_knn(ground, satellite, k, options)
+  s_s, s_i = _scann_knn(satellite, ground, 1, options)
+  return CrossNeighbours(g_s, g_i, s_s[:, 0], s_i[:, 0])

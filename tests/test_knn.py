@@ -1,0 +1,93 @@
+"""Tests of cvgl_jax.pseudo.knn: exact and ScaNN nearest neighbours."""
+
+import numpy as np
+import pytest
+
+from cvgl_jax.pseudo import knn
+
+
+def random_unit(n, d, seed):
+  x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_exact_knn_matches_numpy_across_chunks():
+  q, db = random_unit(203, 24, 0), random_unit(517, 24, 1)
+  # 8 KiB of similarities per chunk: 8 rows of 517, 26 chunks, last padded.
+  scores, indices = knn.knn(q, db, 5, backend="exact", chunk_bytes=8 << 10)
+  full = q.astype(np.float64) @ db.T.astype(np.float64)
+  want = np.argsort(-full, axis=1)[:, :5]
+  np.testing.assert_array_equal(indices, want)
+  np.testing.assert_allclose(scores, np.take_along_axis(full, want, 1),
+                             atol=1e-6)
+  assert scores.dtype == np.float32 and indices.dtype == np.int64
+  assert np.all(np.diff(scores, axis=1) <= 0)
+
+
+def test_exact_cross_topk_gives_both_directions_in_one_pass():
+  g, s = random_unit(301, 16, 2), random_unit(157, 16, 3)
+  g[250] = g[40]  # A duplicated ground: satellites that prefer it get 40.
+  nb = knn.cross_topk(g, s, 3, backend="exact", chunk_bytes=4 << 10)
+  full = g.astype(np.float64) @ s.T.astype(np.float64)
+  np.testing.assert_array_equal(nb.g2s_indices,
+                                np.argsort(-full, axis=1)[:, :3])
+  np.testing.assert_array_equal(nb.s2g_indices, full.argmax(axis=0))
+  np.testing.assert_allclose(nb.s2g_scores, full.max(axis=0), atol=1e-6)
+  assert 250 not in nb.s2g_indices
+  assert nb.s2g_indices.dtype == np.int64 and nb.s2g_scores.shape == (157,)
+
+
+def test_scann_brute_force_matches_exact():
+  q, db = random_unit(300, 32, 4), random_unit(2_000, 32, 5)
+  s_exact, i_exact = knn.knn(q, db, 4, backend="exact")
+  s_scann, i_scann = knn.knn(q, db, 4, backend="scann")
+  np.testing.assert_array_equal(i_scann, i_exact)
+  np.testing.assert_allclose(s_scann, s_exact, atol=1e-5)
+  assert i_scann.dtype == np.int64 and s_scann.dtype == np.float32
+
+
+def mutual_pairs(nb):
+  ids = np.arange(len(nb.g2s_indices))
+  best = nb.g2s_indices[:, 0]
+  keep = nb.s2g_indices[best] == ids
+  return set(zip(ids[keep].tolist(), best[keep].tolist()))
+
+
+def test_exact_and_scann_agree_on_mutual_pairs_of_50k():
+  # 50k clustered pairs (noisy copies of a shared centre) in 64-d: above
+  # ScaNN's brute-force limit, so this is asymmetric hashing + re-ordering.
+  rng = np.random.default_rng(6)
+  centres = rng.standard_normal((50_000, 64)).astype(np.float32)
+  g = centres + 0.7 * rng.standard_normal(centres.shape).astype(np.float32)
+  s = centres + 0.7 * rng.standard_normal(centres.shape).astype(np.float32)
+  g /= np.linalg.norm(g, axis=1, keepdims=True)
+  s /= np.linalg.norm(s, axis=1, keepdims=True)
+  exact = mutual_pairs(knn.cross_topk(g, s, 2, backend="exact"))
+  approx = mutual_pairs(knn.cross_topk(g, s, 2, backend="scann"))
+  assert 0.3 * 50_000 < len(exact) < 50_000  # Not trivially all or none.
+  assert len(exact & approx) >= 0.98 * len(exact)
+  assert len(approx - exact) <= 0.02 * len(exact)
+
+
+def test_auto_backend_choice():
+  assert knn._backend("auto", 10, 10) == "exact"
+  big = knn.AUTO_EXACT_MAX_PRODUCT + 1
+  want = "scann" if knn.jax.default_backend() == "cpu" else "exact"
+  assert knn._backend("auto", big, 1) == want
+  assert knn._backend("scann", 10, 10) == "scann"
+
+
+def test_bad_input_is_named():
+  q, db = random_unit(4, 8, 7), random_unit(6, 8, 8)
+  with pytest.raises(ValueError, match="D=8 but database has D=9"):
+    knn.knn(q, np.zeros((6, 9), np.float32), 2)
+  with pytest.raises(ValueError, match="k=7"):
+    knn.knn(q, db, 7)
+  with pytest.raises(ValueError, match="backend='faiss'"):
+    knn.knn(q, db, 2, backend="faiss")
+  with pytest.raises(ValueError, match="unknown ScaNN option"):
+    knn.knn(q, db, 2, leaves=4)
+  with pytest.raises(ValueError, match="satellite must be a non-empty"):
+    knn.cross_topk(q, db[0], 2)
+  with pytest.raises(ValueError, match="floating point"):
+    knn.knn(q.astype(np.int32), db, 2)
