@@ -92,16 +92,76 @@ class DropPath(nn.Module):
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """sum_ij pad(x)[:, i:i+H, j:j+W, :] * kernel[i, j]; one XLA loop fusion."""
+  k = kernel.shape[0]
+  pad = k // 2
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j]
+             for i in range(k) for j in range(k))
+
+
+@jax.custom_vjp
+def depthwise_shifts(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Depthwise k x k cross-correlation, stride 1, 'SAME' zero padding.
+
+  Args:
+    x: [B, H, W, C].
+    kernel: [k, k, C], k odd.
+
+  Returns:
+    [B, H, W, C], equal to `lax.conv_general_dilated(...,
+    feature_group_count=C)` with kernel[:, :, None, :].
+
+  The gradient is written by hand: autodiff of the shifted sum gives the
+  kernel gradient as k*k separate reductions over the whole batch, each
+  streaming both [B, H, W, C] tensors through memory (XLA:CPU fuses none
+  of them). Here the input gradient is the same shifted sum of the output
+  gradient with the kernel flipped, and the kernel gradient is accumulated
+  one example at a time (`lax.scan`), so an example's input and output
+  gradient stay in cache for all k*k taps: about 3x faster on CPU.
+  """
+  return _shifted_sum(x, kernel)
+
+
+def _depthwise_fwd(x, kernel):
+  return _shifted_sum(x, kernel), (x, kernel)
+
+
+def _depthwise_bwd(res, dy):
+  x, kernel = res
+  k = kernel.shape[0]
+  pad = k // 2
+  h, w = x.shape[1:3]
+  dx = _shifted_sum(dy, kernel[::-1, ::-1])
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+  def add_example(acc, example):
+    xe, dye = example
+    taps = [jnp.sum(xe[i:i + h, j:j + w, :] * dye, axis=(0, 1),
+                    dtype=jnp.float32)
+            for i in range(k) for j in range(k)]
+    return acc + jnp.stack(taps), None
+
+  acc = jnp.zeros((k * k, x.shape[-1]), jnp.float32)
+  dk, _ = jax.lax.scan(add_example, acc, (xp, dy))
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+depthwise_shifts.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 class DepthwiseConv(nn.Module):
   """k x k depthwise convolution, stride 1, 'SAME' zero padding, with bias.
 
   Params are those of `nn.Conv(feature_group_count=C)`: kernel [k, k, 1, C],
   bias [C]. Two implementations of the same function: XLA's grouped
   convolution ("conv", fast on GPU/TPU), and a sum of k*k shifted,
-  channel-scaled copies of the input ("shifts"), which XLA:CPU fuses into
-  one loop -- about 20x faster forward and 6x backward there than its
-  grouped convolution (benchmarks/encoder_step.py, BUILD_NOTES.md).
-  "auto" picks "shifts" on CPU and "conv" elsewhere.
+  channel-scaled copies of the input ("shifts", `depthwise_shifts`), which
+  XLA:CPU fuses into one loop -- about 20x faster forward and 6x backward
+  there than its grouped convolution (benchmarks/encoder_step.py,
+  BUILD_NOTES.md). "auto" picks "shifts" on CPU and "conv" elsewhere.
   """
   features: int
   kernel_size: int = 7
@@ -124,10 +184,7 @@ class DepthwiseConv(nn.Module):
           x, kernel, (1, 1), [(pad, pad), (pad, pad)],
           dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
     elif impl == "shifts":
-      h, w = x.shape[1:3]
-      xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-      y = sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
-              for i in range(k) for j in range(k))
+      y = depthwise_shifts(x, kernel[:, :, 0, :])
     else:
       raise ValueError(f"DepthwiseConv impl must be 'auto', 'conv' or "
                        f"'shifts', got {impl!r}.")
