@@ -8,9 +8,8 @@ process, round-robin with ours; medians are reported.
 
   python benchmarks/encoder_step.py --variant=tiny --size=128 --batch=8
 
-torch and timm are needed only for the baseline (developer machines:
-`pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31`); without them
-only our step is timed.
+torch and timm are needed only for the baseline (`torch_reference.py`, the
+model shared with `train_step.py`); without them only our step is timed.
 """
 
 import os
@@ -31,6 +30,7 @@ import optax
 from cvgl_jax.models import convnext
 from cvgl_jax.models import encoder
 from cvgl_jax.train import losses
+import torch_reference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("variant", "tiny", "ConvNeXt size.")
@@ -78,59 +78,20 @@ def jax_step_fn(variant, size, batch):
 
 def torch_step_fn(variant, size, batch):
   """Returns step() for the same model in PyTorch/timm, or None."""
-  try:
-    import timm
-    import torch
-    import torch.nn.functional as F
-  except ImportError:
+  if not torch_reference.available():
     return None
+  import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-
-  class SAFA(torch.nn.Module):
-    """The authors' spatial-aware aggregation (8 heads)."""
-
-    def __init__(self, hw, num=8):
-      super().__init__()
-      self.w1 = torch.nn.Parameter(torch.randn(hw, hw // 2, num) * 0.005)
-      self.b1 = torch.nn.Parameter(torch.full((1, hw // 2, num), 0.1))
-      self.w2 = torch.nn.Parameter(torch.randn(hw // 2, hw, num) * 0.005)
-      self.b2 = torch.nn.Parameter(torch.full((1, hw, num), 0.1))
-
-    def forward(self, x):
-      b, c = x.shape[:2]
-      x = x.reshape(b, c, -1)
-      mask = x.max(1)[0]
-      mask = torch.einsum("bi,ijd->bjd", mask, self.w1) + self.b1
-      mask = torch.einsum("bjd,jid->bid", mask, self.w2) + self.b2
-      return torch.einsum("bci,bid->bcd", x, mask).reshape(b, -1)
-
-  class Tower(torch.nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.backbone = timm.create_model(
-          f"convnext_{variant}", pretrained=False, num_classes=0,
-          drop_path_rate=DROP_PATH)
-      self.head = SAFA((size // 32) ** 2)
-
-    def forward(self, x):
-      return F.normalize(self.head(self.backbone.forward_features(x)), dim=-1)
-
-  towers = torch.nn.ModuleList([Tower(), Tower()]).train()
-  logit_scale = torch.nn.Parameter(torch.tensor(np.log(1 / 0.07)))
-  params = list(towers.parameters()) + [logit_scale]
-  opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+  towers, logit_scale = torch_reference.two_tower(variant, (size, size),
+                                                  (size, size), DROP_PATH)
+  opt = torch_reference.adamw(towers, logit_scale)
   g = torch.randn(batch, 3, size, size)
   s = torch.randn(batch, 3, size, size)
-  labels = torch.arange(batch)
 
   def run():
     opt.zero_grad(set_to_none=True)
-    logits = logit_scale.exp() * towers[0](g) @ towers[1](s).T
-    loss = 0.5 * (F.cross_entropy(logits, labels,
-                                  label_smoothing=LABEL_SMOOTHING) +
-                  F.cross_entropy(logits.T, labels,
-                                  label_smoothing=LABEL_SMOOTHING))
+    loss = torch_reference.info_nce(towers[0](g), towers[1](s), logit_scale,
+                                    LABEL_SMOOTHING)
     loss.backward()
     opt.step()
   return run

@@ -1,0 +1,254 @@
+r"""Images/s of a full training step, ours vs PyTorch/timm, and the input
+pipeline's batches/s.
+
+Ours is the step the stages run: `steps.make_cross_step` (jitted, state
+donated) with its on-device augmentation (`cvgl_jax.data.augment`:
+METHOD.md's dropout, colour jitter, grayscale, blur, satellite warp, paired
+flip/rotation), ImageNet normalisation, two ConvNeXt towers with SAFA heads
+(drop path 0.2), symmetric InfoNCE with label smoothing 0.1 and AdamW, on
+uint8 batches. The baseline (`torch_reference.py`) is timm ConvNeXt towers
++ the authors' SAFA + the same loss + `torch.optim.AdamW`, fed the same
+uint8 pixels. Augmentation (--augment):
+
+  full  ours: the whole on-device augmentation above. torch: in-step tensor
+        ops only -- uint8 -> float, the paired flip / 90-degree rotation
+        (satellite rot90, panorama rolled by quarter widths), ImageNet
+        normalisation; no dropout, jitter, blur or warp (cheaper than ours).
+  none  both: uint8 -> float and ImageNet normalisation only (ours runs
+        make_cross_step with every augmentation probability 0).
+
+The two are timed round-robin in one process and medians reported. Then
+the grain pipeline (`pipeline.pseudo_pairs` over true pairs, as the
+supervised stage reads them) decodes and resizes batches of the same size
+from a synthetic CVUSA-layout world (`cvgl_jax.data.synthetic`), timed
+alone: batches/s against our steps/s says whether input keeps up (both
+share the same cores when training, so this is an upper bound).
+
+Defaults are the issue's reference point (ConvNeXt-T x2, batch 16, ground
+128x512, satellite 128x128); on the 2-core dev machine a run takes about
+5 minutes (compile ~1 min, torch ~5 s/step, ours see BUILD_NOTES.md).
+
+  python benchmarks/train_step.py
+  python benchmarks/train_step.py --variant=atto --batch=8 --augment=none
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import statistics
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from cvgl_jax import parallel
+from cvgl_jax.data import augment
+from cvgl_jax.data import pipeline
+from cvgl_jax.data import readers
+from cvgl_jax.data.synthetic import config as synthetic_config
+from cvgl_jax.data.synthetic import layouts
+from cvgl_jax.models import convnext
+from cvgl_jax.models import encoder
+from cvgl_jax.train import state as state_lib
+from cvgl_jax.train import steps
+import torch_reference
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("variant", "tiny", "ConvNeXt size of both towers.")
+flags.DEFINE_list("ground", ["128", "512"], "Ground image H,W.")
+flags.DEFINE_integer("satellite", 128, "Satellite image side.")
+flags.DEFINE_integer("batch", 16, "Pairs per step.")
+flags.DEFINE_enum("augment", "full", ["full", "none"],
+                  "Augmentation on each side (module docstring).")
+flags.DEFINE_integer("rounds", 3, "Round-robin rounds.")
+flags.DEFINE_integer("steps", 1, "Timed steps per side per round.")
+flags.DEFINE_bool("torch", True, "Time the PyTorch/timm baseline too.")
+flags.DEFINE_integer("pipeline_batches", 8,
+                     "Batches to time the input pipeline on (0: skip).")
+flags.DEFINE_integer("pipeline_threads", 8, "grain reader threads.")
+
+LABEL_SMOOTHING = 0.1
+DROP_PATH = 0.2
+# Real CVUSA sizes (1232 x 224 panorama crops, 750 x 750 tiles), so decode
+# and resize cost what they cost on the real data.
+WORLD = synthetic_config.SyntheticConfig(sat_px=750, cvusa_width=1232)
+
+
+def _images(rng, batch, hw):
+  return rng.integers(0, 256, (batch, hw[0], hw[1], 3), dtype=np.uint8)
+
+
+def jax_step_fn(variant, ground_hw, satellite_hw, batch, augmentation):
+  """Returns run() doing one of our training steps on a fixed batch."""
+  mesh = parallel.make_mesh()
+  model = encoder.TwoTower(variant=variant, head="safa",
+                           drop_path_rate=DROP_PATH)
+  tx = state_lib.create_optimizer(1e-4, 0.01, steps_per_epoch=1000,
+                                  num_epochs=10)
+  st = state_lib.create_state(model, tx, ground_size=ground_hw,
+                              satellite_size=satellite_hw, seed=0, mesh=mesh)
+  if augmentation == "full":
+    augs = {}
+  else:
+    augs = dict(ground_aug=augment.no_view_augmentation(),
+                satellite_aug=augment.no_view_augmentation(),
+                paired_aug=augment.PairedConfig(flip_p=0.0, rotate_p=0.0))
+  step = steps.make_cross_step(model, tx, mesh,
+                               label_smoothing=LABEL_SMOOTHING, **augs)
+  rng = np.random.default_rng(0)
+  batch_np = {"ground": _images(rng, batch, ground_hw),
+              "satellite": _images(rng, batch, satellite_hw)}
+  data = parallel.to_global(batch_np, mesh)
+  holder = [st]
+
+  def run():
+    holder[0], metrics = step(holder[0], data)
+    metrics["loss"].block_until_ready()
+  return run
+
+
+def torch_step_fn(variant, ground_hw, satellite_hw, batch, augmentation):
+  """Returns run() doing the PyTorch/timm step on the same pixels."""
+  import torch
+  torch.manual_seed(0)
+  towers, logit_scale = torch_reference.two_tower(variant, ground_hw,
+                                                  satellite_hw, DROP_PATH)
+  opt = torch_reference.adamw(towers, logit_scale)
+  rng = np.random.default_rng(0)
+  ground = torch.from_numpy(_images(rng, batch, ground_hw))
+  satellite = torch.from_numpy(_images(rng, batch, satellite_hw))
+  mean = torch.tensor(augment.IMAGENET_MEAN).view(1, 3, 1, 1)
+  std = torch.tensor(augment.IMAGENET_STD).view(1, 3, 1, 1)
+  gen = torch.Generator().manual_seed(1)
+
+  def prepare(images):
+    return (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+  def paired_geometry(g, s):
+    out_g, out_s = [], []
+    width = g.shape[-1]
+    for gi, si in zip(g, s):
+      if torch.rand((), generator=gen) < 0.5:
+        gi, si = gi.flip(-1), si.flip(-1)
+      if torch.rand((), generator=gen) < 0.5:
+        k = int(torch.randint(1, 4, (), generator=gen))
+        gi = gi.roll(k * width // 4, dims=-1)
+        si = si.rot90(k, dims=(-2, -1))
+      out_g.append(gi)
+      out_s.append(si)
+    return torch.stack(out_g), torch.stack(out_s)
+
+  def run():
+    g, s = prepare(ground), prepare(satellite)
+    if augmentation == "full":
+      g, s = paired_geometry(g, s)
+    opt.zero_grad(set_to_none=True)
+    loss = torch_reference.info_nce(towers[0](g), towers[1](s), logit_scale,
+                                    LABEL_SMOOTHING)
+    loss.backward()
+    opt.step()
+  return run
+
+
+def time_pipeline(ground_hw, satellite_hw, batch, num_batches, threads):
+  """(seconds to the first batch, batches/s over all) of grain alone."""
+  with tempfile.TemporaryDirectory() as tmp:
+    root = os.path.join(tmp, "world")
+    pairs = max(batch, 8)
+    start = time.perf_counter()
+    layouts.write_dataset("cvusa", root, WORLD, pairs, seed=0,
+                          progress=False)
+    print(f"  wrote a synthetic CVUSA world of {pairs} pairs "
+          f"({WORLD.cvusa_width}-wide panoramas, {WORLD.sat_px}px tiles) in "
+          f"{time.perf_counter() - start:.1f} s")
+    index = readers.read_split("cvusa", root, "train")
+    known = np.flatnonzero(np.asarray(index.positive) >= 0)
+    true = np.stack([known, np.asarray(index.positive)[known]], 1)
+    # Repeat the pairs so one epoch holds num_batches + 1 batches.
+    rows = np.resize(true, ((num_batches + 1) * batch, 2))
+    pipe = pipeline.pseudo_pairs(index, ground_size=ground_hw,
+                                 satellite_size=satellite_hw,
+                                 batch_size=batch, seed=0,
+                                 num_threads=threads)
+    # From the iterator's creation: its prefetch runs ahead of next().
+    start = time.perf_counter()
+    it = iter(pipe.iterator(epoch=0, pairs=rows))
+    first = next(it)
+    t_first = time.perf_counter() - start
+    if first["ground"].shape != (batch, *ground_hw, 3):
+      raise RuntimeError(f"pipeline gave {first['ground'].shape}")
+    for _ in range(num_batches):
+      next(it)
+    return t_first, (num_batches + 1) / (time.perf_counter() - start)
+
+
+def _load():
+  return "load %.2f %.2f %.2f" % os.getloadavg()
+
+
+def main(argv):
+  del argv
+  convnext.get_variant(FLAGS.variant)
+  ground_hw = tuple(int(v) for v in FLAGS.ground)
+  satellite_hw = (FLAGS.satellite, FLAGS.satellite)
+  for name, hw in (("--ground", ground_hw), ("--satellite", satellite_hw)):
+    if len(hw) != 2 or min(hw) < 32 or any(v % 32 for v in hw):
+      raise ValueError(f"{name} sides must be multiples of 32, got {hw}.")
+  if FLAGS.batch < 2 or FLAGS.rounds < 1 or FLAGS.steps < 1:
+    raise ValueError("--batch must be >= 2, --rounds and --steps >= 1.")
+  b = FLAGS.batch
+  print(f"ConvNeXt-{FLAGS.variant} x2 + SAFA, batch {b} of ground "
+        f"{ground_hw[0]}x{ground_hw[1]} + satellite {satellite_hw[0]}x"
+        f"{satellite_hw[1]}, augment={FLAGS.augment}; {os.cpu_count()} CPUs,"
+        f" {_load()}")
+  args = (FLAGS.variant, ground_hw, satellite_hw, b, FLAGS.augment)
+  variants = {"jax": jax_step_fn(*args)}
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} "
+        f"({jax.device_count()} device(s))")
+  if FLAGS.torch and torch_reference.available():
+    import torch
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    variants["torch"] = torch_step_fn(*args)
+  elif FLAGS.torch:
+    print("torch/timm not importable: timing ours only.")
+  for name, run in variants.items():  # Compile / warm up.
+    start = time.perf_counter()
+    run()
+    print(f"  {name} first step (compile + run) "
+          f"{time.perf_counter() - start:.1f} s")
+  times = {k: [] for k in variants}
+  for _ in range(FLAGS.rounds):
+    for name, run in variants.items():
+      start = time.perf_counter()
+      for _ in range(FLAGS.steps):
+        run()
+      times[name].append((time.perf_counter() - start) / FLAGS.steps)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  print(f"step times over {FLAGS.rounds} rounds x {FLAGS.steps} step(s), "
+        f"{_load()}:")
+  for name, t in med.items():
+    print(f"  {name:6s} {t:7.2f} s/step  {2 * b / t:6.2f} images/s "
+          f"({b / t:.2f} pairs/s; min {min(times[name]):.2f}, "
+          f"max {max(times[name]):.2f} s)")
+  if "torch" in med:
+    print(f"  ours / torch images/s: {med['torch'] / med['jax']:.2f}x")
+  if FLAGS.pipeline_batches > 0:
+    print(f"input pipeline (grain, {FLAGS.pipeline_threads} threads, alone):")
+    t_first, rate = time_pipeline(ground_hw, satellite_hw, b,
+                                  FLAGS.pipeline_batches,
+                                  FLAGS.pipeline_threads)
+    steps_per_s = 1.0 / med["jax"]
+    print(f"  first batch {t_first:.2f} s, {rate:.2f} batches/s over "
+          f"{FLAGS.pipeline_batches + 1} vs our "
+          f"{steps_per_s:.3f} steps/s: "
+          f"{'keeps up' if rate >= steps_per_s else 'too slow'} "
+          f"({rate / steps_per_s:.0f}x the step rate); {_load()}")
+
+
+if __name__ == "__main__":
+  app.run(main)
