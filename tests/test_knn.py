@@ -54,12 +54,15 @@ def mutual_pairs(nb):
 
 
 def test_exact_and_scann_agree_on_mutual_pairs_of_50k():
-  # 50k clustered pairs (noisy copies of a shared centre) in 64-d: above
-  # ScaNN's brute-force limit, so this is asymmetric hashing + re-ordering.
+  # 50k clustered pairs in 64-d: neighbourhoods of 16 look-alike places,
+  # ground and satellite noisy copies of their place. Above ScaNN's
+  # brute-force limit: tree + asymmetric hashing + re-ordering.
   rng = np.random.default_rng(6)
-  centres = rng.standard_normal((50_000, 64)).astype(np.float32)
-  g = centres + 0.7 * rng.standard_normal(centres.shape).astype(np.float32)
-  s = centres + 0.7 * rng.standard_normal(centres.shape).astype(np.float32)
+  hoods = rng.standard_normal((50_000 // 16, 64)).astype(np.float32)
+  places = np.repeat(hoods, 16, axis=0)
+  places += 0.3 * rng.standard_normal(places.shape).astype(np.float32)
+  g = places + 0.5 * rng.standard_normal(places.shape).astype(np.float32)
+  s = places + 0.5 * rng.standard_normal(places.shape).astype(np.float32)
   g /= np.linalg.norm(g, axis=1, keepdims=True)
   s /= np.linalg.norm(s, axis=1, keepdims=True)
   exact = mutual_pairs(knn.cross_topk(g, s, 2, backend="exact"))
