@@ -17,8 +17,9 @@ import ml_collections
 
 from cvgl_jax.cfp import translate as translate_lib
 
-STAGES = ("cfp", "translate", "intra", "cross_fake", "supervised")
-TRAINING_STAGES = ("intra", "cross_fake", "supervised")
+STAGES = ("cfp", "translate", "intra", "cross_fake", "supervised",
+          "pseudo_label")
+TRAINING_STAGES = ("intra", "cross_fake", "supervised", "pseudo_label")
 DATASETS = ("cvusa", "cvact", "vigor")
 
 
@@ -30,7 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
   """Every key a run reads, with the paper's values (METHOD.md)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ("cfp", "translate", "intra", "cross_fake")
+  c.stages = ("cfp", "translate", "intra", "cross_fake", "pseudo_label")
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "cvusa"        # cvusa | cvact | vigor
@@ -99,6 +100,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.supervised.epochs = 40
   c.supervised.label_smoothing = 0.1
 
+  c.pseudo_label = ml_collections.ConfigDict()
+  c.pseudo_label.epochs = 40
+  c.pseudo_label.warmup_epochs = 6  # GT pairs only (when gt_ratio > 0)
+  c.pseudo_label.tau = 0.05       # CVUSA 0.05, CVACT 0.025, VIGOR 0.035
+  c.pseudo_label.gt_ratio = 0.0   # labelled fraction (semi-supervised)
+  c.pseudo_label.labeled_ratio = 0.4  # below: train on labelled pairs only
+  c.pseudo_label.label_smoothing = 0.1
+  c.pseudo_label.mutual = True    # the three switches: paper's ablations
+  c.pseudo_label.margin_filter = True
+  c.pseudo_label.curriculum = True
+  c.pseudo_label.knn_backend = "auto"  # auto | exact | scann
+
   return c
 
 
@@ -107,13 +120,13 @@ def default_config() -> ml_collections.ConfigDict:
 DATASET_SETTINGS = {
     "cvusa": dict(ground_size=(384, 384), satellite_size=(384, 384),
                   eval_split="val", out_size=750, fov_deg=175.0,
-                  placement="cvusa"),
+                  placement="cvusa", tau=0.05),
     "cvact": dict(ground_size=(384, 384), satellite_size=(384, 384),
                   eval_split="val", out_size=1200, fov_deg=170.0,
-                  placement="full"),
+                  placement="full", tau=0.025),
     "vigor": dict(ground_size=(384, 768), satellite_size=(384, 384),
                   eval_split="test", out_size=640, fov_deg=170.0,
-                  placement="full"),
+                  placement="full", tau=0.035),
 }
 
 
@@ -132,7 +145,20 @@ def for_dataset(dataset: str, root: str = "") -> ml_collections.ConfigDict:
   c.cfp.out_size = s["out_size"]
   c.cfp.fov_deg = s["fov_deg"]
   c.cfp.placement = s["placement"]
+  c.pseudo_label.tau = s["tau"]
   return c
+
+
+def paradigm(dataset: str, gt_percent: float = 0.0
+             ) -> ml_collections.ConfigDict:
+  """The paper's pipeline on `dataset` with `gt_percent` % of the training
+  pairs labelled (0: unsupervised; 1-30: semi-supervised)."""
+  if not 0 <= gt_percent <= 100:
+    raise ConfigError(f"gt_percent must lie in [0, 100], got {gt_percent}.")
+  config = for_dataset(dataset)
+  config.stages = ("cfp", "translate", "intra", "cross_fake", "pseudo_label")
+  config.pseudo_label.gt_ratio = gt_percent / 100
+  return config
 
 
 SUPERVISED_MODELS = ("paper", "sample4geo")
@@ -245,5 +271,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
       errors.append(f"config.{stage}.epochs must be >= 1")
     if not 0 <= config[stage].label_smoothing < 1:
       errors.append(f"config.{stage}.label_smoothing must be in [0, 1)")
+  p = config.pseudo_label
+  for key in ("gt_ratio", "labeled_ratio"):
+    if not 0 <= p[key] <= 1:
+      errors.append(f"config.pseudo_label.{key}={p[key]} must be in [0, 1]")
+  if not 0 <= p.warmup_epochs < p.epochs:
+    errors.append(f"config.pseudo_label.warmup_epochs={p.warmup_epochs} "
+                  f"must be in [0, epochs={p.epochs})")
+  if p.tau < 0:
+    errors.append(f"config.pseudo_label.tau={p.tau} must be >= 0")
+  if p.knn_backend not in ("auto", "exact", "scann"):
+    errors.append(f"config.pseudo_label.knn_backend={p.knn_backend!r}; "
+                  "choose auto, exact or scann")
   if errors:
     raise ConfigError("Invalid config:\n  " + "\n  ".join(errors))

@@ -6,6 +6,10 @@
   intra        stage 1: intra-view self-supervision (two views of one image)
   cross_fake   stage 2: ground image + its own fake satellite image
   supervised   true pairs (the 100 %-labels row, Sample4Geo's baseline)
+  pseudo_label stage 3: at every epoch start, embed the training piles,
+               refine pseudo labels (mutual matching, margin, curriculum),
+               add the labelled fraction's true pairs, train with the
+               partial-label InfoNCE
 
 Every stage works under `workdir/<stage>/` and ends by writing a `DONE`
 file holding its results (JSON); `main` skips stages that have one. A
@@ -38,6 +42,8 @@ from cvgl_jax.data import readers
 from cvgl_jax.data import synthetic
 from cvgl_jax.data.index import PairIndex
 from cvgl_jax.models import encoder
+from cvgl_jax.pseudo import pairing
+from cvgl_jax.pseudo import refine as refine_lib
 from cvgl_jax.train import loop
 from cvgl_jax.train import state as state_lib
 from cvgl_jax.train import steps
@@ -164,15 +170,20 @@ def previous_training_stage(config: ml_collections.ConfigDict,
 
 
 def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
-                 make_step: Callable, pairs: Optional[np.ndarray] = None
-                 ) -> dict:
+                 make_step: Callable,
+                 epoch_pairs: Optional[np.ndarray] = None,
+                 make_epoch_start: Optional[Callable] = None) -> dict:
   """Trains `stage` on `pipe`, evaluating on the eval split; returns the
   loop's summary. Starts from the previous training stage's final params,
-  else from `config.model.pretrained`, else from scratch."""
+  else from `config.model.pretrained`, else from scratch.
+
+  Pseudo-pair pipelines: `epoch_pairs` [Q, 2] has an epoch's length (for
+  the schedule), and `make_epoch_start(model)` returns the loop's hook that
+  hands each epoch its pairing."""
   c = run.config
   model = encoder.from_config(c.model)
   spe = pipe.steps_per_epoch(
-      None if pairs is None else pipe.check_pairs(pairs, None))
+      None if epoch_pairs is None else pipe.check_pairs(epoch_pairs, None))
   tx = state_lib.create_optimizer(c.train.lr, c.train.weight_decay, spe,
                                   c[stage].epochs)
   previous = previous_training_stage(c, stage)
@@ -192,9 +203,7 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
       satellite_size=c.data.satellite_size,
       batch_size=c.train.eval_batch_size // jax.process_count(),
       mesh=run.mesh, num_threads=c.data.num_threads)
-  epoch_start_fn = None
-  if pairs is not None:
-    epoch_start_fn = lambda state, epoch: {"pairs": pairs}
+  epoch_start_fn = make_epoch_start(model) if make_epoch_start else None
   _, summary = loop.train(
       state, step_fn, pipe, mesh=run.mesh, workdir=run.workdir, stage=stage,
       num_epochs=c[stage].epochs, steps_per_epoch=spe,
@@ -237,8 +246,75 @@ def run_supervised(run: Run) -> dict:
                      f"{run.train.name!r} has no known positives.")
   pairs = np.stack([known, positive[known]], axis=1).astype(np.int64)
   pipe = pipeline.pseudo_pairs(run.train, **_pipe_options(run))
-  return _train_stage(run, "supervised", pipe, steps.make_cross_step,
-                      pairs=pairs)
+  return _train_stage(
+      run, "supervised", pipe, steps.make_cross_step, epoch_pairs=pairs,
+      make_epoch_start=lambda model: lambda state, epoch: {"pairs": pairs})
+
+
+def _last_round(workdir: str, stage: str) -> dict:
+  """The statistics of the stage's last pseudo-label round (metrics.jsonl)."""
+  last = {}
+  path = os.path.join(workdir, stage, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line)
+        if record.get("kind") == "epoch_start":
+          last = record
+  return last
+
+
+def run_pseudo_label(run: Run) -> dict:
+  """Stage 3: rounds of pseudo labelling and partial-label training."""
+  c, p = run.config, run.config.pseudo_label
+  index = run.train
+  gt_pairs = pairing.gt_subset(index.positive, p.gt_ratio, c.seed)
+  warmup = p.warmup_epochs if len(gt_pairs) else 0
+  settings = refine_lib.RefineSettings(
+      tau=p.tau, epochs=p.epochs, mutual=p.mutual,
+      margin_filter=p.margin_filter, curriculum=p.curriculum,
+      keep_ties=index.semi_positives is not None, backend=p.knn_backend)
+  truth = np.asarray(index.positive)
+  # Every epoch has one row per ground image (`pairing.epoch_rows`).
+  shape_pairs = np.stack([np.arange(index.num_ground),
+                          np.zeros(index.num_ground, np.int64)], 1)
+  pipe = pipeline.pseudo_pairs(index, **_pipe_options(run))
+  embed_options = dict(batch_size=c.train.eval_batch_size //
+                       jax.process_count(), mesh=run.mesh,
+                       num_threads=c.data.num_threads)
+
+  def make_epoch_start(model):
+    embed_g = steps.make_embed_fn(model, run.mesh, "ground")
+    embed_s = steps.make_embed_fn(model, run.mesh, "satellite")
+
+    def epoch_start(state, epoch):
+      rng = np.random.default_rng([c.seed, epoch])
+      if epoch < warmup:
+        rows, labeled, info = pairing.epoch_rows(
+            np.zeros((0, 2)), gt_pairs, index.num_ground,
+            index.num_satellite, 1.0, rng)
+        return {"pairs": rows, "labeled": labeled,
+                "metrics": dict(info, warmup=1.0)}
+      ground = evaluate.embed_split(embed_g, state.params, index.ground_paths,
+                                    size=c.data.ground_size, **embed_options)
+      satellite = evaluate.embed_split(
+          embed_s, state.params, index.satellite_paths,
+          size=c.data.satellite_size, **embed_options)
+      result = refine_lib.refine(ground, satellite, epoch, settings,
+                                 true_positive=truth)
+      rows, labeled, info = pairing.epoch_rows(
+          result.pairs, gt_pairs, index.num_ground, index.num_satellite,
+          p.labeled_ratio, rng)
+      metrics = dict(result.stats, **info, warmup=0.0)
+      logging.info("Pseudo labels, epoch %d: %s", epoch, metrics)
+      return {"pairs": rows, "labeled": labeled, "metrics": metrics}
+    return epoch_start
+
+  summary = _train_stage(run, "pseudo_label", pipe, steps.make_partial_step,
+                         epoch_pairs=shape_pairs,
+                         make_epoch_start=make_epoch_start)
+  summary["last_round"] = _last_round(run.workdir, "pseudo_label")
+  return summary
 
 
 STAGES: dict[str, Callable[[Run], dict]] = {
@@ -247,4 +323,5 @@ STAGES: dict[str, Callable[[Run], dict]] = {
     "intra": run_intra,
     "cross_fake": run_cross_fake,
     "supervised": run_supervised,
+    "pseudo_label": run_pseudo_label,
 }
