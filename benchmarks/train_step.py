@@ -27,8 +27,8 @@ share the same cores when training, so this is an upper bound).
 Defaults are the issue's reference point (ConvNeXt-T x2, batch 16, ground
 128x512, satellite 128x128); on the shared 2-core dev machine a run took
 5 minutes (load ~6: compile 2 min, ours ~26 s/step, torch ~14 s/step,
-world and pipeline ~10 s). --variant=atto --batch=8 is about 1 minute
-faster, mostly less compute.
+world and pipeline ~10 s); smaller flags shorten the steps, not the
+compile.
 
   python benchmarks/train_step.py
   python benchmarks/train_step.py --variant=atto --batch=8 --augment=none
