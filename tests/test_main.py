@@ -92,12 +92,23 @@ def test_previous_training_stage():
   assert stages.previous_training_stage(config, "intra") is None
 
 
-def test_demo_stages_run_end_to_end_and_a_rerun_skips_them(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  """The tiny demo with a pseudo-label stage appended: (config, workdir,
+  results), run once for the tests below."""
   config = tiny_demo_config()
-  workdir = str(tmp_path / "run")
-  results = main_lib.run(config, workdir)
+  config.stages = tuple(config.stages) + ("pseudo_label",)
+  p = config.pseudo_label
+  p.epochs, p.warmup_epochs, p.gt_ratio, p.tau = 2, 1, 0.25, 0.0
+  p.knn_backend = "exact"
+  workdir = str(tmp_path_factory.mktemp("demo") / "run")
+  return config, workdir, main_lib.run(config, workdir)
 
-  assert list(results) == ["cfp", "translate", "intra", "cross_fake"]
+
+def test_demo_stages_run_end_to_end_and_a_rerun_skips_them(demo_run):
+  config, workdir, results = demo_run
+  assert list(results) == ["cfp", "translate", "intra", "cross_fake",
+                           "pseudo_label"]
   world = os.path.join(workdir, stages.SYNTHETIC_DIR)
   train = stages.read_data(config, workdir)[0]
   for folder in ("g2a", "g2a_sat"):
@@ -105,7 +116,7 @@ def test_demo_stages_run_end_to_end_and_a_rerun_skips_them(tmp_path):
         f"{i}.png" for i in train.ground_ids)
   assert results["cfp"]["written"] == train.num_ground
   assert results["translate"]["written"] == train.num_ground
-  for stage in ("intra", "cross_fake"):
+  for stage in ("intra", "cross_fake", "pseudo_label"):
     summary = results[stage]
     assert summary["finished"] and summary["step"] > 0
     assert 0.0 <= summary["eval"]["R@1"] <= 100.0
@@ -122,3 +133,27 @@ def test_demo_stages_run_end_to_end_and_a_rerun_skips_them(tmp_path):
   assert again == json.loads(json.dumps(results))
   assert done_times == {s: os.path.getmtime(stages.done_file(workdir, s))
                         for s in results}
+
+
+def test_pseudo_label_stage_reports_rounds_with_precision(demo_run):
+  config, workdir, results = demo_run
+  summary = results["pseudo_label"]
+  assert summary["epochs_done"] == 2
+  rounds = [json.loads(line) for line in
+            open(os.path.join(workdir, "pseudo_label", "metrics.jsonl"))
+            if json.loads(line)["kind"] == "epoch_start"]
+  assert [r["epoch"] for r in rounds] == [0, 1]
+  warm, first = rounds
+  train = stages.read_data(config, workdir)[0]
+  num_gt = int(0.25 * train.num_ground)
+  # Warm-up: the labelled fraction's true pairs only.
+  assert warm["warmup"] == 1.0 and warm["num_labels"] == num_gt
+  assert warm["labelled_only"] == 1.0
+  # A round: mutual pairs with precision against the truth file's pairing,
+  # merged with the true pairs.
+  assert first["warmup"] == 0.0
+  mutual = first["mutual/pairs"]
+  assert 0 < mutual <= train.num_ground
+  assert 0.0 <= first["mutual/precision"] <= 1.0
+  assert num_gt <= first["num_labels"] <= mutual + num_gt
+  assert summary["last_round"]["epoch"] == 1
