@@ -17,8 +17,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -30,6 +28,7 @@ import optax
 from cvgl_jax.models import convnext
 from cvgl_jax.models import encoder
 from cvgl_jax.train import losses
+import timing
 import torch_reference
 
 FLAGS = flags.FLAGS
@@ -114,14 +113,8 @@ def main(argv):
   for run in variants.values():  # Compile / warm up.
     run()
     run()
-  times = {k: [] for k in variants}
-  for _ in range(FLAGS.rounds):
-    for name, run in variants.items():
-      start = time.perf_counter()
-      for _ in range(FLAGS.steps):
-        run()
-      times[name].append((time.perf_counter() - start) / FLAGS.steps)
-  med = {k: statistics.median(v) for k, v in times.items()}
+  times = timing.round_robin(variants, FLAGS.rounds, FLAGS.steps)
+  med = timing.medians(times)
   for name, t in med.items():
     print(f"{name:6s} {t * 1e3:9.1f} ms/step  {FLAGS.batch / t:7.2f} pairs/s "
           f" (min {min(times[name]) * 1e3:.1f}, max "

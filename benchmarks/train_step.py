@@ -39,7 +39,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import statistics
 import tempfile
 import time
 
@@ -58,6 +57,7 @@ from cvgl_jax.models import convnext
 from cvgl_jax.models import encoder
 from cvgl_jax.train import state as state_lib
 from cvgl_jax.train import steps
+import timing
 import torch_reference
 
 FLAGS = flags.FLAGS
@@ -223,14 +223,8 @@ def main(argv):
     run()
     print(f"  {name} first step (compile + run) "
           f"{time.perf_counter() - start:.1f} s")
-  times = {k: [] for k in variants}
-  for _ in range(FLAGS.rounds):
-    for name, run in variants.items():
-      start = time.perf_counter()
-      for _ in range(FLAGS.steps):
-        run()
-      times[name].append((time.perf_counter() - start) / FLAGS.steps)
-  med = {k: statistics.median(v) for k, v in times.items()}
+  times = timing.round_robin(variants, FLAGS.rounds, FLAGS.steps)
+  med = timing.medians(times)
   print(f"step times over {FLAGS.rounds} rounds x {FLAGS.steps} step(s), "
         f"{_load()}:")
   for name, t in med.items():
