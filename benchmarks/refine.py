@@ -171,7 +171,8 @@ def check_million(args):
   keep = ((back[:, 0] == sample)
           & (top[:, 0] - top[:, 1] >= np.float32(TAU)))
   truth = {(int(i), int(j)) for i, j in zip(sample[keep], idx[keep, 0])}
-  got = {tuple(p) for p in pairs.tolist() if p[0] in set(sample.tolist())}
+  mine = pairs[np.isin(pairs[:, 0], sample)]
+  got = {(int(i), int(j)) for i, j in mine}
   print(json.dumps({"variant": "scann", "n": args.n, "s": seconds,
                     "pairs": len(pairs), "rss_extra_mb": maxrss - base,
                     "maxrss_mb": maxrss, "sample": args.check,
@@ -201,7 +202,7 @@ def mem_available_mb():
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--sizes", type=int, nargs="+", default=[35_532, 105_214])
+  p.add_argument("--sizes", type=int, nargs="*", default=[35_532, 105_214])
   p.add_argument("--dim", type=int, default=1024)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--variants", nargs="+",
