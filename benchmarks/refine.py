@@ -161,7 +161,9 @@ def check_million(args):
   g, s = embeddings(args.n, args.dim, args.seed)
   base = rss_mb()
   t0 = time.perf_counter()
-  pairs = ours("scann", g, s)
+  options = ({"num_leaves_to_search": args.leaves_to_search}
+             if args.leaves_to_search else {})
+  pairs = ours("scann", g, s, **options)
   seconds = time.perf_counter() - t0
   maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   rng = np.random.default_rng(args.seed + 1)
@@ -211,6 +213,8 @@ def main():
                  help="also ours (ScaNN) at N = 1,000,000")
   p.add_argument("--check", type=int, default=500,
                  help="grounds checked against exact search at 1M")
+  p.add_argument("--leaves-to-search", type=int, default=0,
+                 help="1M run: ScaNN leaves searched (0: knn's default)")
   p.add_argument("--variant", help=argparse.SUPPRESS)
   p.add_argument("--n", type=int, help=argparse.SUPPRESS)
   p.add_argument("--out", help=argparse.SUPPRESS)
@@ -246,7 +250,8 @@ def main():
                   f"{len(got - ref)} pairs exact lacks", flush=True)
     if args.million:
       r = spawn(["--variant", "million", "--n", "1000000", "--check",
-                 str(args.check), *common])
+                 str(args.check), "--leaves-to-search",
+                 str(args.leaves_to_search), *common])
       print(f"N=1000000 scann: {json.dumps(r)}", flush=True)
 
 
