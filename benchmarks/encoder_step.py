@@ -88,11 +88,8 @@ def torch_step_fn(variant, size, batch):
   s = torch.randn(batch, 3, size, size)
 
   def run():
-    opt.zero_grad(set_to_none=True)
-    loss = torch_reference.info_nce(towers[0](g), towers[1](s), logit_scale,
-                                    LABEL_SMOOTHING)
-    loss.backward()
-    opt.step()
+    torch_reference.train_step(towers, logit_scale, opt, g, s,
+                               LABEL_SMOOTHING)
   return run
 
 

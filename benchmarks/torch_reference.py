@@ -88,3 +88,12 @@ def adamw(towers, logit_scale, lr=1e-4, weight_decay=0.01):
   import torch  # pylint: disable=g-import-not-at-top
   params = list(towers.parameters()) + [logit_scale]
   return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def train_step(towers, logit_scale, opt, ground, satellite, label_smoothing):
+  """One forward + backward + AdamW update on NCHW float batches."""
+  opt.zero_grad(set_to_none=True)
+  loss = info_nce(towers[0](ground), towers[1](satellite), logit_scale,
+                  label_smoothing)
+  loss.backward()
+  opt.step()

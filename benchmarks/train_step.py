@@ -149,11 +149,8 @@ def torch_step_fn(variant, ground_hw, satellite_hw, batch, augmentation):
     g, s = prepare(ground), prepare(satellite)
     if augmentation == "full":
       g, s = paired_geometry(g, s)
-    opt.zero_grad(set_to_none=True)
-    loss = torch_reference.info_nce(towers[0](g), towers[1](s), logit_scale,
-                                    LABEL_SMOOTHING)
-    loss.backward()
-    opt.step()
+    torch_reference.train_step(towers, logit_scale, opt, g, s,
+                               LABEL_SMOOTHING)
   return run
 
 
