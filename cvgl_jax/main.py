@@ -7,6 +7,14 @@ r"""Runs the stages of a config in order, skipping those already finished.
 A stage that finished has `DIR/<stage>/DONE`; an interrupted stage resumes
 from its last checkpoint. The config is validated before anything runs and
 saved as `DIR/config.json`.
+
+Several processes (hosts, or one per GPU) run the same command and form one
+run (`launch/`): inside a SLURM step or Open MPI JAX finds its peers by
+itself; on a Cloud TPU VM pod add `--distributed=on`; elsewhere give
+`--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` to
+process I. DIR must be one folder every process sees (a shared file
+system): process 0 writes the files there, every process joins the
+checkpoints.
 """
 
 import json
@@ -27,6 +35,25 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the run.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process runs without a detected cluster: host:port of process "
+    "0's coordinator (with --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, num_processes).")
+_LOCAL_DEVICES = flags.DEFINE_list(
+    "local_device_ids", None,
+    "Accelerators this process uses, e.g. 0,1,2,3 for one SLURM task per "
+    "node owning four GPUs (JAX's SLURM detection alone gives one per "
+    "task).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "auto: join a multi-process run when the flags above are given or the "
+    "environment is a SLURM step / Open MPI job with several tasks; on: "
+    "always call jax.distributed.initialize() (Cloud TPU VM pods); off: "
+    "one process.")
 
 
 def run(config, workdir: str) -> dict:
@@ -39,6 +66,8 @@ def run(config, workdir: str) -> dict:
   results = {}
   pending = [s for s in config.stages
              if stages.read_done(workdir, s) is None]
+  # Every process has read the DONE files before any stage can write one.
+  parallel.sync("main:pending")
   for stage in config.stages:
     if stage not in pending:
       results[stage] = stages.read_done(workdir, stage)
@@ -52,6 +81,7 @@ def run(config, workdir: str) -> dict:
     result = stages.STAGES[stage](ctx)
     result = dict(result, seconds=round(time.time() - start, 1))
     stages.write_done(workdir, stage, result)
+    parallel.sync(f"main:{stage}:done")
     results[stage] = result
     logging.info("Stage %s: done in %.0f s: %s", stage, result["seconds"],
                  json.dumps(result, default=str)[:500])
@@ -61,6 +91,18 @@ def run(config, workdir: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  mode = _DISTRIBUTED.value
+  if mode == "off" and (_COORDINATOR.value or _NUM_PROCESSES.value
+                        is not None or _PROCESS_ID.value is not None):
+    raise app.UsageError("--distributed=off contradicts --coordinator_address"
+                         " / --num_processes / --process_id.")
+  try:
+    parallel.initialize(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        _LOCAL_DEVICES.value, auto={"auto": None, "on": True,
+                                    "off": False}[mode])
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   logging.info("JAX process %d of %d, devices %s", jax.process_index(),
                jax.process_count(), jax.devices())
   results = run(_CONFIG.value, _WORKDIR.value)

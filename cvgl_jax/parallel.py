@@ -8,6 +8,17 @@ batch as numpy (grain pipelines, `cvgl_jax.data.pipeline`) and `to_global`
 turns the shares into one global `jax.Array`, so the same code runs on one
 CPU, one GPU, eight simulated CPU devices or a multi-host pod.
 
+Start-up (`initialize`, called by `cvgl_jax.main` before anything touches a
+device): one process per host (TPU VM worker, GPU node) or per GPU joins
+JAX's multi-controller runtime through `jax.distributed.initialize`. Where
+the environment names a cluster JAX detects (a SLURM step with several
+tasks, Open MPI, a GKE TPU slice) it is called without arguments; on a
+Cloud TPU VM pod (known only from its metadata server) the launcher asks for
+that with `auto=True`; elsewhere the coordinator address, process count and
+process id are given explicitly. A plain single process calls nothing.
+Every process then runs the same program; `is_main_process` picks the one
+that writes files, and `sync` makes the others wait for them.
+
 The mesh axis is Auto (XLA propagates shardings through the model), not
 Explicit (`jax.make_mesh`'s default since JAX 0.9): the augmentations vmap
 gathers, switches and per-example random numbers over the batch, whose
@@ -19,12 +30,143 @@ puts its collectives in `jax.shard_map`, which works with either
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Mapping, Optional, Sequence
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 DATA_AXIS = "data"
+
+
+# Environments whose variables JAX's `jax.distributed.initialize()` reads by
+# itself (jax/_src/clusters), as (name, variable holding the process count,
+# variables that must also be set). A count of 1 is a single process.
+_CLUSTERS = (
+    ("SLURM", "SLURM_NTASKS", ("SLURM_JOB_ID", "SLURM_STEP_NODELIST",
+                               "SLURM_PROCID", "SLURM_LOCALID")),
+    ("Open MPI", "OMPI_COMM_WORLD_SIZE", ("OMPI_MCA_orte_hnp_uri",)),
+)
+
+
+def detected_cluster() -> Optional[str]:
+  """The multi-process cluster JAX would configure itself from, or None.
+
+  SLURM counts only inside an `srun` step with more than one task (JAX reads
+  `SLURM_STEP_NODELIST`, which the batch script itself does not have), Open
+  MPI only with more than one rank, a GKE TPU slice only with more than one
+  worker in `TPU_WORKER_HOSTNAMES`. A Cloud TPU VM pod on GCE is not
+  recognisable from its environment: pass `auto=True` there.
+  """
+  for name, count, others in _CLUSTERS:
+    if all(v in os.environ for v in others) and int(
+        os.environ.get(count, "1") or 1) > 1:
+      return name
+  hosts = os.environ.get("TPU_PROCESS_ADDRESSES",
+                         os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+  if len([h for h in hosts.split(",") if h]) > 1:
+    return "TPU"
+  return None
+
+
+def initialize(coordinator_address: Optional[str] = None,
+               num_processes: Optional[int] = None,
+               process_id: Optional[int] = None,
+               local_device_ids: Optional[Sequence[int]] = None,
+               auto: Optional[bool] = None) -> bool:
+  """Joins the processes of a multi-process run; call before any device use.
+
+  Args:
+    coordinator_address: "host:port" of process 0's coordinator service;
+      with `num_processes` and `process_id`, all three or none.
+    num_processes: how many processes the run has.
+    process_id: this process's index, 0 <= process_id < num_processes.
+    local_device_ids: the accelerators this process uses (e.g. [0, 1, 2, 3]
+      for one SLURM task per node that owns all four GPUs; JAX's SLURM
+      detection alone gives task k of a node GPU k only). None: JAX's choice
+      (also read from `JAX_LOCAL_DEVICE_IDS`).
+    auto: with no explicit arguments: True calls `jax.distributed.
+      initialize()` and lets JAX detect the cluster (Cloud TPU VM pods);
+      False stays a single process; None (default) does the former only
+      where `detected_cluster()` names one.
+
+  Returns:
+    True if `jax.distributed.initialize` was called (now or before), False
+    for a single process.
+
+  Raises:
+    ValueError: only some of the explicit arguments given, or values that
+      cannot describe a run (named), before contacting anyone.
+  """
+  explicit = {"coordinator_address": coordinator_address,
+              "num_processes": num_processes, "process_id": process_id}
+  given = {k for k, v in explicit.items() if v is not None}
+  if given and given != set(explicit):
+    missing = sorted(set(explicit) - given)
+    raise ValueError(
+        f"Multi-process start-up: {sorted(given)} given without {missing}; "
+        f"give all three of coordinator_address (host:port of process 0), "
+        f"num_processes and process_id, or none to let JAX detect the "
+        f"cluster.")
+  if local_device_ids is not None:
+    local_device_ids = [int(i) for i in local_device_ids]
+    if not local_device_ids or min(local_device_ids) < 0 or len(
+        set(local_device_ids)) != len(local_device_ids):
+      raise ValueError(f"local_device_ids must be distinct device numbers "
+                       f">= 0, got {local_device_ids}.")
+  if jax.distributed.is_initialized():
+    return True
+  if given:
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ValueError(f"coordinator_address must be host:port, e.g. "
+                       f"10.0.0.1:1234, got {coordinator_address!r}.")
+    if int(num_processes) < 1 or not 0 <= int(process_id) < int(
+        num_processes):
+      raise ValueError(f"Need num_processes >= 1 and 0 <= process_id < "
+                       f"num_processes, got num_processes={num_processes}, "
+                       f"process_id={process_id}.")
+    if int(num_processes) == 1 and local_device_ids is None:
+      return False
+    jax.distributed.initialize(coordinator_address, int(num_processes),
+                               int(process_id), local_device_ids)
+  else:
+    cluster = detected_cluster()
+    if auto is False or (auto is None and cluster is None):
+      return False
+    logging.info("Joining the multi-process run detected from %s.",
+                 cluster or "the cluster environment")
+    jax.distributed.initialize(local_device_ids=local_device_ids)
+  logging.info("JAX process %d of %d, %d local of %d devices.",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  return True
+
+
+def sync(name: str) -> None:
+  """Waits until every process reaches `sync(name)` (a no-op for one).
+
+  Used where process 0 writes files that the others read next (generated
+  data, the outputs of a stage); `name` must be the same on every process.
+  """
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def from_main_process(tree: Any) -> Any:
+  """Process 0's values of a pytree of host arrays, on every process.
+
+  For results every process computes but every process must agree on
+  bit for bit (e.g. an epoch's pseudo pairing); shapes must be the same on
+  every process. Returns numpy arrays of the input dtypes.
+  """
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  tree = jax.tree.map(np.asarray, tree)
+  out = multihost_utils.broadcast_one_to_all(tree)
+  return jax.tree.map(lambda o, x: np.asarray(o).astype(x.dtype), out, tree)
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None
@@ -92,6 +234,31 @@ def put_replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
   return jax.tree.map(put, tree)
+
+
+def replicate_local(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Arrays on this process's first device, the same on every process ->
+  replicated global arrays (device-to-device copies, no host round trip).
+
+  For state each process computes by itself but checkpoints with orbax,
+  which saves only global arrays in a multi-process run. `local_copy` is
+  the way back.
+  """
+  sharding = replicated(mesh)
+
+  def put(x):
+    return jax.make_array_from_single_device_arrays(
+        x.shape, sharding,
+        [jax.device_put(x, d) for d in sharding.addressable_devices])
+  return jax.tree.map(put, tree)
+
+
+def local_copy(tree: Any) -> Any:
+  """Replicated global arrays -> single-device arrays on this process's
+  first device (where un-sharded jitted functions run)."""
+  device = jax.local_devices()[0]
+  return jax.tree.map(lambda x: jax.device_put(x.addressable_data(0), device),
+                      tree)
 
 
 def gather(tree: Any, mesh: jax.sharding.Mesh) -> Any:

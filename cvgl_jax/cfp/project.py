@@ -5,8 +5,9 @@ batched, projected on the device with one precomputed bilinear plan
 (`geometry.bev_plan`) and written as PNGs by the same pool. Each file is
 written to a temporary name in the target folder and then renamed, so a
 crash never leaves a half-written PNG under the final name, and a rerun
-skips the files already there and finishes the rest. The panorama
-convention is the one stated in `cvgl_jax/cfp/geometry.py`.
+skips the files already there and finishes the rest. In a multi-process
+run every process projects its own share of the missing files on its own
+devices (`process_index`, `process_count`). The panorama convention is the one stated in `cvgl_jax/cfp/geometry.py`.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def project_split(index: PairIndex,
                   folder: str = "g2a",
                   num_threads: Optional[int] = None,
                   overwrite: bool = False,
-                  progress: bool = True) -> Dict[str, float]:
+                  progress: bool = True,
+                  process_index: int = 0,
+                  process_count: int = 1) -> Dict[str, float]:
   """Projects every ground panorama of `index` to `root/<folder>/<id>.png`.
 
   Args:
@@ -83,9 +86,13 @@ def project_split(index: PairIndex,
     num_threads: host threads for decoding and PNG encoding.
     overwrite: project again even where an output exists.
     progress: show a tqdm bar.
+    process_index, process_count: this process projects the missing files
+      number process_index, process_index + process_count, ... (e.g.
+      `jax.process_index()`, `jax.process_count()`).
 
   Returns:
-    {"written", "skipped", "seconds", "images_per_s"}.
+    {"written" (by this process), "skipped" (already there), "seconds",
+    "images_per_s"}.
 
   Raises:
     FileNotFoundError: before any work, if panoramas are missing (named).
@@ -94,6 +101,9 @@ def project_split(index: PairIndex,
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} must lie in "
+                     f"[0, process_count={process_count}).")
   inputs = [str(p) for p in index.ground_paths]
   outputs = [str(p) for p in index.derived_paths(folder)]
   missing = [p for p in inputs if not os.path.isfile(p)]
@@ -110,6 +120,9 @@ def project_split(index: PairIndex,
   if not todo:
     logging.info("cfp %s: all %d BEV images already in %s/.", index.name,
                  skipped, folder)
+    return stats
+  todo = todo[process_index::process_count]
+  if not todo:
     return stats
   os.makedirs(os.path.join(index.root, folder), exist_ok=True)
 

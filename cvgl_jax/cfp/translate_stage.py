@@ -12,6 +12,14 @@ writes PNGs atomically, skipping those already written; `translate` chains
 the two for a dataset split, writing `root/g2a_sat/<id>.png` for every
 `root/g2a/<id>.png`.
 
+Several processes: the CycleGAN is small and trained with batch 1 (the
+official setting), so every process trains the same model on its first
+device from the same data and keys rather than splitting batches; orbax
+checkpoints it as a replicated global array, which every process joins,
+and only process 0 writes the metrics and the config. Process 0's
+generator is handed to all for translation, and each process translates
+its own share of the images.
+
 Host images are uint8 RGB (cv2 decodes BGR; we convert at once), resized
 to `load_size` squared as the official `resize_and_crop` does (PIL bicubic
 there, which anti-aliases; cv2 INTER_AREA when shrinking, INTER_CUBIC when
@@ -30,11 +38,13 @@ from typing import Optional, Sequence
 import cv2
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
+from cvgl_jax import parallel
 from cvgl_jax.cfp import translate as tr
 from cvgl_jax.data import image_io
 
@@ -231,9 +241,12 @@ def train_translation(bev_paths: Sequence[str],
   stop = total if max_steps is None else min(total, int(max_steps))
 
   model = tr.get_model(config)
+  main = parallel.is_main_process()
+  mesh = parallel.make_mesh()
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
+  if main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
   mngr = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
       options=ocp.CheckpointManagerOptions(
@@ -244,10 +257,13 @@ def train_translation(bev_paths: Sequence[str],
   if latest is None:
     state = model.init(key, spe)
   else:
-    abstract = jax.tree.map(ocp.tree.to_shape_dtype_struct,
-                            jax.eval_shape(lambda k: model.init(k, spe), key))
+    repl = parallel.replicated(mesh)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+        jax.eval_shape(lambda k: model.init(k, spe), key))
     try:
-      state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+      state = parallel.local_copy(
+          mngr.restore(latest, args=ocp.args.StandardRestore(abstract)))
     except (ValueError, KeyError, TypeError) as err:
       mngr.close()
       raise ValueError(
@@ -262,8 +278,9 @@ def train_translation(bev_paths: Sequence[str],
           f"{spe}: the image lists or batch_size changed. Use a new workdir.")
   step = int(state.step)
 
-  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-  bar = tqdm.tqdm(total=stop, initial=step, disable=not progress,
+  metrics_file = (open(os.path.join(workdir, "metrics.jsonl"), "a") if main
+                  else None)
+  bar = tqdm.tqdm(total=stop, initial=step, disable=not (progress and main),
                   desc="translate: train", unit="step")
   # Logged at the first step of a run too, to show the starting losses.
   t0, n0, first = time.perf_counter(), step, step + 1
@@ -285,21 +302,24 @@ def train_translation(bev_paths: Sequence[str],
           now = time.perf_counter()
           rate = (step - n0) * config.batch_size / max(now - t0, 1e-9)
           t0, n0 = now, step
-          metrics_file.write(json.dumps(
-              {"step": step, "epoch": epoch, "images_per_s": rate,
-               **metrics}) + "\n")
-          metrics_file.flush()
+          if main:
+            metrics_file.write(json.dumps(
+                {"step": step, "epoch": epoch, "images_per_s": rate,
+                 **metrics}) + "\n")
+            metrics_file.flush()
           bar.set_postfix({"img/s": f"{rate:.1f}",
                            "G": f"{metrics['g_total']:.3f}",
                            "D_A": f"{metrics['d_a']:.3f}",
                            "D_B": f"{metrics['d_b']:.3f}"})
         if save:
-          mngr.save(step, args=ocp.args.StandardSave(state))
+          mngr.save(step, args=ocp.args.StandardSave(
+              parallel.replicate_local(state, mesh)))
         if step >= stop or step % spe == 0:
           break
   finally:
     bar.close()
-    metrics_file.close()
+    if main:
+      metrics_file.close()
     mngr.wait_until_finished()
     mngr.close()
   return state
@@ -312,7 +332,8 @@ def train_translation(bev_paths: Sequence[str],
 
 def translate_split(bev_paths: Sequence[str], out_paths: Sequence[str],
                     params_g_ab, config: ml_collections.ConfigDict, *,
-                    progress: bool = True) -> int:
+                    progress: bool = True, process_index: int = 0,
+                    process_count: int = 1) -> int:
   """Writes g_ab(BEV) for every BEV whose output does not exist yet.
 
   BEVs are resized to `crop_size` (no crop, no flip: the official test-time
@@ -324,16 +345,18 @@ def translate_split(bev_paths: Sequence[str], out_paths: Sequence[str],
     params_g_ab: params of the A -> B generator (`state.params_g["g_ab"]`).
     config: the training config (architecture and `crop_size`).
     progress: show a tqdm bar.
+    process_index, process_count: this process translates the missing
+      images number process_index, process_index + process_count, ...
 
   Returns:
-    How many images were written.
+    How many images this process wrote.
   """
   validate_config(config)
   if len(bev_paths) != len(out_paths):
     raise ValueError(f"translate_split: {len(bev_paths)} BEV paths but "
                      f"{len(out_paths)} output paths.")
   todo = [(os.fspath(i), os.fspath(o)) for i, o in zip(bev_paths, out_paths)
-          if not os.path.exists(o)]
+          if not os.path.exists(o)][process_index::process_count]
   if not todo:
     return 0
   check_images([i for i, _ in todo], "BEV image", config.num_threads,
@@ -386,7 +409,14 @@ def translate(index, workdir: str, config: ml_collections.ConfigDict, *,
   stage_dir = os.path.join(workdir, "translate")
   state = train_translation(bev_paths, list(index.satellite_paths), stage_dir,
                             config, progress=progress)
-  written = translate_split(bev_paths, out_paths, state.params_g["g_ab"],
-                            config, progress=progress)
+  params = state.params_g["g_ab"]
+  if jax.process_count() > 1:
+    params = parallel.from_main_process(jax.device_get(params))
+  written = translate_split(
+      bev_paths, out_paths, params, config,
+      progress=progress and parallel.is_main_process(),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  if jax.process_count() > 1:
+    written = int(np.sum(multihost_utils.process_allgather(np.int64(written))))
   return {"steps": int(state.step), "written": written,
           "total": len(bev_paths)}
