@@ -1,0 +1,335 @@
+r"""Pictures of a training run, written under `WORKDIR/report/`.
+
+  python -m cvgl_jax.report --workdir=DIR
+
+  recall.png              R@1, R@5 and R@10 (%) on the eval split after
+                          every evaluated epoch of each training stage, the
+                          stages one after another in config order on one
+                          epoch axis; R@1 of chance for reference.
+  pseudo_labels.png       per round (epoch) of the pseudo_label stage: the
+                          pairs each filter keeps (candidates, mutual,
+                          margin = the pseudo labels) and the labels trained
+                          on (with the labelled fraction's true pairs); the
+                          precision of the candidates, mutual pairs and
+                          pseudo labels against the truth; warm-up rounds
+                          (true pairs only) shaded.
+  retrieval_examples.png  eval-split queries beside their top-5 tiles under
+                          the best model (the checkpoint with the highest
+                          R@1 of any stage), true tile framed green; half
+                          hits and half misses when there are both.
+
+Everything is read from the workdir: `config.json`, each stage's
+`metrics.jsonl` and checkpoints, and the data the config names. A picture
+whose records do not exist yet (no evaluation, no pseudo-label stage) is
+skipped and left out of what `write_report` returns. Only process 0 writes;
+every process must call `write_report`, since the examples embed the eval
+split on all devices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from cvgl_jax import config_lib
+from cvgl_jax import evaluate
+from cvgl_jax import export
+from cvgl_jax import metrics as metrics_lib
+from cvgl_jax import parallel
+from cvgl_jax import retrieve
+from cvgl_jax import stages
+from cvgl_jax.data import image_io
+from cvgl_jax.pseudo import knn
+from cvgl_jax.train import steps
+
+REPORT_DIR = "report"
+RECALL_KS = (1, 5, 10)
+EXAMPLE_TILES = 5
+_COLOURS = {"R@1": "#1f77b4", "R@5": "#ff7f0e", "R@10": "#2ca02c"}
+
+
+def read_records(workdir: str, stage: str) -> list[dict]:
+  """The records of `workdir/<stage>/metrics.jsonl`, in step order.
+
+  A resumed stage may log a (kind, step) twice; the later record wins.
+  """
+  path = os.path.join(workdir, stage, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  latest = {}
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not a JSON record ({e}).") from e
+      latest[(record.get("kind"), record.get("step"),
+              record.get("epoch"))] = record
+  return sorted(latest.values(), key=lambda r: (r["step"], r["epoch"]))
+
+
+def training_stages(config: ml_collections.ConfigDict) -> list[str]:
+  return [s for s in config.stages if s in config_lib.TRAINING_STAGES]
+
+
+def recall_curves(workdir: str, config: ml_collections.ConfigDict
+                  ) -> list[dict]:
+  """Per training stage with evaluations: {"stage", "start" (epochs of the
+  stages before it), "epochs" [n] (epochs done at each evaluation),
+  "R@1" ... [n] in %, "num_references"}."""
+  curves, start = [], 0
+  for stage in training_stages(config):
+    evals = [r for r in read_records(workdir, stage) if r["kind"] == "eval"]
+    if evals:
+      curve = {"stage": stage, "start": start,
+               "epochs": np.array([r["epoch"] for r in evals]),
+               "num_references": evals[-1].get("num_references", math.nan)}
+      for k in RECALL_KS:
+        curve[f"R@{k}"] = np.array([r.get(f"R@{k}", math.nan)
+                                    for r in evals])
+      curves.append(curve)
+    start += int(config[stage].epochs)
+  return curves
+
+
+def _figure(width: float, height: float, rows: int = 1):
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  fig = figure.Figure(figsize=(width, height), layout="constrained")
+  axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+  return fig, axes
+
+
+def plot_recall(curves: list[dict], out_path: str, title: str = "") -> None:
+  """Draws `recall_curves` as one PNG."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  fig, (ax,) = _figure(8, 4.5)
+  for i, c in enumerate(curves):
+    x = c["start"] + c["epochs"]
+    for k in RECALL_KS:
+      name = f"R@{k}"
+      ax.plot(x, c[name], marker="o", color=_COLOURS[name],
+              label=name if i == 0 else None)
+    ax.axvline(c["start"], color="#bbbbbb", linestyle="--", linewidth=1)
+    ax.annotate(c["stage"], (c["start"], 1.0), xycoords=("data",
+                                                         "axes fraction"),
+                xytext=(4, -14), textcoords="offset points", fontsize=9,
+                color="#555555")
+  refs = curves[-1]["num_references"]
+  if refs and math.isfinite(refs):
+    ax.axhline(100.0 / refs, color="#888888", linestyle=":", linewidth=1,
+               label=f"R@1 of chance ({100.0 / refs:.2g} %)")
+  ax.set_xlabel("epoch (stages in config order)")
+  ax.set_ylabel("recall (%)")
+  ax.set_ylim(0, 105)
+  ax.set_xlim(left=0)
+  ax.grid(alpha=0.3)
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  ax.legend(loc="best", fontsize=9)
+  ax.set_title(title or "Recall on the eval split", fontsize=11)
+  retrieve.save_figure(fig, out_path)
+
+
+def pseudo_rounds(workdir: str, stage: str = "pseudo_label") -> list[dict]:
+  """The round statistics (epoch_start records) of the pseudo-label
+  stage, one per epoch."""
+  return [r for r in read_records(workdir, stage)
+          if r["kind"] == "epoch_start"]
+
+
+def plot_pseudo_labels(rounds: list[dict], out_path: str) -> None:
+  """Counts and precision of the pseudo labels per round, as one PNG."""
+  fig, (top, bottom) = _figure(8, 6.5, rows=2)
+  epochs = np.array([r["epoch"] for r in rounds])
+
+  def series(key, scale=1.0):
+    return np.array([scale * r.get(key, math.nan) for r in rounds], float)
+
+  for key, label, style in (
+      ("candidates/pairs", "candidates (nearest tile)", ":"),
+      ("mutual/pairs", "mutual nearest", "--"),
+      ("margin/pairs", "pseudo labels (after the margin)", "-"),
+      ("num_labels", "labels trained on (with true pairs)", "-.")):
+    top.plot(epochs, series(key), style, marker="o", label=label)
+  top.set_ylabel("pairs")
+  top.set_ylim(bottom=0)
+  top.legend(fontsize=8)
+  top.set_title("Pseudo labels per round", fontsize=11)
+  for key, label, style in (
+      ("candidates/precision", "candidates", ":"),
+      ("mutual/precision", "mutual nearest", "--"),
+      ("margin/precision", "pseudo labels", "-")):
+    bottom.plot(epochs, series(key, 100.0), style, marker="o", label=label)
+  bottom.set_ylabel("precision (%)")
+  bottom.set_ylim(0, 105)
+  bottom.set_xlabel("round (epoch of the pseudo_label stage)")
+  bottom.legend(fontsize=8)
+  warm = [r["epoch"] for r in rounds if r.get("warmup") == 1.0]
+  for ax in (top, bottom):
+    ax.grid(alpha=0.3)
+    for e in warm:
+      ax.axvspan(e - 0.5, e + 0.5, color="#dddddd", zorder=0)
+  if warm:
+    top.annotate("warm-up: true pairs only", (warm[0] - 0.45, 0.02),
+                 xycoords=("data", "axes fraction"), fontsize=8,
+                 color="#555555")
+  top.set_xticks(epochs)
+  retrieve.save_figure(fig, out_path)
+
+
+def best_checkpoint(workdir: str, config: ml_collections.ConfigDict
+                    ) -> tuple[str, Optional[float]]:
+  """(stage, R@1) of the stage whose best evaluation is highest (the later
+  stage on ties); without evaluations the last trained stage, R@1 None."""
+  best, score = None, None
+  for stage in training_stages(config):
+    if export.checkpoint_step(
+        os.path.join(workdir, stage, export.CHECKPOINTS["best"])) is None:
+      continue
+    values = [r["R@1"] for r in read_records(workdir, stage)
+              if r["kind"] == "eval" and "R@1" in r]
+    if values and (score is None or max(values) >= score):
+      best, score = stage, max(values)
+  if best is None:
+    return export.find_stage(workdir, config), None
+  return best, score
+
+
+def choose_examples(ranks: np.ndarray, count: int) -> np.ndarray:
+  """Indices of up to `count` queries, evenly spread over the split: half
+  hits (rank 0) and half misses when both exist, sorted."""
+  hits, misses = np.flatnonzero(ranks == 0), np.flatnonzero(ranks > 0)
+  n_hits = min(len(hits), max(count // 2, count - len(misses)))
+  n_misses = min(len(misses), count - n_hits)
+
+  def spread(pool, n):
+    if not n:
+      return np.zeros(0, np.int64)
+    return pool[np.linspace(0, len(pool) - 1, n).round().astype(int)]
+  return np.sort(np.concatenate([spread(hits, n_hits),
+                                 spread(misses, n_misses)]))
+
+
+def example_panels(workdir: str, config: ml_collections.ConfigDict,
+                   count: int = 6,
+                   mesh: Optional[jax.sharding.Mesh] = None
+                   ) -> tuple[list[retrieve.Panel], str]:
+  """Picture rows of eval queries under the best checkpoint, and a title.
+
+  Embeds the whole eval split (on every process) and ranks it exactly, as
+  `evaluate` does.
+  """
+  stage, _ = best_checkpoint(workdir, config)
+  trained = export.load_trained(workdir, stage=stage, mesh=mesh)
+  index = stages.read_data(config, workdir)[1]
+  batch = int(config.train.eval_batch_size) // jax.process_count()
+  common = dict(batch_size=batch, mesh=trained.mesh,
+                num_threads=int(config.data.num_threads))
+  ground = evaluate.embed_split(
+      steps.make_embed_fn(trained.model, trained.mesh, "ground"),
+      trained.params, index.ground_paths, size=trained.spec["ground_size"],
+      **common)
+  satellite = evaluate.embed_split(
+      steps.make_embed_fn(trained.model, trained.mesh, "satellite"),
+      trained.params, index.satellite_paths,
+      size=trained.spec["satellite_size"], **common)
+  known = np.flatnonzero(np.asarray(index.positive) >= 0)
+  if not len(known):
+    raise ValueError(f"The eval split {index.name!r} has no known "
+                     f"positives: no retrieval examples to draw.")
+  positive = np.asarray(index.positive)[known]
+  result = metrics_lib.recall_at_k(ground[known], satellite, positive)
+  k = min(EXAMPLE_TILES, index.num_satellite)
+  scores, tops = knn.knn(ground[known], satellite, k, backend="exact")
+  panels = []
+  for i in choose_examples(result.ranks, count):
+    q = known[i]
+    panels.append(retrieve.Panel(
+        query=image_io.read_rgb(index.ground_paths[q]),
+        title=f"{index.ground_ids[q]}: true tile at rank "
+              f"{result.ranks[i] + 1}",
+        tiles=[image_io.read_rgb(index.satellite_paths[j])
+               for j in tops[i]],
+        captions=[f"#{r + 1} {index.satellite_ids[j]}\n{s:.3f}"
+                  for r, (j, s) in enumerate(zip(tops[i], scores[i]))],
+        true_index=int(np.flatnonzero(tops[i] == positive[i])[0])
+        if positive[i] in tops[i] else -1))
+  title = (f"{trained.stage}, {trained.checkpoint} checkpoint (step "
+           f"{trained.step}): R@1 {result.metrics['R@1']:.1f} % on "
+           f"{index.name} ({len(known)} queries)")
+  return panels, title
+
+
+def write_report(workdir: str, *, num_examples: int = 6,
+                 mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, str]:
+  """Writes the pictures of a run under `workdir/report/`.
+
+  Args:
+    workdir: the run's folder.
+    num_examples: queries in the retrieval examples.
+    mesh: devices for embedding the eval split; default all.
+
+  Returns:
+    {"recall" | "pseudo_labels" | "retrieval_examples": PNG path} of the
+    pictures written (those whose records exist).
+  """
+  config = export.read_config(workdir)
+  folder = os.path.join(workdir, REPORT_DIR)
+  main = parallel.is_main_process()
+  written = {}
+  curves = recall_curves(workdir, config)
+  if curves:
+    written["recall"] = os.path.join(folder, "recall.png")
+    if main:
+      plot_recall(curves, written["recall"])
+  else:
+    logging.info("Report: no evaluation recorded yet; no recall picture.")
+  rounds = (pseudo_rounds(workdir) if "pseudo_label" in config.stages
+            else [])
+  if rounds:
+    written["pseudo_labels"] = os.path.join(folder, "pseudo_labels.png")
+    if main:
+      plot_pseudo_labels(rounds, written["pseudo_labels"])
+  has_checkpoint = any(
+      export.checkpoint_step(os.path.join(workdir, s, kind)) is not None
+      for s in training_stages(config)
+      for kind in export.CHECKPOINTS.values())
+  if has_checkpoint and num_examples > 0:
+    panels, title = example_panels(workdir, config, num_examples, mesh)
+    written["retrieval_examples"] = os.path.join(folder,
+                                                 "retrieval_examples.png")
+    if main:
+      retrieve.draw_panels(panels, written["retrieval_examples"], title)
+  return written
+
+
+def define_flags() -> None:
+  """The CLI's flags (only when run as a program; see `export`)."""
+  flags.DEFINE_string("workdir", None, "The training run's folder.")
+  flags.DEFINE_integer("num_examples", 6,
+                       "Queries in retrieval_examples.png.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  for name, path in write_report(f.workdir,
+                                 num_examples=f.num_examples).items():
+    print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
