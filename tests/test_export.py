@@ -1,0 +1,345 @@
+"""Retrieval bundle (export -> retrieve) and the run report, on one tiny run.
+
+The module trains one tiny run once (a synthetic CVUSA world of 48 pairs,
+a 2-stage ConvNeXt, the pseudo-label stage for a warm-up epoch and one
+round) and exports it once; every test reads those.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import jax
+import numpy as np
+import pytest
+
+from cvgl_jax import evaluate
+from cvgl_jax import export
+from cvgl_jax import main as main_lib
+from cvgl_jax import metrics
+from cvgl_jax import report
+from cvgl_jax import retrieve
+from cvgl_jax import stages
+from cvgl_jax.train import steps
+
+CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+MARK = (0x1a, 0x9e, 0x3f)  # retrieve's true-tile frame colour, RGB.
+
+
+def tiny_config():
+  """The demo config at CI size: pseudo-label stage only, 2 epochs."""
+  spec = importlib.util.spec_from_file_location(
+      "synthetic_unsup", os.path.join(CONFIGS, "synthetic_unsup.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.stages = ("pseudo_label",)
+  s = config.synthetic
+  s.num_pairs, s.pairs_per_world, s.map_cells = 48, 24, 1024
+  s.sat_px, s.cvusa_width = 64, 154
+  config.data.ground_size = (32, 128)
+  config.data.satellite_size = (64, 64)
+  config.model.variant = "custom"
+  config.model.depths, config.model.dims = (1, 1), (8, 16)
+  config.model.depthwise_impl = "conv"
+  config.train.batch_size = 16
+  config.train.eval_batch_size = 16
+  config.train.log_every_steps = 1
+  config.train.eval_every_epochs = 1
+  p = config.pseudo_label
+  p.epochs, p.warmup_epochs, p.gt_ratio, p.tau = 2, 1, 0.25, 0.0
+  p.knn_backend = "exact"
+  return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """(config, workdir, eval split, bundle folder)."""
+  config = tiny_config()
+  base = tmp_path_factory.mktemp("export")
+  workdir = str(base / "run")
+  main_lib.run(config, workdir)
+  bundle = str(base / "bundle")
+  export.export(workdir, bundle)
+  evaluation = stages.read_data(config, workdir)[1]
+  return config, workdir, evaluation, bundle
+
+
+def copy_bundle(bundle, tmp_path, name="copy"):
+  out = str(tmp_path / name)
+  shutil.copytree(bundle, out)
+  return out
+
+
+def test_round_trip_ranks_as_evaluate(run):
+  config, workdir, ev, bundle_dir = run
+  trained = export.load_trained(workdir)
+  assert (trained.stage, trained.checkpoint) == ("pseudo_label", "best")
+  fns = (steps.make_embed_fn(trained.model, trained.mesh, "ground"),
+         steps.make_embed_fn(trained.model, trained.mesh, "satellite"))
+  common = dict(batch_size=16, mesh=trained.mesh)
+  expected = evaluate.evaluate(
+      trained.params, ev, ground_size=config.data.ground_size,
+      satellite_size=config.data.satellite_size, embed_fns=fns, **common)
+  ground = evaluate.embed_split(fns[0], trained.params, ev.ground_paths,
+                                size=config.data.ground_size, **common)
+  satellite = evaluate.embed_split(fns[1], trained.params,
+                                   ev.satellite_paths,
+                                   size=config.data.satellite_size, **common)
+  truth = metrics.recall_at_k(ground, satellite, ev.positive)
+
+  bundle = retrieve.load_bundle(bundle_dir)
+  np.testing.assert_array_equal(bundle.references["ids"], ev.satellite_ids)
+  np.testing.assert_allclose(bundle.embeddings, satellite, atol=1e-6)
+  results = bundle.search_files(list(ev.ground_paths),
+                                top_k=ev.num_satellite)
+  assert all(r.in_dataset for r in results)
+  assert [r.true_row for r in results] == list(ev.positive)
+  ranks = np.array([r.true_rank - 1 for r in results])
+  np.testing.assert_array_equal(ranks, truth.ranks)
+  np.testing.assert_array_equal([r.matches[0].row for r in results],
+                                truth.top1)
+  for k in (1, 5, 10):
+    assert 100.0 * np.mean(ranks < k) == pytest.approx(expected[f"R@{k}"])
+  scores = np.array([[m.score for m in r.matches] for r in results])
+  assert (np.diff(scores, axis=1) <= 0).all()
+  np.testing.assert_allclose(scores[:, 0], (ground @ satellite.T).max(1),
+                             atol=1e-5)
+
+  manifest = bundle.manifest
+  best = stages.read_done(workdir, "pseudo_label")["best"]
+  assert manifest["source"]["step"] == best["step"]
+  assert manifest["source"]["eval"]["R@1"] == best["R@1"]
+  # The synthetic world's tile centres are the references' coordinates.
+  with open(os.path.join(ev.root, "synthetic_truth.json")) as f:
+    centres = {p["satellite_id"]: (p["recorded_en_m"], p["world"])
+               for p in json.load(f)["pairs"]}
+  m = results[0].matches[0]
+  assert manifest["dataset"]["coord_kind"] == "synthetic"
+  assert [list(m.coordinates), m.world] == list(centres[m.id])
+
+
+def test_a_fresh_process_retrieves_without_the_workdir(run, tmp_path):
+  _, workdir, ev, bundle_dir = run
+  moved = copy_bundle(bundle_dir, tmp_path, "bundle")
+  data = str(tmp_path / "data")
+  shutil.copytree(ev.root, data)
+  queries = [os.path.join(data, os.path.relpath(p, ev.root))
+             for p in ev.ground_paths[:3]]
+  expected = retrieve.load_bundle(bundle_dir).search_files(queries, 3)
+  picture = str(tmp_path / "matches.png")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  hidden = workdir + ".hidden"
+  os.rename(workdir, hidden)
+  try:
+    out = subprocess.run(
+        [sys.executable, "-m", "cvgl_jax.retrieve", f"--bundle={moved}",
+         "--top_k=3", "--json", f"--picture={picture}",
+         f"--data_root={data}", *queries],
+        capture_output=True, text=True, env=env, timeout=300)
+  finally:
+    os.rename(hidden, workdir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = [json.loads(line) for line in out.stdout.splitlines()]
+  assert [g["query"] for g in got] == queries
+  for g, e in zip(got, expected):
+    assert [m["row"] for m in g["matches"]] == [m.row for m in e.matches]
+    np.testing.assert_allclose([m["score"] for m in g["matches"]],
+                               [m.score for m in e.matches], atol=1e-5)
+    assert (g["true_row"], g["true_rank"]) == (e.true_row, e.true_rank)
+  image = cv2.imread(picture, cv2.IMREAD_COLOR_RGB)
+  assert image is not None and image.shape[1] > image.shape[0] > 300
+  assert image.std() > 20
+
+
+def test_the_cli_refuses_a_corrupt_bundle(run, tmp_path):
+  _, _, ev, bundle_dir = run
+  bad = copy_bundle(bundle_dir, tmp_path)
+  with open(os.path.join(bad, export.PARAMS), "r+b") as f:
+    f.seek(-3, os.SEEK_END)
+    f.write(b"\x00\x01\x02")
+  out = subprocess.run(
+      [sys.executable, "-m", "cvgl_jax.retrieve", f"--bundle={bad}",
+       ev.ground_paths[0]], capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "Refused" in out.stderr and "params.safetensors" in out.stderr
+  assert "corrupt" in out.stderr
+
+
+def _rewrite_manifest(folder):
+  """Re-hashes every file (as if the bundle had been assembled by hand)."""
+  with open(os.path.join(folder, export.MANIFEST)) as f:
+    manifest = json.load(f)
+  export.write_manifest(folder, manifest)
+
+
+def _edit_manifest(folder, edit):
+  path = os.path.join(folder, export.MANIFEST)
+  with open(path) as f:
+    manifest = json.load(f)
+  edit(manifest)
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+
+
+def test_refuses_missing_truncated_and_corrupt_files(run, tmp_path):
+  bundle_dir = run[3]
+  bad = copy_bundle(bundle_dir, tmp_path, "missing")
+  os.remove(os.path.join(bad, export.QUERIES))
+  with pytest.raises(retrieve.BundleError, match="queries.npz is missing"):
+    retrieve.load_bundle(bad)
+
+  bad = copy_bundle(bundle_dir, tmp_path, "truncated")
+  path = os.path.join(bad, export.EMBEDDINGS)
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(size - 64)
+  with pytest.raises(retrieve.BundleError,
+                     match=f"embeddings.npy has {size - 64} bytes.*"
+                           f"says {size}.*truncated"):
+    retrieve.load_bundle(bad)
+
+  bad = copy_bundle(bundle_dir, tmp_path, "flipped")
+  path = os.path.join(bad, export.INDEX_DIR, "dataset.npy")
+  data = bytearray(open(path, "rb").read())
+  data[-5] ^= 0xFF
+  open(path, "wb").write(bytes(data))
+  with pytest.raises(retrieve.BundleError,
+                     match="scann/dataset.npy has SHA-256.*corrupt"):
+    retrieve.load_bundle(bad)
+
+  bad = copy_bundle(bundle_dir, tmp_path, "version")
+  _edit_manifest(bad, lambda m: m.update(version=99))
+  with pytest.raises(retrieve.BundleError, match="version 99"):
+    retrieve.load_bundle(bad)
+  with pytest.raises(retrieve.BundleError, match="does not exist"):
+    retrieve.load_bundle(str(tmp_path / "nowhere"))
+
+
+def test_refuses_a_bundle_of_another_model(run, tmp_path):
+  bundle_dir = run[3]
+  bundle = retrieve.load_bundle(bundle_dir)
+
+  # Another architecture's params (wider second stage).
+  other = dict(bundle.spec, dims=[8, 24])
+  shapes = export.abstract_params(export.build_model(other), other)
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  bad = copy_bundle(bundle_dir, tmp_path, "other_params")
+  export.save_params(os.path.join(bad, export.PARAMS), zeros)
+  with pytest.raises(retrieve.BundleError,
+                     match="params.safetensors has .*(bytes|SHA-256)"):
+    retrieve.load_bundle(bad)
+  _rewrite_manifest(bad)
+  with pytest.raises(retrieve.BundleError,
+                     match="another model's params.*differ in shape"):
+    retrieve.load_bundle(bad)
+
+  # The manifest describes another model than the params hold.
+  bad = copy_bundle(bundle_dir, tmp_path, "other_spec")
+  _edit_manifest(bad, lambda m: m["model"].update(dims=[8, 24]))
+  with pytest.raises(retrieve.BundleError, match="another model's params"):
+    retrieve.load_bundle(bad)
+  bad = copy_bundle(bundle_dir, tmp_path, "other_fingerprint")
+  _edit_manifest(bad, lambda m: m["model"].update(fingerprint="0" * 64))
+  with pytest.raises(retrieve.BundleError,
+                     match="manifest describes another model"):
+    retrieve.load_bundle(bad)
+
+  # Same architecture, other weights: the embeddings no longer match.
+  bad = copy_bundle(bundle_dir, tmp_path, "other_weights")
+  export.save_params(os.path.join(bad, export.PARAMS),
+                     jax.tree.map(lambda x: x * 0.5, bundle.params))
+  _rewrite_manifest(bad)
+  with pytest.raises(retrieve.BundleError,
+                     match="embeddings.npy was computed with other weights"):
+    retrieve.load_bundle(bad)
+
+
+def test_export_refuses_bad_requests_before_embedding(run, tmp_path):
+  _, workdir, _, bundle_dir = run
+  with pytest.raises(export.ExportError, match="exists and is not empty"):
+    export.export(workdir, bundle_dir)
+  out = str(tmp_path / "b")
+  with pytest.raises(export.ExportError, match="not a training stage"):
+    export.export(workdir, out, stage="cfp")
+  with pytest.raises(export.ExportError, match="'intra' has no checkpoint"):
+    export.export(workdir, out, stage="intra")
+  with pytest.raises(export.ExportError, match="references='test'"):
+    export.export(workdir, out, references="test")
+  with pytest.raises(FileNotFoundError, match="config.json not found"):
+    export.export(str(tmp_path), out)
+  assert not os.path.exists(out)
+
+
+def test_draw_panels_frames_only_the_true_tile(tmp_path):
+  rng = np.random.default_rng(0)
+  grey = lambda *s: rng.integers(60, 200, s + (3,), dtype=np.uint8)
+  panel = retrieve.Panel(query=grey(32, 128), title="q",
+                         tiles=[grey(64, 64) for _ in range(5)],
+                         captions=[f"#{i + 1}" for i in range(5)])
+
+  def marked_pixels(panels):
+    path = str(tmp_path / "p.png")
+    retrieve.draw_panels(panels, path, title="t")
+    image = cv2.imread(path, cv2.IMREAD_COLOR_RGB)
+    return image, int((np.abs(image.astype(int) - MARK).sum(-1) < 10).sum())
+
+  image, none = marked_pixels([panel, panel])
+  assert none == 0 and image.shape[1] > image.shape[0]
+  _, framed = marked_pixels([dataclasses.replace(panel, true_index=2),
+                             panel])
+  assert framed > 400  # A 5 px frame around one tile.
+
+
+def test_choose_examples_mixes_hits_and_misses():
+  ranks = np.array([0, 3, 0, 0, 7, 0, 1, 0])
+  chosen = report.choose_examples(ranks, 4)
+  assert list(chosen) == sorted(chosen) and len(set(chosen)) == 4
+  assert (ranks[chosen] == 0).sum() == 2
+  assert list(report.choose_examples(np.zeros(3, int), 6)) == [0, 1, 2]
+  assert len(report.choose_examples(np.array([2, 0, 5]), 2)) == 2
+
+
+def test_read_records_keeps_the_last_of_a_resumed_step(tmp_path):
+  (tmp_path / "s").mkdir()
+  lines = [{"step": 2, "epoch": 1, "kind": "eval", "R@1": 1.0},
+           {"step": 1, "epoch": 0, "kind": "train", "loss": 3.0},
+           {"step": 2, "epoch": 1, "kind": "eval", "R@1": 5.0}]
+  (tmp_path / "s" / "metrics.jsonl").write_text(
+      "".join(json.dumps(x) + "\n" for x in lines))
+  records = report.read_records(str(tmp_path), "s")
+  assert [(r["kind"], r.get("R@1")) for r in records] == [
+      ("train", None), ("eval", 5.0)]
+
+
+def test_report_writes_the_pictures_of_the_run(run):
+  config, workdir, ev, _ = run
+  written = report.write_report(workdir, num_examples=4)
+  assert sorted(written) == ["pseudo_labels", "recall", "retrieval_examples"]
+  sizes = {"recall": (450, 800), "pseudo_labels": (650, 800)}
+  for name, path in written.items():
+    assert path == os.path.join(workdir, "report", f"{name}.png")
+    image = cv2.imread(path, cv2.IMREAD_COLOR_RGB)
+    assert image is not None and image.std() > 10, name
+    if name in sizes:
+      assert image.shape[:2] == sizes[name]
+
+  curves = report.recall_curves(workdir, config)
+  assert [c["stage"] for c in curves] == ["pseudo_label"]
+  assert list(curves[0]["epochs"]) == [1, 2]
+  done = stages.read_done(workdir, "pseudo_label")
+  assert curves[0]["R@1"][-1] == done["eval"]["R@1"]
+  rounds = report.pseudo_rounds(workdir)
+  assert [(r["epoch"], r["warmup"]) for r in rounds] == [(0, 1.0), (1, 0.0)]
+
+  panels, title = report.example_panels(workdir, config, count=4)
+  assert len(panels) == 4 and ev.name in title
+  for panel in panels:
+    rank = int(panel.title.rsplit(" ", 1)[1])
+    assert panel.true_index == (rank - 1 if rank <= 5 else -1)
+    assert len(panel.tiles) == 5
