@@ -1,7 +1,7 @@
 r"""Query a retrieval bundle: ground images -> ranked satellite tiles.
 
   python -m cvgl_jax.retrieve --bundle=BUNDLE [--top_k=10] \
-      [--picture=OUT.png] [--data_root=DIR] [--json] IMAGE...
+      [--picture=OUT.png] [--data_root=DIR] [--json] [--noverify] IMAGE...
 
 Loads a bundle written by `cvgl_jax.export` (no training workdir needed),
 embeds each query panorama with the bundle's query tower and preprocessing
@@ -86,7 +86,7 @@ class QueryResult:
   """The ranked tiles of one query image.
 
   Attributes:
-    query: the image file (or a label for in-memory images).
+    query: the image file.
     matches: best first.
     true_row: reference row of the query's true tile; -1 when unknown.
     true_rank: 1-based rank of the true tile among `matches`, or None.
@@ -578,6 +578,8 @@ def define_flags() -> None:
   flags.DEFINE_string("data_root", None, "Dataset folder for the picture's "
                       "tiles when it is not where the bundle was exported.")
   flags.DEFINE_bool("json", False, "Print one JSON object per query.")
+  flags.DEFINE_bool("verify", True, "Check every bundle file's size and "
+                    "SHA-256 against the manifest (reads the whole bundle).")
   flags.mark_flags_as_required(["bundle"])
 
 
@@ -590,7 +592,7 @@ def main(argv):
   if missing:
     raise app.UsageError(f"Query image(s) not found: {missing}")
   try:
-    bundle = load_bundle(f.bundle)
+    bundle = load_bundle(f.bundle, verify=f.verify)
   except BundleError as e:
     raise SystemExit(f"Refused: {e}") from e
   top_k = f.top_k
