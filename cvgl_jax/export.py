@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -169,6 +170,15 @@ def preprocess_spec(spec: dict) -> dict:
                     "INTER_LINEAR (cvgl_jax.data.image_io.resize)",
           "mean": list(augment.IMAGENET_MEAN),
           "std": list(augment.IMAGENET_STD)}
+
+
+@functools.lru_cache(maxsize=8)
+def embed_fns(model: encoder.TwoTower, mesh: jax.sharding.Mesh
+              ) -> tuple[evaluate.EmbedFn, evaluate.EmbedFn]:
+  """(ground, satellite) `steps.make_embed_fn`s of a model, cached so that
+  repeated exports and reports of one model compile once."""
+  return (steps.make_embed_fn(model, mesh, "ground"),
+          steps.make_embed_fn(model, mesh, "satellite"))
 
 
 # ----------------------------------------------------- trained params ----
@@ -459,9 +469,8 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None,
 
   n_dev = mesh.devices.size
   batch = -(-int(config.train.eval_batch_size) // n_dev) * n_dev
-  embed_fn = steps.make_embed_fn(trained.model, mesh, "satellite")
   embeddings = evaluate.embed_split(
-      embed_fn, trained.params, refs["abs_paths"],
+      embed_fns(trained.model, mesh)[1], trained.params, refs["abs_paths"],
       size=spec["satellite_size"], batch_size=batch, mesh=mesh,
       num_threads=int(config.data.num_threads), progress=progress,
       desc="embed references")

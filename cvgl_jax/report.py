@@ -49,7 +49,6 @@ from cvgl_jax import retrieve
 from cvgl_jax import stages
 from cvgl_jax.data import image_io
 from cvgl_jax.pseudo import knn
-from cvgl_jax.train import steps
 
 REPORT_DIR = "report"
 RECALL_KS = (1, 5, 10)
@@ -235,13 +234,12 @@ def example_panels(workdir: str, config: ml_collections.ConfigDict,
   batch = int(config.train.eval_batch_size) // jax.process_count()
   common = dict(batch_size=batch, mesh=trained.mesh,
                 num_threads=int(config.data.num_threads))
+  embed_g, embed_s = export.embed_fns(trained.model, trained.mesh)
   ground = evaluate.embed_split(
-      steps.make_embed_fn(trained.model, trained.mesh, "ground"),
-      trained.params, index.ground_paths, size=trained.spec["ground_size"],
-      **common)
+      embed_g, trained.params, index.ground_paths,
+      size=trained.spec["ground_size"], **common)
   satellite = evaluate.embed_split(
-      steps.make_embed_fn(trained.model, trained.mesh, "satellite"),
-      trained.params, index.satellite_paths,
+      embed_s, trained.params, index.satellite_paths,
       size=trained.spec["satellite_size"], **common)
   known = np.flatnonzero(np.asarray(index.positive) >= 0)
   if not len(known):

@@ -25,7 +25,6 @@ from cvgl_jax import metrics
 from cvgl_jax import report
 from cvgl_jax import retrieve
 from cvgl_jax import stages
-from cvgl_jax.train import steps
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 MARK = (0x1a, 0x9e, 0x3f)  # retrieve's true-tile frame colour, RGB.
@@ -80,8 +79,7 @@ def test_round_trip_ranks_as_evaluate(run):
   config, workdir, ev, bundle_dir = run
   trained = export.load_trained(workdir)
   assert (trained.stage, trained.checkpoint) == ("pseudo_label", "best")
-  fns = (steps.make_embed_fn(trained.model, trained.mesh, "ground"),
-         steps.make_embed_fn(trained.model, trained.mesh, "satellite"))
+  fns = export.embed_fns(trained.model, trained.mesh)
   common = dict(batch_size=16, mesh=trained.mesh)
   expected = evaluate.evaluate(
       trained.params, ev, ground_size=config.data.ground_size,
