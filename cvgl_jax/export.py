@@ -541,9 +541,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  manifest = export(f.workdir, f.out, stage=f.stage,
-                    checkpoint=f.checkpoint, references=f.references,
-                    overwrite=f.overwrite, progress=True)
+  try:
+    manifest = export(f.workdir, f.out, stage=f.stage,
+                      checkpoint=f.checkpoint, references=f.references,
+                      overwrite=f.overwrite, progress=True)
+  except (ExportError, FileNotFoundError) as e:
+    raise SystemExit(f"Export refused: {e}") from e
   print(json.dumps({k: manifest[k] for k in ("source", "dataset", "index")},
                    indent=2))
 
