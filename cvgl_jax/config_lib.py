@@ -88,6 +88,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 1000
   c.train.log_every_steps = 50
 
+  # Training augmentations (METHOD.md's, for ImageNet-pretrained towers on
+  # real photos). Each probability applies to both views; the view-specific
+  # structure (grid ratios, the satellite warps) stays. A from-scratch model
+  # on a small world learns far faster with them weaker (BUILD_NOTES.md).
+  c.augment = ml_collections.ConfigDict()
+  c.augment.dropout_p = 0.5       # grid or coarse dropout
+  c.augment.jitter_p = 0.8        # colour jitter (brightness/contrast/...)
+  c.augment.jitter = 1.0          # scales brightness/contrast/sat. 0.4, hue 0.1
+  c.augment.grayscale_p = 0.2
+  c.augment.blur_p = 0.5
+  c.augment.warp_p = 0.5          # satellite shift/scale (and intra rotation)
+  c.augment.paired_flip_p = 0.5   # cross-view stages: flip both views
+  c.augment.paired_rotate_p = 0.5  # rotate the tile, roll the panorama
+
   c.intra = ml_collections.ConfigDict()
   c.intra.epochs = 12
   c.intra.label_smoothing = 0.1
@@ -271,6 +285,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
       errors.append(f"config.{stage}.epochs must be >= 1")
     if not 0 <= config[stage].label_smoothing < 1:
       errors.append(f"config.{stage}.label_smoothing must be in [0, 1)")
+  a = config.augment
+  for key in ("dropout_p", "jitter_p", "grayscale_p", "blur_p", "warp_p",
+              "paired_flip_p", "paired_rotate_p"):
+    if not 0 <= a[key] <= 1:
+      errors.append(f"config.augment.{key}={a[key]} must be a probability "
+                    "in [0, 1]")
+  if not 0 <= a.jitter <= 2.5:
+    errors.append(f"config.augment.jitter={a.jitter} must be in [0, 2.5] "
+                  "(brightness, contrast and saturation factors stay >= 0)")
   p = config.pseudo_label
   for key in ("gt_ratio", "labeled_ratio"):
     if not 0 <= p[key] <= 1:

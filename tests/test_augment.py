@@ -317,3 +317,25 @@ def test_paired_geometry_keeps_a_rendered_pair_matching_its_bev():
   # The pairs were really rotated (k = 1, 2, 3) and some also flipped.
   assert {k for k, _ in moves} == {1, 2, 3}
   assert {f for _, f in moves} == {0, 1}
+
+
+def test_config_defaults_are_the_paper_presets_and_knobs_reach_the_views():
+  from cvgl_jax import config_lib
+  cfg = config_lib.default_config().augment
+  intra, cross = augment.from_config(cfg, True), augment.from_config(cfg,
+                                                                      False)
+  assert intra["ground_aug"] == augment.ground_view()
+  assert intra["satellite_aug"] == augment.satellite_view()
+  assert intra["satellite_aug2"] == augment.satellite_second_view()
+  assert cross["paired_aug"] == augment.PairedConfig()
+  assert set(cross) == {"ground_aug", "satellite_aug", "paired_aug"}
+
+  cfg.dropout_p = cfg.jitter_p = cfg.grayscale_p = cfg.blur_p = 0.0
+  cfg.warp_p = cfg.paired_flip_p = cfg.paired_rotate_p = 0.0
+  off = augment.from_config(cfg, False)
+  images = _images(w=32)
+  for view in ("ground_aug", "satellite_aug"):
+    out = augment.augment_batch(jax.random.key(1), images, off[view])
+    np.testing.assert_allclose(np.asarray(out), images / 255.0, atol=1e-6)
+  cfg.jitter = 0.5
+  assert augment.from_config(cfg, True)["satellite_aug2"].brightness == 0.2

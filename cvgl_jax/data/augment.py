@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -175,6 +176,35 @@ def satellite_second_view(**overrides) -> ViewConfig:
   return satellite_view(**{
       "affines": (Affine(p=0.5, shift=0.2, scale=0.2, rotate=15.0),
                   Affine()), **overrides})
+
+
+def from_config(cfg, intra: bool) -> dict[str, Any]:
+  """The step factories' augmentation arguments from `config.augment`.
+
+  Args:
+    cfg: the `augment` section of a run config (`cvgl_jax.config_lib`).
+    intra: True for the intra-view step (two satellite views), False for
+      the cross-view steps (paired geometry).
+
+  Returns:
+    {"ground_aug", "satellite_aug"} plus "satellite_aug2" (intra) or
+    "paired_aug" (cross-view), keyword arguments of `cvgl_jax.train.steps`.
+  """
+  common = dict(dropout_p=cfg.dropout_p, jitter_p=cfg.jitter_p,
+                brightness=0.4 * cfg.jitter, contrast=0.4 * cfg.jitter,
+                saturation=0.4 * cfg.jitter, hue=0.1 * cfg.jitter,
+                grayscale_p=cfg.grayscale_p, blur_p=cfg.blur_p)
+  out = {"ground_aug": ground_view(**common),
+         "satellite_aug": satellite_view(
+             **common, affines=(Affine(p=cfg.warp_p),))}
+  if intra:
+    out["satellite_aug2"] = satellite_second_view(
+        **common, affines=(Affine(p=cfg.warp_p, shift=0.2, scale=0.2,
+                                  rotate=15.0), Affine(p=cfg.warp_p)))
+  else:
+    out["paired_aug"] = PairedConfig(flip_p=cfg.paired_flip_p,
+                                     rotate_p=cfg.paired_rotate_p)
+  return out
 
 
 def no_view_augmentation() -> ViewConfig:
