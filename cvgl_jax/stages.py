@@ -98,20 +98,20 @@ def synthetic_root(config: ml_collections.ConfigDict, workdir: str) -> str:
   """
   s = config.synthetic
   root = os.path.join(workdir, SYNTHETIC_DIR)
-  if os.path.isdir(root):
-    return root
   cfg = synthetic.SyntheticConfig(
       map_cells=s.map_cells, pairs_per_world=s.pairs_per_world,
       sat_px=s.sat_px, pano_width=s.pano_width,
       cvusa_width=s.cvusa_width).validate()
-  if parallel.is_main_process():
+  # Only process 0 looks and writes; every process passes the barrier, so
+  # none can read before the rename, whatever each saw on the disk.
+  if parallel.is_main_process() and not os.path.isdir(root):
     partial = root + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     logging.info("Generating a synthetic %s world of %d pairs in %s",
                  s.layout, s.num_pairs, root)
     synthetic.write_dataset(s.layout, partial, cfg, s.num_pairs, s.seed)
     os.replace(partial, root)
-  multihost_utils.sync_global_devices("synthetic_world")
+  parallel.sync("synthetic_world")
   return root
 
 
@@ -145,10 +145,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 def run_cfp(run: Run) -> dict:
   """Projects every training panorama to a BEV image (`root/g2a/`)."""
   c = run.config.cfp
-  return project.project_split(
+  stats = project.project_split(
       run.train, out_size=c.out_size, fov_deg=c.fov_deg,
       placement=c.placement, batch_size=c.batch_size, wrap=c.wrap,
-      progress=parallel.is_main_process())
+      progress=parallel.is_main_process(),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  if jax.process_count() > 1:  # Each process wrote its share.
+    stats["written"] = int(np.sum(multihost_utils.process_allgather(
+        np.int64(stats["written"]))))
+  return stats
 
 
 def run_translate(run: Run) -> dict:
@@ -305,6 +310,9 @@ def run_pseudo_label(run: Run) -> dict:
       rows, labeled, info = pairing.epoch_rows(
           result.pairs, gt_pairs, index.num_ground, index.num_satellite,
           p.labeled_ratio, rng)
+      # Every process refined the same embeddings; process 0's pairing is
+      # made everyone's so that the shards of an epoch always fit together.
+      rows, labeled = parallel.from_main_process((rows, labeled))
       metrics = dict(result.stats, **info, warmup=0.0)
       logging.info("Pseudo labels, epoch %d: %s", epoch, metrics)
       return {"pairs": rows, "labeled": labeled, "metrics": metrics}

@@ -15,8 +15,11 @@ table, decodes the images each row names, and batches them.
                 batches with a validity mask and the image's index.
 
 Training epochs: one global permutation per (seed, epoch), the same on every
-process; process p takes rows p, p + P, ... of it, truncated so that every
-process has the same number of full batches (the remainder is dropped).
+process, cut into global batches of batch_size x P rows (the remainder is
+dropped); process p takes block p of each global batch. `parallel.to_global`
+puts process p's rows after those of processes 0 .. p-1, so a global batch
+holds the same rows in the same order for any number of processes, and a
+run on 2 processes x 2 devices computes what 1 process x 4 devices does.
 
 The grain Dataset API (MapDataset -> IterDataset) is used rather than
 DataLoader: an epoch's table changes with the pseudo pairing, slicing by
@@ -252,8 +255,9 @@ class TrainPipeline:
     rng = np.random.default_rng([self.seed, int(epoch)])
     table = self._make_rows(rng, rows)
     steps = self.steps_per_epoch(rows)
-    mine = table[self.process_index::self.process_count]
-    return mine[:steps * self.batch_size]
+    b, p, n = self.batch_size, self.process_index, self.process_count
+    blocks = table[:steps * n * b].reshape(steps, n, b, *table.shape[1:])
+    return blocks[:, p].reshape(steps * b, *table.shape[1:])
 
   def steps_per_epoch(self, rows: Optional[np.ndarray] = None) -> int:
     """Batches per epoch, the same on every process (rows: the pairing's
