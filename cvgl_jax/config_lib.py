@@ -109,6 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.cross_fake = ml_collections.ConfigDict()
   c.cross_fake.epochs = 28
   c.cross_fake.label_smoothing = 0.3
+  c.cross_fake.fake_folder = "g2a_sat"  # g2a: the BEV itself ("w/o translation")
 
   c.supervised = ml_collections.ConfigDict()
   c.supervised.epochs = 40
@@ -285,6 +286,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       errors.append(f"config.{stage}.epochs must be >= 1")
     if not 0 <= config[stage].label_smoothing < 1:
       errors.append(f"config.{stage}.label_smoothing must be in [0, 1)")
+  if config.cross_fake.fake_folder not in ("g2a_sat", "g2a"):
+    errors.append(f"config.cross_fake.fake_folder="
+                  f"{config.cross_fake.fake_folder!r}; choose 'g2a_sat' (the "
+                  "translated BEV) or 'g2a' (the BEV)")
+  if config.translate.source not in translate_lib.SOURCES:
+    errors.append(f"config.translate.source={config.translate.source!r}; "
+                  f"choose one of {translate_lib.SOURCES}")
   a = config.augment
   for key in ("dropout_p", "jitter_p", "grayscale_p", "blur_p", "warp_p",
               "paired_flip_p", "paired_rotate_p"):

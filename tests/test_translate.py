@@ -291,3 +291,20 @@ def test_stage_moves_bevs_toward_the_satellite_domain(tmp_path):
   print(f"colour distance to tiles: BEV {d_bev:.3f}, untrained "
         f"{d_untrained:.3f}, translated {d_fake:.3f}")
   assert d_fake < 0.8 * min(d_bev, d_untrained)
+
+
+def test_without_bev_the_panoramas_are_translated(tmp_path):
+  """The "w/o BEV" ablation: domain A is the panoramas; no g2a/ needed."""
+  root = str(tmp_path / "cvusa")
+  layouts.write_dataset("cvusa", root, SMALL_WORLD, 12, seed=6,
+                        progress=False)
+  index = cvusa.read(root, "train")
+  with pytest.raises(ValueError, match="source='bev'"):
+    ts.translate(index, str(tmp_path / "w0"), tiny_config(source="bev"))
+  result = ts.translate(index, str(tmp_path / "work"),
+                        tiny_config(source="panorama"), progress=False)
+  n = len(index.ground_ids)
+  assert result == {"steps": 2 * n, "written": n, "total": n}
+  assert not os.path.exists(os.path.join(root, "g2a"))
+  fakes = [image_io.read_rgb(p) for p in index.derived_paths("g2a_sat")]
+  assert all(f.shape == (32, 32, 3) for f in fakes)

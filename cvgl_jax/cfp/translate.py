@@ -46,6 +46,9 @@ import numpy as np
 import optax
 
 
+SOURCES = ("g2a", "panorama")  # domain A of the translation
+
+
 def get_config() -> ml_collections.ConfigDict:
   """Defaults of the authors' CycleGAN run (UCVGL `CFP/CycleGAN` options).
 
@@ -55,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   fakes are `crop_size` square.
   """
   config = ml_collections.ConfigDict()
+  # Domain A: "g2a" (the BEV projections, the paper) or "panorama" (the
+  # ground images themselves, squashed square: the paper's "without BEV"
+  # ablation). The fakes go to `g2a_sat/` either way.
+  config.source = "g2a"
   config.ngf = 64
   config.ndf = 64
   config.n_blocks = 9

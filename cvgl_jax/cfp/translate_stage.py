@@ -65,9 +65,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if missing:
     raise ValueError(f"translate config: missing key(s) {missing}; start "
                      "from cvgl_jax.cfp.translate.get_config().")
+  if config.source not in tr.SOURCES:
+    raise ValueError(f"translate config: source={config.source!r}; choose "
+                     f"one of {tr.SOURCES}.")
   for key, default in defaults.items():
     value = config[key]
     kind = type(default)
+    if kind is str:
+      continue
     ok = (isinstance(value, bool) if kind is bool else
           isinstance(value, (int, float)) and not isinstance(value, bool)
           if kind is float else
@@ -388,7 +393,9 @@ def translate(index, workdir: str, config: ml_collections.ConfigDict, *,
   """The stage: BEVs `root/g2a/<id>.png` -> fakes `root/g2a_sat/<id>.png`.
 
   Trains on the split's BEVs and its satellite tiles (unpaired), then
-  translates every BEV of the split. (`main` marks the stage done.)
+  translates every BEV of the split. (`main` marks the stage done.) With
+  `config.source = "panorama"` the panoramas take the BEVs' place (the
+  "without BEV" ablation).
 
   Args:
     index: a `cvgl_jax.data.index.PairIndex` (the training split).
@@ -400,11 +407,14 @@ def translate(index, workdir: str, config: ml_collections.ConfigDict, *,
     {"steps": training steps, "written": fakes written, "total": BEVs}.
   """
   validate_config(config)
-  bev_dir = os.path.join(index.root, "g2a")
-  if not os.path.isdir(bev_dir):
-    raise ValueError(f"BEV folder {bev_dir} does not exist: run the cfp "
-                     "stage first.")
-  bev_paths = list(index.derived_paths("g2a"))
+  if config.source == "g2a":
+    bev_dir = os.path.join(index.root, "g2a")
+    if not os.path.isdir(bev_dir):
+      raise ValueError(f"BEV folder {bev_dir} does not exist: run the cfp "
+                       "stage first.")
+    bev_paths = list(index.derived_paths("g2a"))
+  else:
+    bev_paths = list(index.ground_paths)
   out_paths = list(index.derived_paths("g2a_sat"))
   stage_dir = os.path.join(workdir, "translate")
   state = train_translation(bev_paths, list(index.satellite_paths), stage_dir,
