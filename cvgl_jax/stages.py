@@ -37,6 +37,7 @@ from cvgl_jax import evaluate
 from cvgl_jax import parallel
 from cvgl_jax.cfp import project
 from cvgl_jax.cfp import translate_stage
+from cvgl_jax.data import augment
 from cvgl_jax.data import pipeline
 from cvgl_jax.data import readers
 from cvgl_jax.data import synthetic
@@ -202,7 +203,8 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
                  previous)
     state = state.replace(params=loop.restore_params(directory, state.params))
   step_fn = make_step(model, tx, run.mesh,
-                      label_smoothing=c[stage].label_smoothing)
+                      label_smoothing=c[stage].label_smoothing,
+                      **augment.from_config(c.augment, stage == "intra"))
   eval_fn = evaluate.make_eval_fn(
       model, run.eval, ground_size=c.data.ground_size,
       satellite_size=c.data.satellite_size,
@@ -237,8 +239,11 @@ def run_intra(run: Run) -> dict:
 
 
 def run_cross_fake(run: Run) -> dict:
-  """Stage 2: each panorama with its own fake satellite image (g2a_sat)."""
-  pipe = pipeline.cross_view(run.train, **_pipe_options(run))
+  """Stage 2: each panorama with its own fake satellite image (g2a_sat,
+  or its BEV itself: `config.cross_fake.fake_folder`)."""
+  pipe = pipeline.cross_view(run.train,
+                             fake_folder=run.config.cross_fake.fake_folder,
+                             **_pipe_options(run))
   return _train_stage(run, "cross_fake", pipe, steps.make_cross_step)
 
 
