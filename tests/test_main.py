@@ -168,3 +168,45 @@ def test_pseudo_label_stage_reports_rounds_with_precision(demo_run):
   assert 0.0 <= first["mutual/precision"] <= 1.0
   assert num_gt <= first["num_labels"] <= mutual + num_gt
   assert summary["last_round"]["epoch"] == 1
+
+
+def test_benchmark_rows_change_only_what_their_names_say():
+  demo = load_config("synthetic_unsup")
+  config_lib.validate(demo)
+  assert demo.stages == ("cfp", "translate", "intra", "cross_fake",
+                         "pseudo_label")
+  flat = lambda c: dict(_flatten(c.to_dict()))
+  base = flat(demo)
+  expected = {
+      "ours_0": {},
+      "ours_10": {"pseudo_label.gt_ratio": 0.1},
+      "no_mutual": {"pseudo_label.mutual": False},
+      "no_threshold": {"pseudo_label.margin_filter": False},
+      "no_curriculum": {"pseudo_label.curriculum": False},
+      "no_translation": {"cross_fake.fake_folder": "g2a",
+                         "stages": ("cfp", "intra", "cross_fake",
+                                    "pseudo_label")},
+      "no_bev": {"translate.source": "panorama",
+                 "stages": ("translate", "intra", "cross_fake",
+                            "pseudo_label")},
+      "no_intra": {"stages": ("cfp", "translate", "cross_fake",
+                              "pseudo_label")},
+      "supervised": {"stages": ("supervised",), "supervised.epochs": 22},
+  }
+  for row, changes in expected.items():
+    config = load_config("synthetic_benchmark", row)
+    config_lib.validate(config)
+    got = flat(config)
+    diff = {k: got[k] for k in got if got[k] != base[k]}
+    assert diff == changes, row
+  with pytest.raises(ValueError, match="unknown row 'no_gan'"):
+    load_config("synthetic_benchmark", "no_gan")
+
+
+def _flatten(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", tuple(value) if isinstance(value, list) else (
+          value)
