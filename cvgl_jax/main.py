@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from cvgl_jax import config_lib
 from cvgl_jax import parallel
+from cvgl_jax import report
 from cvgl_jax import stages
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -85,7 +86,43 @@ def run(config, workdir: str) -> dict:
     results[stage] = result
     logging.info("Stage %s: done in %.0f s: %s", stage, result["seconds"],
                  json.dumps(result, default=str)[:500])
+  # Every process joins: the retrieval examples embed the eval split.
+  report.write_report(workdir)
   return results
+
+
+def recall_table(results: dict) -> str:
+  """The evaluation of each finished training stage as a Markdown table:
+  the last epoch's R@1/5/10/1 % (hit rate for VIGOR), the best R@1, and
+  for pseudo_label the last round's labels and their precision."""
+  lines = ["| stage | R@1 | R@5 | R@10 | R@1 % | best R@1 (step) | pseudo "
+           "labels (precision) | minutes |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for stage, result in results.items():
+    if not result or "eval" not in result:
+      continue
+    e, best = result["eval"], result.get("best") or {}
+    cells = [f"{e[k]:.1f}" if k in e else "-"
+             for k in ("R@1", "R@5", "R@10", "R@1%")]
+    if "hit_rate" in e:
+      cells[0] += f" (hit {e['hit_rate']:.1f})"
+    best_cell = (f"{best['R@1']:.1f} ({best['step']})" if "R@1" in best
+                 else "-")
+    labels = "-"
+    last = result.get("last_round") or {}
+    if "num_labels" in last:
+      labels = f"{last['num_labels']:.0f}"
+      precision = last.get("margin/precision")
+      if precision is not None and precision == precision:
+        labels += f" ({100 * precision:.1f} %)"
+    lines.append(f"| {stage} | {' | '.join(cells)} | {best_cell} | "
+                 f"{labels} | {result.get('seconds', 0) / 60:.1f} |")
+  chance = next((r["eval"]["num_references"] for r in results.values()
+                 if r and "eval" in r), None)
+  if chance:
+    lines.append(f"\nChance R@1: {100 / chance:.2f} % ({chance:.0f} "
+                 "references).")
+  return "\n".join(lines)
 
 
 def main(argv):
@@ -107,7 +144,12 @@ def main(argv):
                jax.process_count(), jax.devices())
   results = run(_CONFIG.value, _WORKDIR.value)
   if parallel.is_main_process():
-    print(json.dumps(results, indent=2, default=str))
+    path = os.path.join(_WORKDIR.value, "results.json")
+    with open(path, "w") as f:
+      json.dump(results, f, indent=2, default=str)
+    print(f"\nResults of {_WORKDIR.value} (all numbers in {path}, "
+          f"pictures in {os.path.join(_WORKDIR.value, report.REPORT_DIR)}):"
+          f"\n{recall_table(results)}")
 
 
 if __name__ == "__main__":

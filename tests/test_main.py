@@ -211,3 +211,19 @@ def _flatten(tree, prefix=""):
     else:
       yield f"{prefix}{key}", tuple(value) if isinstance(value, list) else (
           value)
+
+
+def test_the_run_ends_with_a_recall_table_and_pictures(demo_run):
+  config, workdir, results = demo_run
+  text = main_lib.recall_table(results)
+  rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+          if line.startswith("| ") and not line.startswith("| stage")}
+  assert list(rows) == ["intra", "cross_fake", "pseudo_label"]
+  last = results["pseudo_label"]["last_round"]
+  assert f"| {last['num_labels']:.0f} (" in rows["pseudo_label"]
+  r1 = results["cross_fake"]["eval"]["R@1"]
+  assert rows["cross_fake"].split("|")[2].strip() == f"{r1:.1f}"
+  n = results["cross_fake"]["eval"]["num_references"]
+  assert f"Chance R@1: {100 / n:.2f} %" in text
+  for name in ("recall.png", "pseudo_labels.png", "retrieval_examples.png"):
+    assert os.path.getsize(os.path.join(workdir, "report", name)) > 1000
