@@ -19,7 +19,7 @@
 # status; Ctrl-C stops them all.
 #
 # Environment: PYTHON (default: python3), PORT (coordinator port, default a
-# free one), LOG_DIR.
+# free one), LOG_DIR. Needs bash >= 5.1 (wait -n with process ids).
 set -euo pipefail
 
 if [[ $# -lt 3 || ! "$1" =~ ^[1-9][0-9]*$ || ! "$2" =~ ^[1-9][0-9]*$ ]]; then
@@ -37,10 +37,19 @@ echo "$num_processes processes x $devices CPU devices, coordinator" \
      "127.0.0.1:$port, logs in $log_dir" >&2
 
 pids=()
+# JAX's preemption service turns SIGTERM into a "save and stop" request that
+# a process stuck at a collective never acts on: TERM, then KILL after 10 s.
 stop_all() {
-  for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
+  kill "${pids[@]}" 2>/dev/null || true
+  for _ in {1..10}; do
+    local alive=0
+    for pid in "${pids[@]}"; do
+      if kill -0 "$pid" 2>/dev/null; then alive=1; fi
+    done
+    if [[ $alive == 0 ]]; then return 0; fi
+    sleep 1
   done
+  kill -9 "${pids[@]}" 2>/dev/null || true
 }
 trap 'stop_all; exit 130' INT TERM
 

@@ -3,11 +3,14 @@
 `config.model.dtype = "bfloat16"` computes the towers in bfloat16 while the
 params, the gradients' update and the AdamW state stay float32;
 `config.model.remat = True` recomputes each backbone block in the backward
-pass. Here a tiny two-tower ConvNeXt (two stages of one block, SAFA head)
-takes the same cross-view steps on one batch of learnable pairs in float32
-and in bfloat16 (on one device, augmentation off: compile time is what
-these tests spend), and once more with remat.
+pass (its gradients equal those without: test_models.py). Here a tiny
+two-tower ConvNeXt (two stages of one block, SAFA head) takes the same
+cross-view steps on one batch of learnable pairs in float32 and in
+bfloat16 (on one device, augmentation off: compiling the two steps is what
+these tests spend).
 """
+
+import re
 
 import cv2
 import jax
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cvgl_jax import config_lib
 from cvgl_jax import parallel
 from cvgl_jax.data import augment
 from cvgl_jax.models import convnext
@@ -27,9 +31,9 @@ STEPS = 4
 LR = 1e-3
 
 
-def _model(dtype=jnp.float32, remat=False):
+def _model(dtype=jnp.float32):
   return encoder.TwoTower(variant=convnext.Variant((1, 1), (8, 16), False),
-                          head="safa", dtype=dtype, remat=remat,
+                          head="safa", dtype=dtype,
                           depthwise_impl="conv")
 
 
@@ -48,8 +52,8 @@ def _batch():
 
 
 def _train(model, num_steps, mesh):
-  """(initial params, final state, [per-step metrics], flat params after the
-  first step) of `num_steps` steps on the one batch."""
+  """(initial params, final state, [per-step metrics]) of `num_steps` steps
+  on the one batch."""
   tx = state_lib.create_optimizer(LR, 0.01, steps_per_epoch=num_steps,
                                   num_epochs=1)
   state = state_lib.create_state(model, tx, ground_size=G_SIZE,
@@ -61,24 +65,16 @@ def _train(model, num_steps, mesh):
       satellite_aug=augment.no_view_augmentation(),
       paired_aug=augment.PairedConfig(flip_p=0.0, rotate_p=0.0))
   batch = parallel.to_global(_batch(), mesh)
-  history, first = [], None
+  history = []
   for _ in range(num_steps):
     state, metrics = step(state, batch)
     history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
-    if first is None:
-      first = _flat(jax.device_get(state.params))
-  return start, state, history, first
+  return start, state, history
 
 
 @pytest.fixture(scope="module")
 def mesh():
-  # XLA's cheap pipeline: compiling the three steps dominates these tests,
-  # and what is tested (dtypes, rounding-level agreement) does not depend on
-  # XLA's optimisations. Restored for the tests that follow.
-  saved = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield parallel.make_mesh(jax.devices()[:1])
-  jax.config.update("jax_disable_most_optimizations", saved)
+  return parallel.make_mesh(jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +88,7 @@ def _flat(tree):
 
 
 def test_bf16_keeps_params_and_optimizer_state_in_float32(runs):
-  _, state, _, _ = runs["bfloat16"]
+  _, state, _ = runs["bfloat16"]
   floats = [x for x in jax.tree.leaves((state.params, state.opt_state))
             if jnp.issubdtype(x.dtype, jnp.floating)]
   assert floats and all(x.dtype == jnp.float32 for x in floats), sorted(
@@ -111,24 +107,27 @@ def test_bf16_computes_activations_in_bfloat16(runs):
                             mutable=["intermediates"]), start)
   acts = {jax.tree_util.keystr(path): x.dtype for path, x in
           jax.tree_util.tree_leaves_with_path(variables["intermediates"])}
-  blocks = {k: v for k, v in acts.items() if "stages" in k or "block" in k}
-  assert blocks and set(blocks.values()) == {jnp.dtype(jnp.bfloat16)}, acts
+  # What flows from block to block (the memory of large batches).
+  blocks = {k: v for k, v in acts.items()
+            if re.search(r"\['stage\d+_block\d+'\]\['__call__'\]\[0\]$", k)}
+  assert len(blocks) == 4, sorted(acts)  # 2 towers x 2 stages x 1 block.
+  assert set(blocks.values()) == {jnp.dtype(jnp.bfloat16)}, blocks
   # The unit embeddings (and so the loss) come back in float32.
   assert zq.dtype == zr.dtype == jnp.float32
 
 
 def test_bf16_training_tracks_float32(runs):
-  start32, state32, hist32, _ = runs["float32"]
-  start16, state16, hist16, _ = runs["bfloat16"]
+  start32, state32, hist32 = runs["float32"]
+  start16, state16, hist16 = runs["bfloat16"]
   # Same initial params: the dtype changes the computation only.
   np.testing.assert_array_equal(_flat(start16), _flat(start32))
   loss32 = np.array([m["loss"] for m in hist32])
   loss16 = np.array([m["loss"] for m in hist16])
-  # bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4 %); through
-  # the towers the loss (about ln 8 = 2.1 at the start) moves by some
-  # hundredths, a fraction of what 4 steps of learning take off it.
-  np.testing.assert_allclose(loss16, loss32, atol=0.05)
-  assert loss32[-1] < loss32[0] - 0.1 and loss16[-1] < loss16[0] - 0.1
+  # bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4 %): the loss
+  # (4.6 at the start) differs by a few hundredths (measured: at most
+  # 0.03), a small fraction of the 2.2 that the 4 steps take off it.
+  np.testing.assert_allclose(loss16, loss32, atol=0.1)
+  assert loss32[-1] < loss32[0] - 1.0 and loss16[-1] < loss16[0] - 1.0
   # The parameters move the same way: the updates of the two runs point in
   # nearly the same direction (1 = identical; unrelated updates ~0).
   d32 = _flat(jax.device_get(state32.params)) - _flat(start32)
@@ -137,13 +136,11 @@ def test_bf16_training_tracks_float32(runs):
   assert cosine > 0.9, cosine
 
 
-def test_remat_takes_the_same_step(runs, mesh):
-  start32, _, hist32, first32 = runs["float32"]
-  start, _, hist, first = _train(_model(remat=True), 1, mesh)
-  np.testing.assert_array_equal(_flat(start), _flat(start32))
-  # Recomputing the blocks in the backward pass repeats the same float32
-  # arithmetic: loss, gradient norm and the first update agree to rounding.
-  for key in ("loss", "grad_norm"):
-    np.testing.assert_allclose(hist[0][key], hist32[0][key], rtol=1e-5,
-                               err_msg=key)
-  np.testing.assert_allclose(first, first32, rtol=0, atol=1e-6)
+def test_config_switches_reach_the_model():
+  config = config_lib.for_dataset("cvusa")
+  config.model.dtype, config.model.remat = "bfloat16", True
+  model = encoder.from_config(config.model)
+  assert model.dtype == jnp.bfloat16 and model.remat
+  # That remat leaves values and gradients unchanged is tested where it
+  # acts, on the backbone's blocks (test_models.py::
+  # test_remat_gives_same_values_and_gradients).
