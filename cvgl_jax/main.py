@@ -133,6 +133,8 @@ def main(argv):
                         is not None or _PROCESS_ID.value is not None):
     raise app.UsageError("--distributed=off contradicts --coordinator_address"
                          " / --num_processes / --process_id.")
+  # A bad config fails here, before any process waits for its peers.
+  config_lib.validate(_CONFIG.value)
   try:
     parallel.initialize(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,

@@ -66,13 +66,20 @@ tail -n +1 -f "$log_dir/process_0.log" --pid="${pids[0]}" >&2 &
 tail_pid=$!
 
 status=0
-for ((left = num_processes; left > 0; left--)); do
-  # wait -n: the next process to end, whichever it is.
-  if wait -n "${pids[@]}"; then
-    continue
-  else
-    status=$?
-    echo "A process failed with status $status; stopping the others." >&2
+remaining=("${pids[@]}")
+while ((${#remaining[@]})); do
+  # The next process to end, whichever it is (-p: which one it was).
+  code=0
+  wait -n -p finished "${remaining[@]}" || code=$?
+  rest=()
+  for pid in "${remaining[@]}"; do
+    if [[ $pid != "$finished" ]]; then rest+=("$pid"); fi
+  done
+  remaining=("${rest[@]}")
+  if ((code != 0)); then
+    status=$code
+    echo "Process $finished failed with status $status; stopping the" \
+         "others." >&2
     stop_all
     break
   fi
