@@ -44,7 +44,7 @@ from test_main import CONFIGS, tiny_demo_config
 
 TIMEOUT_S = 420  # Generous for 2 loaded cores; a hang must still end.
 
-CONFIG_FILE = '''"""tests/test_distributed.py: the demo config with JSON overrides."""
+CONFIG_FILE = '''"""tests/test_distributed.py: the demo config + JSON overrides."""
 import importlib.util
 import json
 
@@ -218,7 +218,9 @@ def _pairings(workdir, stage):
   for name in sorted(os.listdir(data)):
     if name.startswith("process_") and name.endswith(".json"):
       with open(os.path.join(data, name)) as f:
-        out[name] = pipeline._decode_pairs(json.load(f)["pairs"])  # pylint: disable=protected-access
+        state = json.load(f)
+      out[name] = pipeline._decode_pairs(  # pylint: disable=protected-access
+          state["pairs"])
   return out
 
 
@@ -234,8 +236,9 @@ def test_parameters_equal_one_process(runs):
       # Both runs sum the same four per-device gradients, in an order that
       # may differ (gloo across processes vs. XLA within one): float32
       # rounding, ~1e-7 relative, grown over 4 Adam steps of lr 3e-4.
-      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5,
-                                 err_msg=f"{stage} {jax.tree_util.keystr(path)}")
+      np.testing.assert_allclose(
+          b, a, rtol=1e-4, atol=1e-5,
+          err_msg=f"{stage} {jax.tree_util.keystr(path)}")
   # The tolerance is far below what the pseudo-label steps moved (about
   # 2 x lr = 6e-4; the runs differ by ~1e-6).
   start = _params(workdirs["one"], "cross_fake", config)

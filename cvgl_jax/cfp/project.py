@@ -7,7 +7,8 @@ written to a temporary name in the target folder and then renamed, so a
 crash never leaves a half-written PNG under the final name, and a rerun
 skips the files already there and finishes the rest. In a multi-process
 run every process projects its own share of the missing files on its own
-devices (`process_index`, `process_count`). The panorama convention is the one stated in `cvgl_jax/cfp/geometry.py`.
+devices (`process_index`, `process_count`). The panorama convention is the
+one stated in `cvgl_jax/cfp/geometry.py`.
 """
 
 from __future__ import annotations
