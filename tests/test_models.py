@@ -228,3 +228,65 @@ def test_depthwise_shifts_gradients_equal_grouped_conv(k):
   got = jax.jit(jax.grad(loss(convnext.depthwise_shifts), (0, 1)))(x, kernel)
   for g, w in zip(got, jax.grad(loss(grouped), (0, 1))(x, kernel)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("patch", [2, 4])
+def test_patch_conv_equals_strided_conv_with_gradients(patch):
+  x = jax.random.normal(jax.random.key(0), (2, 8, 12, 5))
+  ref = nn.Conv(7, (patch, patch), strides=patch, padding="VALID")
+  params = _randomize(ref.init(jax.random.key(1), x))
+  layer = convnext.PatchConv(7, patch)
+  assert jax.tree.map(jnp.shape, layer.init(jax.random.key(1), x)) == (
+      jax.tree.map(jnp.shape, params))
+  np.testing.assert_allclose(layer.apply(params, x), ref.apply(params, x),
+                             rtol=1e-5, atol=1e-5)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+  got = jax.grad(loss(layer), (0, 1))(params, x)
+  want = jax.grad(loss(ref), (0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5), got, want)
+  with pytest.raises(ValueError, match="9x12 is not a multiple"):
+    layer.apply(params, jnp.zeros((1, 9, 12, 5)))
+
+
+def test_layer_norm_equals_flax_with_gradients():
+  # Off-centre input, as the one-pass variance must survive a mean >> std.
+  x = 3.0 + jax.random.normal(jax.random.key(0), (2, 3, 5, 16))
+  ref = nn.LayerNorm(epsilon=convnext.LN_EPS)
+  params = _randomize(ref.init(jax.random.key(1), x))
+  layer = convnext.LayerNorm()
+  np.testing.assert_allclose(layer.apply(params, x), ref.apply(params, x),
+                             rtol=1e-5, atol=1e-5)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(3.0 * m.apply(p, x)))
+  got = jax.grad(loss(layer), (0, 1))(params, x)
+  want = jax.grad(loss(ref), (0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-4), got, want)
+
+
+def test_block_with_folded_affine_equals_timm_order():
+  # Block folds the norm's scale/bias into fc1 and gamma into fc2; the
+  # reference applies them in timm's order with flax layers.
+  dim = 8
+  x = jax.random.normal(jax.random.key(0), (2, 6, 7, dim))
+  block = convnext.Block(dim, depthwise_impl=DW)
+  params = _randomize(block.init(jax.random.key(1), x))["params"]
+
+  def reference(p, x):
+    y = nn.Conv(dim, (7, 7), padding=3, feature_group_count=dim).apply(
+        {"params": p["conv_dw"]}, x)
+    y = nn.LayerNorm(epsilon=convnext.LN_EPS).apply({"params": p["norm"]}, y)
+    y = nn.Dense(4 * dim).apply({"params": p["fc1"]}, y)
+    y = nn.Dense(dim).apply({"params": p["fc2"]}, convnext.gelu(y))
+    return x + y * p["gamma"]
+
+  def ours(p, x):
+    return block.apply({"params": p}, x)
+
+  np.testing.assert_allclose(ours(params, x), reference(params, x),
+                             rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+  got = jax.grad(loss(ours), (0, 1))(params, x)
+  want = jax.grad(loss(reference), (0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-4), got, want)

@@ -2,7 +2,8 @@
 
 Images are NHWC. A block is: 7x7 depthwise conv -> LayerNorm (eps 1e-6) ->
 Dense 4C -> exact (erf) GELU -> Dense C -> layer scale (gamma) -> stochastic
-depth -> residual add. timm's conv-MLP variants (atto ... nano) store the
+depth -> residual add (computed with the norm's affine map folded into the
+first Dense and gamma into the second: same function, fewer passes). timm's conv-MLP variants (atto ... nano) store the
 two pointwise layers as 1x1 convolutions; in NHWC those are the same Dense
 layers, so one module serves every variant and only `weights.py` needs to
 know the difference.
@@ -76,6 +77,86 @@ def gelu(x: jax.Array) -> jax.Array:
   forward GELU ~2x slower than this erf polynomial.
   """
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1 / np.sqrt(2))))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def normalize(x: jax.Array, eps: float) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) over the last axis (LayerNorm, no affine).
+
+  Args:
+    x: [..., C]; statistics in x's dtype (callers pass float32).
+    eps: added to the biased variance, as torch.
+
+  The gradient is written by hand, as torch's fused LayerNorm:
+  dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + eps), two
+  reductions and one elementwise pass. Autodiff of the same expression left
+  XLA:CPU several more passes over [..., C] and broadcasts of per-row
+  statistics materialised at full size.
+  """
+  return _normalize_fwd(x, eps)[0]
+
+
+def _normalize_fwd(x, eps):
+  # One pass for both statistics (as nn.LayerNorm's default): XLA:CPU split
+  # the preceding depthwise sum into ~50 passes when the variance was taken
+  # of the centred input instead.
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x), axis=-1, keepdims=True) - jnp.square(mean)
+  rstd = jax.lax.rsqrt(jnp.maximum(var, 0.0) + eps)
+  xhat = (x - mean) * rstd
+  return xhat, (xhat, rstd)
+
+
+def _normalize_bwd(eps, res, g):
+  del eps
+  xhat, rstd = res
+  g_mean = jnp.mean(g, axis=-1, keepdims=True)
+  gx_mean = jnp.mean(g * xhat, axis=-1, keepdims=True)
+  return (rstd * (g - g_mean - xhat * gx_mean),)
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+class LayerNormParams(nn.Module):
+  """`nn.LayerNorm`'s params (scale [C] ones, bias [C] zeros), returned
+  instead of applied, for callers that fold them into the next layer."""
+
+  @nn.compact
+  def __call__(self, features: int) -> tuple[jax.Array, jax.Array]:
+    return (self.param("scale", nn.initializers.ones, (features,)),
+            self.param("bias", nn.initializers.zeros, (features,)))
+
+
+class DenseParams(nn.Module):
+  """`nn.Dense`'s params (kernel [Cin, Cout] lecun-normal, bias [Cout]
+  zeros), returned instead of applied."""
+  features: int
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    return (self.param("kernel", nn.initializers.lecun_normal(),
+                       (in_features, self.features)),
+            self.param("bias", nn.initializers.zeros, (self.features,)))
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis: `normalize`, then scale and bias.
+
+  Params are `nn.LayerNorm`'s, so checkpoints and the timm converter are
+  unchanged. Statistics are computed in float32 whatever `dtype` (as
+  `nn.LayerNorm`); the output is cast to `dtype`.
+  """
+  epsilon: float = LN_EPS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    y = normalize(x.astype(jnp.float32), self.epsilon) * scale + bias
+    return y.astype(self.dtype)
 
 
 class PatchConv(nn.Module):
@@ -240,15 +321,24 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     shortcut = x
-    x = DepthwiseConv(self.dim, 7, self.dtype, self.depthwise_impl,
+    c = self.dim
+    x = DepthwiseConv(c, 7, self.dtype, self.depthwise_impl,
                       name="conv_dw")(x)
-    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x)
-    x = nn.Dense(4 * self.dim, dtype=self.dtype, name="fc1")(x)
-    x = gelu(x)
-    x = nn.Dense(self.dim, dtype=self.dtype, name="fc2")(x)
+    scale, shift = LayerNormParams(name="norm")(c)
+    w1, b1 = DenseParams(4 * c, name="fc1")(c)
+    w2, b2 = DenseParams(c, name="fc2")(4 * c)
     gamma = self.param("gamma", nn.initializers.constant(self.ls_init_value),
-                       (self.dim,))
-    x = x * gamma.astype(x.dtype)
+                       (c,))
+    # The norm's affine map is folded into fc1 and the layer scale into fc2
+    # ((xhat * s + t) W1 + b1 = xhat (s W1) + (t W1 + b1), likewise gamma):
+    # the same function, two fewer passes over the activations each way.
+    w1, b1 = scale[:, None] * w1, shift @ w1 + b1
+    w2, b2 = w2 * gamma, b2 * gamma
+    x = normalize(x.astype(jnp.float32), LN_EPS)
+    x, w1, b1, w2, b2 = nn.dtypes.promote_dtype(x, w1, b1, w2, b2,
+                                                dtype=self.dtype)
+    x = gelu(x @ w1 + b1)
+    x = x @ w2 + b2
     x = DropPath(self.drop_path)(x, deterministic=not train)
     return shortcut + x
 
@@ -281,7 +371,7 @@ class ConvNeXt(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.astype(self.dtype)
     x = PatchConv(self.dims[0], 4, self.dtype, name="stem_conv")(x)
-    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="stem_norm")(x)
+    x = LayerNorm(LN_EPS, self.dtype, name="stem_norm")(x)
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
     block_cls = Block
     if self.remat:
@@ -289,7 +379,7 @@ class ConvNeXt(nn.Module):
     k = 0
     for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
       if i > 0:
-        x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype,
+        x = LayerNorm(LN_EPS, self.dtype,
                          name=f"stage{i}_downsample_norm")(x)
         x = PatchConv(dim, 2, self.dtype,
                       name=f"stage{i}_downsample_conv")(x)
