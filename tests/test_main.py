@@ -217,7 +217,8 @@ def test_the_run_ends_with_a_recall_table_and_pictures(demo_run):
   config, workdir, results = demo_run
   text = main_lib.recall_table(results)
   rows = {line.split("|")[1].strip(): line for line in text.splitlines()
-          if line.startswith("| ") and not line.startswith("| stage")}
+          if line.startswith("| ") and not line.startswith(("| stage",
+                                                             "| ---"))}
   assert list(rows) == ["intra", "cross_fake", "pseudo_label"]
   last = results["pseudo_label"]["last_round"]
   assert f"| {last['num_labels']:.0f} (" in rows["pseudo_label"]
