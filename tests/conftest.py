@@ -5,3 +5,22 @@ import os
 # Must happen before jax initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+  """The tiny demo (every stage, 25 % labels, each epoch evaluated), run
+  once per session for test_main and test_export: (config, workdir,
+  results)."""
+  from cvgl_jax import main as main_lib
+  from test_main import tiny_demo_config
+  config = tiny_demo_config()
+  config.train.eval_every_epochs = 1
+  p = config.pseudo_label
+  p.epochs, p.warmup_epochs, p.gt_ratio, p.tau = 2, 1, 0.25, 0.0
+  p.knn_backend = "exact"
+  workdir = str(tmp_path_factory.mktemp("demo") / "run")
+  return config, workdir, main_lib.run(config, workdir)

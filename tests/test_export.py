@@ -1,12 +1,12 @@
 """Retrieval bundle (export -> retrieve) and the run report, on one tiny run.
 
-The module trains one tiny run once (a synthetic CVUSA world of 48 pairs,
-a 2-stage ConvNeXt, the pseudo-label stage for a warm-up epoch and one
-round) and exports it once; every test reads those.
+The module exports the session's tiny demo run (tests/conftest.py: a
+synthetic CVUSA world of 48 pairs, a 2-stage ConvNeXt, every stage, the
+pseudo-label stage for a warm-up epoch and one round) once; every test
+reads those.
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -20,50 +20,20 @@ import pytest
 
 from cvgl_jax import evaluate
 from cvgl_jax import export
-from cvgl_jax import main as main_lib
 from cvgl_jax import metrics
 from cvgl_jax import report
 from cvgl_jax import retrieve
 from cvgl_jax import stages
 
-CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 MARK = (0x1a, 0x9e, 0x3f)  # retrieve's true-tile frame colour, RGB.
 
 
-def tiny_config():
-  """The demo config at CI size: pseudo-label stage only, 2 epochs."""
-  spec = importlib.util.spec_from_file_location(
-      "synthetic_unsup", os.path.join(CONFIGS, "synthetic_unsup.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.stages = ("pseudo_label",)
-  s = config.synthetic
-  s.num_pairs, s.pairs_per_world, s.map_cells = 48, 24, 1024
-  s.sat_px, s.cvusa_width = 64, 154
-  config.data.ground_size = (32, 128)
-  config.data.satellite_size = (64, 64)
-  config.model.variant = "custom"
-  config.model.depths, config.model.dims = (1, 1), (8, 16)
-  config.model.depthwise_impl = "conv"
-  config.train.batch_size = 16
-  config.train.eval_batch_size = 16
-  config.train.log_every_steps = 1
-  config.train.eval_every_epochs = 1
-  p = config.pseudo_label
-  p.epochs, p.warmup_epochs, p.gt_ratio, p.tau = 2, 1, 0.25, 0.0
-  p.knn_backend = "exact"
-  return config
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """(config, workdir, eval split, bundle folder)."""
-  config = tiny_config()
-  base = tmp_path_factory.mktemp("export")
-  workdir = str(base / "run")
-  main_lib.run(config, workdir)
-  bundle = str(base / "bundle")
+def run(demo_run, tmp_path_factory):
+  """(config, workdir, eval split, bundle folder) of the session's tiny
+  demo run (tests/conftest.py), exported once."""
+  config, workdir, _ = demo_run
+  bundle = str(tmp_path_factory.mktemp("export") / "bundle")
   export.export(workdir, bundle)
   evaluation = stages.read_data(config, workdir)[1]
   return config, workdir, evaluation, bundle
@@ -328,10 +298,11 @@ def test_report_writes_the_pictures_of_the_run(run):
       assert image.shape[:2] == sizes[name]
 
   curves = report.recall_curves(workdir, config)
-  assert [c["stage"] for c in curves] == ["pseudo_label"]
-  assert list(curves[0]["epochs"]) == [1, 2]
+  assert [c["stage"] for c in curves] == ["intra", "cross_fake",
+                                          "pseudo_label"]
+  assert list(curves[-1]["epochs"]) == [1, 2]
   done = stages.read_done(workdir, "pseudo_label")
-  assert curves[0]["R@1"][-1] == done["eval"]["R@1"]
+  assert curves[-1]["R@1"][-1] == done["eval"]["R@1"]
   rounds = report.pseudo_rounds(workdir)
   assert [(r["epoch"], r["warmup"]) for r in rounds] == [(0, 1.0), (1, 0.0)]
 

@@ -105,18 +105,6 @@ def test_previous_training_stage():
   assert stages.previous_training_stage(config, "intra") is None
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-  """The tiny demo, 25 % labels: (config, workdir, results), run once for
-  the tests below."""
-  config = tiny_demo_config()
-  p = config.pseudo_label
-  p.epochs, p.warmup_epochs, p.gt_ratio, p.tau = 2, 1, 0.25, 0.0
-  p.knn_backend = "exact"
-  workdir = str(tmp_path_factory.mktemp("demo") / "run")
-  return config, workdir, main_lib.run(config, workdir)
-
-
 def test_demo_stages_run_end_to_end_and_a_rerun_skips_them(demo_run):
   config, workdir, results = demo_run
   assert list(results) == ["cfp", "translate", "intra", "cross_fake",
