@@ -25,10 +25,10 @@ alone: batches/s against our steps/s says whether input keeps up (both
 share the same cores when training, so this is an upper bound).
 
 Defaults are the issue's reference point (ConvNeXt-T x2, batch 16, ground
-128x512, satellite 128x128); on the shared 2-core dev machine a run took
-5 minutes (load ~6: compile 2 min, ours ~26 s/step, torch ~14 s/step,
-world and pipeline ~10 s); smaller flags shorten the steps, not the
-compile.
+128x512, satellite 128x128); on the shared 2-core dev machine a run with
+--pipeline_batches=0 took 6 minutes (load 5-6: compile 2.5 min, ours
+~27 s/step, torch ~17 s/step, 0.63x); smaller flags shorten the steps,
+not the compile.
 
   python benchmarks/train_step.py
   python benchmarks/train_step.py --variant=atto --batch=8 --augment=none
