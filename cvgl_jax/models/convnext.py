@@ -76,7 +76,8 @@ def gelu(x: jax.Array) -> jax.Array:
   through erfc, whose XLA:CPU expansion (exp and a branch select) made the
   forward GELU ~2x slower than this erf polynomial.
   """
-  return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1 / np.sqrt(2))))
+  # A Python float is weakly typed: bf16 stays bf16 (np.float32 promoted it).
+  return 0.5 * x * (1.0 + jax.lax.erf(x * float(1 / np.sqrt(2))))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
