@@ -235,8 +235,9 @@ def test_export_refuses_bad_requests_before_embedding(run, tmp_path):
   out = str(tmp_path / "b")
   with pytest.raises(export.ExportError, match="not a training stage"):
     export.export(workdir, out, stage="cfp")
-  with pytest.raises(export.ExportError, match="'intra' has no checkpoint"):
-    export.export(workdir, out, stage="intra")
+  with pytest.raises(export.ExportError,
+                     match="'supervised' has no checkpoint"):
+    export.export(workdir, out, stage="supervised")
   with pytest.raises(export.ExportError, match="references='test'"):
     export.export(workdir, out, references="test")
   with pytest.raises(FileNotFoundError, match="config.json not found"):
