@@ -48,7 +48,10 @@ SHARES = {
     "supervised": ("ours_0", (), ("g2a", "g2a_sat")),
 }
 ORDER = ("ours_0", "supervised", "ours_10", "no_bev", "no_translation",
-         "no_intra", "no_mutual", "no_threshold", "no_curriculum")
+         "no_intra", "no_mutual", "no_threshold", "no_curriculum",
+         "no_mutual@10", "no_threshold@10", "no_curriculum@10")
+for _row in ("no_mutual", "no_threshold", "no_curriculum"):
+  SHARES[f"{_row}@10"] = SHARES[_row]
 
 # METHOD.md: R@1 on CVUSA. Cold-start ablations are R@1 after the cold
 # start; the others after the whole paradigm (ConvNeXt-S for the 0 % row
@@ -64,6 +67,10 @@ PAPER = {
     "no_threshold": ("36.52", None),
     "no_curriculum": ("32.56", None),
 }
+
+
+def _paper(row: str):
+  return PAPER[row.partition("@")[0]]
 
 
 def _done(workdir: str, stage: str):
@@ -162,7 +169,7 @@ def table(out: str, rows) -> str:
   for row in rows:
     r = row_result(out, row)
     e = r["final"] or {}
-    paper, paper_cold = PAPER[row]
+    paper, paper_cold = _paper(row)
     lines.append(
         f"| {row} | {_fmt(e.get('R@1'))} | {_fmt(e.get('R@5'))} | "
         f"{_fmt(e.get('R@10'))} | {_fmt(e.get('R@1%'))} | {_fmt(r['cold'])} |"

@@ -19,6 +19,11 @@ changes only what its name says:
   no_threshold     pseudo labels without the margin filter
   no_curriculum    the margin threshold fixed at tau (no cosine schedule)
 
+A row name may end in `@P`: the same row with P % of the training pairs
+labelled (e.g. `no_mutual@10`), since a component of the pseudo-label
+stage can only matter once the cold start gives pseudo labels better than
+chance.
+
 `benchmarks/synthetic_table.py` runs the rows and writes the table.
 """
 
@@ -39,11 +44,14 @@ def _demo_config():
 
 
 def get_config(arg="ours_0"):
+  arg, _, percent = arg.partition("@")
   if arg not in ROWS:
     raise ValueError(f"synthetic_benchmark: unknown row {arg!r}; rows are "
                      f"{ROWS}.")
   config = _demo_config()
   p = config.pseudo_label
+  if percent:
+    p.gt_ratio = float(percent) / 100
   if arg == "supervised":
     config.stages = ("supervised",)
     config.supervised.epochs = (config.intra.epochs + config.cross_fake.epochs

@@ -188,6 +188,9 @@ def test_benchmark_rows_change_only_what_their_names_say():
     got = flat(config)
     diff = {k: got[k] for k in got if got[k] != base[k]}
     assert diff == changes, row
+  got = flat(load_config("synthetic_benchmark", "no_mutual@10"))
+  assert {k: got[k] for k in got if got[k] != base[k]} == {
+      "pseudo_label.mutual": False, "pseudo_label.gt_ratio": 0.1}
   with pytest.raises(ValueError, match="unknown row 'no_gan'"):
     load_config("synthetic_benchmark", "no_gan")
 
