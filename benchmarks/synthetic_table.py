@@ -18,6 +18,7 @@ rerun. The table goes to stdout and `<out>/table.md`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -82,14 +83,10 @@ def _done(workdir: str, stage: str):
 
 
 def _stages(row: str) -> list[str]:
-  out = subprocess.run(
-      [sys.executable, "-c",
-       "import importlib.util, json, sys\n"
-       f"spec = importlib.util.spec_from_file_location('b', {CONFIG!r})\n"
-       "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-       f"print(json.dumps(list(m.get_config({row!r}).stages)))"],
-      check=True, capture_output=True, text=True)
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  spec = importlib.util.spec_from_file_location("synthetic_benchmark", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return list(module.get_config(row).stages)
 
 
 def _seed(out: str, row: str) -> None:
