@@ -158,9 +158,9 @@ def row_result(out: str, row: str) -> dict:
 
 def table(out: str, rows) -> str:
   lines = [
-      "| row | R@1 | R@5 | R@10 | R@1 % | cold-start R@1 | pseudo labels "
-      "(last round) | their precision % | paper R@1 (CVUSA) | paper "
-      "cold-start R@1 | minutes | command |",
+      "| row | R@1 | R@5 | R@10 | R@1 % | cold-start R@1 | labels trained "
+      "on, last round (pseudo + true) | pseudo-label precision % | paper R@1 "
+      "(CVUSA) | paper cold-start R@1 | minutes | command |",
       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
       "| --- |"]
   for row in rows:
