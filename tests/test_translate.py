@@ -251,12 +251,17 @@ def test_translate_split_is_atomic_and_skips_done(tmp_path):
     ts.translate_split(bevs, outs, params, config, progress=False)
 
 
+def _world_train_split(tmp_path, num_pairs, seed):
+  """A small synthetic CVUSA world under tmp_path: its training split."""
+  root = str(tmp_path / "cvusa")
+  layouts.write_dataset("cvusa", root, SMALL_WORLD, num_pairs, seed=seed,
+                        progress=False)
+  return cvusa.read(root, "train")
+
+
 def test_stage_moves_bevs_toward_the_satellite_domain(tmp_path):
   """Synthetic world -> BEVs (cfp) -> CycleGAN -> fakes closer to tiles."""
-  root = str(tmp_path / "cvusa")
-  layouts.write_dataset("cvusa", root, SMALL_WORLD, 60, seed=5,
-                        progress=False)
-  index = cvusa.read(root, "train")
+  index = _world_train_split(tmp_path, 60, seed=5)
   with pytest.raises(ValueError, match="run the cfp stage first"):
     ts.translate(index, str(tmp_path / "work"), tiny_config())
   project.project_split(index, 40, 175.0, placement="cvusa", progress=False)
@@ -295,16 +300,13 @@ def test_stage_moves_bevs_toward_the_satellite_domain(tmp_path):
 
 def test_without_bev_the_panoramas_are_translated(tmp_path):
   """The "w/o BEV" ablation: domain A is the panoramas; no g2a/ needed."""
-  root = str(tmp_path / "cvusa")
-  layouts.write_dataset("cvusa", root, SMALL_WORLD, 12, seed=6,
-                        progress=False)
-  index = cvusa.read(root, "train")
+  index = _world_train_split(tmp_path, 12, seed=6)
   with pytest.raises(ValueError, match="source='bev'"):
     ts.translate(index, str(tmp_path / "w0"), tiny_config(source="bev"))
   result = ts.translate(index, str(tmp_path / "work"),
                         tiny_config(source="panorama"), progress=False)
   n = len(index.ground_ids)
   assert result == {"steps": 2 * n, "written": n, "total": n}
-  assert not os.path.exists(os.path.join(root, "g2a"))
+  assert not os.path.exists(os.path.join(index.root, "g2a"))
   fakes = [image_io.read_rgb(p) for p in index.derived_paths("g2a_sat")]
   assert all(f.shape == (32, 32, 3) for f in fakes)
