@@ -32,6 +32,15 @@ not the compile.
 
   python benchmarks/train_step.py
   python benchmarks/train_step.py --variant=atto --batch=8 --augment=none
+
+--devices=1,2 times our step on meshes of the first 1 and 2 devices in the
+same round robin. On a CPU host, several XLA devices come from
+XLA_FLAGS=--xla_force_host_platform_device_count=N (each device runs its
+share of the batch on its own thread, which XLA:CPU's intra-op threading
+alone does not use fully on this machine):
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+      python benchmarks/train_step.py --devices=1,2
 """
 
 import os
@@ -73,6 +82,8 @@ flags.DEFINE_bool("torch", True, "Time the PyTorch/timm baseline too.")
 flags.DEFINE_integer("pipeline_batches", 8,
                      "Batches to time the input pipeline on (0: skip).")
 flags.DEFINE_integer("pipeline_threads", 8, "grain reader threads.")
+flags.DEFINE_list("devices", [],
+                  "Mesh sizes to time ours on (default: all devices).")
 
 LABEL_SMOOTHING = 0.1
 DROP_PATH = 0.2
@@ -85,9 +96,12 @@ def _images(rng, batch, hw):
   return rng.integers(0, 256, (batch, hw[0], hw[1], 3), dtype=np.uint8)
 
 
-def jax_step_fn(variant, ground_hw, satellite_hw, batch, augmentation):
-  """Returns run() doing one of our training steps on a fixed batch."""
-  mesh = parallel.make_mesh()
+def jax_step_fn(variant, ground_hw, satellite_hw, batch, augmentation,
+                num_devices=None):
+  """Returns run() doing one of our training steps on a fixed batch, on a
+  mesh of the first `num_devices` devices (None: all)."""
+  mesh = parallel.make_mesh(None if num_devices is None
+                            else jax.devices()[:num_devices])
   model = encoder.TwoTower(variant=variant, head="safa",
                            drop_path_rate=DROP_PATH)
   tx = state_lib.create_optimizer(1e-4, 0.01, steps_per_epoch=1000,
@@ -206,9 +220,17 @@ def main(argv):
         f"{satellite_hw[1]}, augment={FLAGS.augment}; {os.cpu_count()} CPUs,"
         f" {_load()}")
   args = (FLAGS.variant, ground_hw, satellite_hw, b, FLAGS.augment)
-  variants = {"jax": jax_step_fn(*args)}
+  counts = [int(v) for v in FLAGS.devices]
+  for k in counts:
+    if not 1 <= k <= jax.device_count() or b % k:
+      raise ValueError(f"--devices: {k} must be between 1 and the "
+                       f"{jax.device_count()} devices and divide --batch={b}"
+                       " (more CPU devices: XLA_FLAGS=--xla_force_host_"
+                       "platform_device_count=N).")
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} "
         f"({jax.device_count()} device(s))")
+  variants = ({f"jax_{k}dev": jax_step_fn(*args, num_devices=k)
+               for k in counts} if counts else {"jax": jax_step_fn(*args)})
   if FLAGS.torch and torch_reference.available():
     import torch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -228,14 +250,19 @@ def main(argv):
     print(f"  {name:6s} {t:7.2f} s/step  {2 * b / t:6.2f} images/s "
           f"({b / t:.2f} pairs/s; min {min(times[name]):.2f}, "
           f"max {max(times[name]):.2f} s)")
+  ours = [name for name in med if name.startswith("jax")]
   if "torch" in med:
-    print(f"  ours / torch images/s: {med['torch'] / med['jax']:.2f}x")
+    for name in ours:
+      print(f"  {name} / torch images/s: {med['torch'] / med[name]:.2f}x")
+  if len(ours) > 1:
+    print(f"  {ours[-1]} / {ours[0]} images/s: "
+          f"{med[ours[0]] / med[ours[-1]]:.2f}x")
   if FLAGS.pipeline_batches > 0:
     print(f"input pipeline (grain, {FLAGS.pipeline_threads} threads, alone):")
     t_first, rate = time_pipeline(ground_hw, satellite_hw, b,
                                   FLAGS.pipeline_batches,
                                   FLAGS.pipeline_threads)
-    steps_per_s = 1.0 / med["jax"]
+    steps_per_s = 1.0 / min(med[name] for name in ours)
     print(f"  first batch {t_first:.2f} s, {rate:.2f} batches/s over "
           f"{FLAGS.pipeline_batches + 1} vs our "
           f"{steps_per_s:.3f} steps/s: "
