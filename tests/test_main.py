@@ -180,7 +180,10 @@ def test_benchmark_rows_change_only_what_their_names_say():
                             "pseudo_label")},
       "no_intra": {"stages": ("cfp", "translate", "cross_fake",
                               "pseudo_label")},
-      "supervised": {"stages": ("supervised",), "supervised.epochs": 22},
+      # As many epochs as the paradigm's three training stages together.
+      "supervised": {"stages": ("supervised",), "supervised.epochs":
+                     demo.intra.epochs + demo.cross_fake.epochs
+                     + demo.pseudo_label.epochs},
   }
   for row, changes in expected.items():
     config = load_config("synthetic_benchmark", row)
