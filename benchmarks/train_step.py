@@ -35,9 +35,10 @@ not the compile.
 
 --devices=1,2 times our step on meshes of the first 1 and 2 devices in the
 same round robin. On a CPU host, several XLA devices come from
-XLA_FLAGS=--xla_force_host_platform_device_count=N (each device runs its
-share of the batch on its own thread, which XLA:CPU's intra-op threading
-alone does not use fully on this machine):
+XLA_FLAGS=--xla_force_host_platform_device_count=N; each device runs its
+share of the batch on its own thread, which asks whether XLA:CPU leaves
+cores idle (on the 2-core dev machine it does not: 2 devices gave 1.04x,
+BUILD_NOTES.md):
 
   XLA_FLAGS=--xla_force_host_platform_device_count=2 \
       python benchmarks/train_step.py --devices=1,2
