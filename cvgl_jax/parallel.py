@@ -155,6 +155,14 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def sum_over_processes(count: int) -> int:
+  """The sum of an integer count (e.g. files this process wrote) over all
+  processes, on every process; the count itself for one process."""
+  if jax.process_count() == 1:
+    return int(count)
+  return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
+
+
 def from_main_process(tree: Any) -> Any:
   """Process 0's values of a pytree of host arrays, on every process.
 

@@ -28,7 +28,6 @@ from typing import Callable, Optional
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -151,9 +150,8 @@ def run_cfp(run: Run) -> dict:
       placement=c.placement, batch_size=c.batch_size, wrap=c.wrap,
       progress=parallel.is_main_process(),
       process_index=jax.process_index(), process_count=jax.process_count())
-  if jax.process_count() > 1:  # Each process wrote its share.
-    stats["written"] = int(np.sum(multihost_utils.process_allgather(
-        np.int64(stats["written"]))))
+  # Each process wrote its share.
+  stats["written"] = parallel.sum_over_processes(stats["written"])
   return stats
 
 

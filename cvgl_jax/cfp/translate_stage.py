@@ -38,7 +38,6 @@ from typing import Optional, Sequence
 import cv2
 import grain
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -426,7 +425,6 @@ def translate(index, workdir: str, config: ml_collections.ConfigDict, *,
       bev_paths, out_paths, params, config,
       progress=progress and parallel.is_main_process(),
       process_index=jax.process_index(), process_count=jax.process_count())
-  if jax.process_count() > 1:
-    written = int(np.sum(multihost_utils.process_allgather(np.int64(written))))
+  written = parallel.sum_over_processes(written)
   return {"steps": int(state.step), "written": written,
           "total": len(bev_paths)}
