@@ -15,6 +15,11 @@ itself; on a Cloud TPU VM pod add `--distributed=on`; elsewhere give
 process I. DIR must be one folder every process sees (a shared file
 system): process 0 writes the files there, every process joins the
 checkpoints.
+
+On Linux with glibc >= 2.35 the command re-executes itself once, at start,
+with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (huge pages for XLA:CPU's
+per-step temporaries, `cvgl_jax/hostmem.py`); set the tunable yourself
+(e.g. to 0) to opt out.
 """
 
 import json
@@ -28,6 +33,7 @@ import jax
 from ml_collections import config_flags
 
 from cvgl_jax import config_lib
+from cvgl_jax import hostmem
 from cvgl_jax import parallel
 from cvgl_jax import report
 from cvgl_jax import stages
@@ -155,5 +161,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
