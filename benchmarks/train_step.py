@@ -17,17 +17,28 @@ uint8 pixels. Augmentation (--augment):
   none  both: uint8 -> float and ImageNet normalisation only (ours runs
         make_cross_step with every augmentation probability 0).
 
-The two are timed round-robin in one process and medians reported. Then
-the grain pipeline (`pipeline.pseudo_pairs` over true pairs, as the
+The variants are timed round-robin (each round one step of each, in turn)
+and medians reported. By default (--isolate) each variant runs in its own
+worker process, started with the environment it runs with in practice:
+ours with `glibc.malloc.hugetlb=1`, as `python -m cvgl_jax.main` sets it
+(`cvgl_jax/hostmem.py`), torch with this process's environment. Why: in one
+process the two frameworks share glibc's heap, and on the dev CPU our step
+right after a torch step spent 11 s instead of 2.7 s in the kernel
+faulting in its 4.1 GB of temporaries (13.5 vs 9.3 s/step); huge pages
+make our step faster (9.33 -> 8.31 s) but torch's slower (6.25 -> 7.40 s),
+so one environment for both would favour one side. --isolate=false times
+both in this process, under this process's environment.
+
+Then the grain pipeline (`pipeline.pseudo_pairs` over true pairs, as the
 supervised stage reads them) decodes and resizes batches of the same size
 from a synthetic CVUSA-layout world (`cvgl_jax.data.synthetic`), timed
 alone: batches/s against our steps/s says whether input keeps up (both
 share the same cores when training, so this is an upper bound).
 
 Defaults are the issue's reference point (ConvNeXt-T x2, batch 16, ground
-128x512, satellite 128x128); on the shared 2-core dev machine a run with
---pipeline_batches=0 took 6 minutes (load 5-6: compile 2.5 min, ours
-~27 s/step, torch ~17 s/step, 0.63x); smaller flags shorten the steps,
+128x512, satellite 128x128); on the 2-core dev machine, idle, a run with
+--rounds=5 --pipeline_batches=0 took 3 minutes (compile 65 s, ours
+11.7 s/step, torch 7.2 s/step, 0.61x); smaller flags shorten the steps,
 not the compile.
 
   python benchmarks/train_step.py
@@ -49,6 +60,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import multiprocessing
 import tempfile
 import time
 
@@ -57,6 +69,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from cvgl_jax import hostmem
 from cvgl_jax import parallel
 from cvgl_jax.data import augment
 from cvgl_jax.data import pipeline
@@ -85,6 +98,10 @@ flags.DEFINE_integer("pipeline_batches", 8,
 flags.DEFINE_integer("pipeline_threads", 8, "grain reader threads.")
 flags.DEFINE_list("devices", [],
                   "Mesh sizes to time ours on (default: all devices).")
+flags.DEFINE_bool("isolate", True,
+                  "Run each variant in its own worker process, ours with "
+                  "the huge-page setting `cvgl_jax.main` runs with; the "
+                  "steps are still timed round robin (module docstring).")
 
 LABEL_SMOOTHING = 0.1
 DROP_PATH = 0.2
@@ -169,6 +186,62 @@ def torch_step_fn(variant, ground_hw, satellite_hw, batch, augmentation):
   return run
 
 
+def _step_fn(name, args):
+  """run() of variant `name`: "torch", "jax" or "jax_<k>dev"."""
+  if name == "torch":
+    return torch_step_fn(*args)
+  k = name.removeprefix("jax").removeprefix("_").removesuffix("dev")
+  return jax_step_fn(*args, num_devices=int(k) if k else None)
+
+
+def _serve(conn, name, args):
+  """Worker process: builds variant `name`, then runs one step per request
+  until it receives None."""
+  run = _step_fn(name, args)
+  conn.send("ready")
+  while conn.recv() is not None:
+    run()
+    conn.send("done")
+
+
+class _Worker:
+  """A variant in its own spawned process; calling it runs one step there.
+
+  `environ` is the worker's whole environment (the parent's is restored
+  after the start)."""
+
+  def __init__(self, name, args, environ):
+    ctx = multiprocessing.get_context("spawn")
+    self._conn, child = ctx.Pipe()
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(environ)
+    try:
+      self._process = ctx.Process(target=_serve, args=(child, name, args),
+                                  daemon=True)
+      self._process.start()
+    finally:
+      os.environ.clear()
+      os.environ.update(saved)
+    child.close()
+    self._receive()
+
+  def _receive(self):
+    try:
+      return self._conn.recv()
+    except EOFError:
+      raise RuntimeError(f"benchmark worker exited with code "
+                         f"{self._process.exitcode}") from None
+
+  def __call__(self):
+    self._conn.send("step")
+    self._receive()
+
+  def close(self):
+    self._conn.send(None)
+    self._process.join()
+
+
 def time_pipeline(ground_hw, satellite_hw, batch, num_batches, threads):
   """(seconds to the first batch, batches/s over all) of grain alone."""
   with tempfile.TemporaryDirectory() as tmp:
@@ -230,14 +303,27 @@ def main(argv):
                        "platform_device_count=N).")
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} "
         f"({jax.device_count()} device(s))")
-  variants = ({f"jax_{k}dev": jax_step_fn(*args, num_devices=k)
-               for k in counts} if counts else {"jax": jax_step_fn(*args)})
-  if FLAGS.torch and torch_reference.available():
+  names = [f"jax_{k}dev" for k in counts] if counts else ["jax"]
+  with_torch = FLAGS.torch and torch_reference.available()
+  if FLAGS.torch and not with_torch:
+    print("torch/timm not importable: timing ours only.")
+  if with_torch:
+    names.append("torch")
+  if FLAGS.isolate:
+    ours_env = hostmem.huge_page_environ(os.environ, hostmem.thp_mode(),
+                                         hostmem.glibc_version())
+    ours_env = dict(os.environ) if ours_env is None else ours_env
+    print("isolated: one worker process per variant; GLIBC_TUNABLES: ours "
+          f"{ours_env.get('GLIBC_TUNABLES', '(unset)')!r}, torch "
+          f"{os.environ.get('GLIBC_TUNABLES', '(unset)')!r}")
+    variants = {name: _Worker(name, args, dict(os.environ) if name ==
+                              "torch" else ours_env) for name in names}
+  else:
+    print("in one process: every variant shares this process's heap")
+    variants = {name: _step_fn(name, args) for name in names}
+  if with_torch:
     import torch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    variants["torch"] = torch_step_fn(*args)
-  elif FLAGS.torch:
-    print("torch/timm not importable: timing ours only.")
   for name, run in variants.items():  # Compile / warm up.
     start = time.perf_counter()
     run()
@@ -269,6 +355,9 @@ def main(argv):
           f"{steps_per_s:.3f} steps/s: "
           f"{'keeps up' if rate >= steps_per_s else 'too slow'} "
           f"({rate / steps_per_s:.0f}x the step rate); {_load()}")
+  for run in variants.values():
+    if isinstance(run, _Worker):
+      run.close()
 
 
 if __name__ == "__main__":
