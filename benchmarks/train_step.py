@@ -313,9 +313,10 @@ def main(argv):
     ours_env = hostmem.huge_page_environ(os.environ, hostmem.thp_mode(),
                                          hostmem.glibc_version())
     ours_env = dict(os.environ) if ours_env is None else ours_env
-    print("isolated: one worker process per variant; GLIBC_TUNABLES: ours "
-          f"{ours_env.get('GLIBC_TUNABLES', '(unset)')!r}, torch "
-          f"{os.environ.get('GLIBC_TUNABLES', '(unset)')!r}")
+    tunables = {name: (os.environ if name == "torch" else ours_env).get(
+        "GLIBC_TUNABLES", "(unset)") for name in names}
+    print(f"isolated: one worker process per variant; GLIBC_TUNABLES "
+          f"{tunables}")
     variants = {name: _Worker(name, args, dict(os.environ) if name ==
                               "torch" else ours_env) for name in names}
   else:
