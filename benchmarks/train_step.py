@@ -310,9 +310,7 @@ def main(argv):
   if with_torch:
     names.append("torch")
   if FLAGS.isolate:
-    ours_env = hostmem.huge_page_environ(os.environ, hostmem.thp_mode(),
-                                         hostmem.glibc_version())
-    ours_env = dict(os.environ) if ours_env is None else ours_env
+    ours_env = hostmem.main_environ()
     tunables = {name: (os.environ if name == "torch" else ours_env).get(
         "GLIBC_TUNABLES", "(unset)") for name in names}
     print(f"isolated: one worker process per variant; GLIBC_TUNABLES "

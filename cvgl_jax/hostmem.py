@@ -77,6 +77,14 @@ def huge_page_environ(
   return env
 
 
+def main_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+  """The environment `python -m cvgl_jax.main` runs under when started with
+  `environ` (default: this process's): with the tunable where it applies."""
+  environ = os.environ if environ is None else environ
+  env = huge_page_environ(environ, thp_mode(), glibc_version())
+  return dict(environ) if env is None else env
+
+
 def reexec_with_huge_pages() -> None:
   """Replaces this process by itself with the tunable set, when it helps.
 

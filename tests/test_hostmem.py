@@ -36,6 +36,12 @@ def test_nothing_to_do(environ, mode, glibc):
   assert hostmem.huge_page_environ(environ, mode, glibc) is None
 
 
+def test_main_environ_keeps_an_explicit_setting_in_a_copy():
+  given = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "A": "1"}
+  env = hostmem.main_environ(given)
+  assert env == given and env is not given
+
+
 def test_thp_mode_reads_the_bracketed_word(tmp_path):
   path = tmp_path / "enabled"
   path.write_text("always [madvise] never\n")
