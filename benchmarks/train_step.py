@@ -25,9 +25,12 @@ ours with `glibc.malloc.hugetlb=1`, as `python -m cvgl_jax.main` sets it
 process the two frameworks share glibc's heap, and on the dev CPU our step
 right after a torch step spent 11 s instead of 2.7 s in the kernel
 faulting in its 4.1 GB of temporaries (13.5 vs 9.3 s/step); huge pages
-make our step faster (9.33 -> 8.31 s) but torch's slower (6.25 -> 7.40 s),
+make our step faster alone (9.05 vs 10.27 s with --small_pages
+--torch=false) but torch's slower (6.25 -> 7.40 s),
 so one environment for both would favour one side. --isolate=false times
-both in this process, under this process's environment.
+both in this process, under this process's environment. --small_pages
+adds ours under the caller's environment too (`jax_4k`), timing what the
+huge pages are worth in the same run.
 
 Then the grain pipeline (`pipeline.pseudo_pairs` over true pairs, as the
 supervised stage reads them) decodes and resizes batches of the same size
@@ -102,6 +105,11 @@ flags.DEFINE_bool("isolate", True,
                   "Run each variant in its own worker process, ours with "
                   "the huge-page setting `cvgl_jax.main` runs with; the "
                   "steps are still timed round robin (module docstring).")
+flags.DEFINE_bool("small_pages", False,
+                  "With --isolate, also time ours under the caller's "
+                  "environment (4 KiB pages where the caller did not ask "
+                  "for huge ones), as variant `<name>_4k`: what the "
+                  "huge-page re-exec of `cvgl_jax.main` is worth.")
 
 LABEL_SMOOTHING = 0.1
 DROP_PATH = 0.2
@@ -187,10 +195,12 @@ def torch_step_fn(variant, ground_hw, satellite_hw, batch, augmentation):
 
 
 def _step_fn(name, args):
-  """run() of variant `name`: "torch", "jax" or "jax_<k>dev"."""
+  """run() of variant `name`: "torch", "jax" or "jax_<k>dev", each of ours
+  optionally with the suffix "_4k" (which only changes its environment)."""
   if name == "torch":
     return torch_step_fn(*args)
-  k = name.removeprefix("jax").removeprefix("_").removesuffix("dev")
+  k = name.removesuffix("_4k").removeprefix("jax").removeprefix("_")
+  k = k.removesuffix("dev")
   return jax_step_fn(*args, num_devices=int(k) if k else None)
 
 
@@ -309,14 +319,20 @@ def main(argv):
     print("torch/timm not importable: timing ours only.")
   if with_torch:
     names.append("torch")
+  if FLAGS.small_pages and not FLAGS.isolate:
+    raise ValueError("--small_pages needs --isolate.")
   if FLAGS.isolate:
     ours_env = hostmem.main_environ()
-    tunables = {name: (os.environ if name == "torch" else ours_env).get(
-        "GLIBC_TUNABLES", "(unset)") for name in names}
+    envs = {name: ours_env for name in names if name != "torch"}
+    if FLAGS.small_pages:
+      envs.update({f"{name}_4k": dict(os.environ) for name in list(envs)})
+    if with_torch:
+      envs["torch"] = dict(os.environ)
+    tunables = {name: env.get("GLIBC_TUNABLES", "(unset)")
+                for name, env in envs.items()}
     print(f"isolated: one worker process per variant; GLIBC_TUNABLES "
           f"{tunables}")
-    variants = {name: _Worker(name, args, dict(os.environ) if name ==
-                              "torch" else ours_env) for name in names}
+    variants = {name: _Worker(name, args, env) for name, env in envs.items()}
   else:
     print("in one process: every variant shares this process's heap")
     variants = {name: _step_fn(name, args) for name in names}

@@ -7,8 +7,10 @@ step and unmaps it after, so the kernel faults it in again 4 KiB at a time:
 about a million page faults and 3 s of system time per step on the dev CPU.
 glibc's `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35) marks such mappings
 for transparent huge pages (`madvise(MADV_HUGEPAGE)`): 2 MiB pages, ~500x
-fewer faults and TLB misses. Measured on the reference step (dev CPU, alone):
-9.33 -> 8.31 s/step (BUILD_NOTES.md).
+fewer faults and TLB misses. Measured on the reference step, dev CPU, in one
+round robin (`benchmarks/train_step.py --small_pages --torch=false`): 9.05 vs
+10.27 s/step with 4 KiB pages; no gain when another process's step runs
+in between (BUILD_NOTES.md).
 
 glibc reads tunables only when a process starts, so `main` re-executes itself
 once with the tunable set. Setting `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
@@ -41,6 +43,7 @@ def thp_mode(path: str = THP_MODE_FILE) -> str | None:
 
 
 def glibc_version() -> tuple[int, ...] | None:
+  """glibc's (major, minor) version; None under another C library."""
   lib, version = platform.libc_ver()
   if lib != "glibc" or not version:
     return None
