@@ -240,7 +240,9 @@ def depthwise_shifts(x: jax.Array, kernel: jax.Array) -> jax.Array:
   of them). Here the input gradient is the same shifted sum of the output
   gradient with the kernel flipped, and the kernel gradient is accumulated
   one example at a time (`lax.scan`), so an example's input and output
-  gradient stay in cache for all k*k taps: about 3x faster on CPU.
+  gradient stay in cache for all k*k taps: about 3x faster on CPU. The taps
+  are one variadic reduction (a single fused pass computing all of them):
+  another 1.3-2.4x at the stage 0-2 shapes of ConvNeXt-T.
   """
   return _shifted_sum(x, kernel)
 
@@ -259,9 +261,13 @@ def _depthwise_bwd(res, dy):
 
   def add_example(acc, example):
     xe, dye = example
-    taps = [jnp.sum(xe[i:i + h, j:j + w, :] * dye, axis=(0, 1),
-                    dtype=jnp.float32)
-            for i in range(k) for j in range(k)]
+    products = [(xe[i:i + h, j:j + w, :] * dye).astype(jnp.float32)
+                for i in range(k) for j in range(k)]
+    # One variadic reduction: XLA:CPU fuses all k*k products into a single
+    # pass over the example, where k*k separate sums each wrote and re-read
+    # their product (2.4x faster at 8x32x128x96, BUILD_NOTES.md).
+    taps = jax.lax.reduce(products, [jnp.float32(0)] * len(products),
+                          lambda a, b: [u + v for u, v in zip(a, b)], (0, 1))
     return acc + jnp.stack(taps), None
 
   acc = jnp.zeros((k * k, x.shape[-1]), jnp.float32)
