@@ -17,8 +17,13 @@ uint8 pixels. Augmentation (--augment):
   none  both: uint8 -> float and ImageNet normalisation only (ours runs
         make_cross_step with every augmentation probability 0).
 
-The variants are timed round-robin (each round one step of each, in turn)
-and medians reported. By default (--isolate) each variant runs in its own
+The variants are timed round-robin (each round --steps steps of each, in
+turn) and medians reported. Each turn opens with --turn_warmup untimed
+steps (default 1), timed and reported apart: on the dev VM the first step
+after the other framework's turn pays for memory the host took back
+meanwhile (ours: 6-11 s of kernel time instead of 0.7 s, 10.9-13.3 s
+instead of 7.6-7.9 s), which a training loop, running step after step,
+does not see. --turn_warmup=0 times those steps too. By default (--isolate) each variant runs in its own
 worker process, started with the environment it runs with in practice:
 ours with `glibc.malloc.hugetlb=1`, as `python -m cvgl_jax.main` sets it
 (`cvgl_jax/hostmem.py`), torch with this process's environment. Why: in one
@@ -95,6 +100,9 @@ flags.DEFINE_enum("augment", "full", ["full", "none"],
                   "Augmentation on each side (module docstring).")
 flags.DEFINE_integer("rounds", 3, "Round-robin rounds.")
 flags.DEFINE_integer("steps", 1, "Timed steps per side per round.")
+flags.DEFINE_integer("turn_warmup", 1,
+                     "Untimed steps at the start of each variant's turn "
+                     "(timed and reported apart; module docstring).")
 flags.DEFINE_bool("torch", True, "Time the PyTorch/timm baseline too.")
 flags.DEFINE_integer("pipeline_batches", 8,
                      "Batches to time the input pipeline on (0: skip).")
@@ -296,8 +304,10 @@ def main(argv):
   for name, hw in (("--ground", ground_hw), ("--satellite", satellite_hw)):
     if len(hw) != 2 or min(hw) < 32 or any(v % 32 for v in hw):
       raise ValueError(f"{name} sides must be multiples of 32, got {hw}.")
-  if FLAGS.batch < 2 or FLAGS.rounds < 1 or FLAGS.steps < 1:
-    raise ValueError("--batch must be >= 2, --rounds and --steps >= 1.")
+  if (FLAGS.batch < 2 or FLAGS.rounds < 1 or FLAGS.steps < 1
+      or FLAGS.turn_warmup < 0):
+    raise ValueError("--batch must be >= 2, --rounds and --steps >= 1, "
+                     "--turn_warmup >= 0.")
   b = FLAGS.batch
   print(f"ConvNeXt-{FLAGS.variant} x2 + SAFA, batch {b} of ground "
         f"{ground_hw[0]}x{ground_hw[1]} + satellite {satellite_hw[0]}x"
@@ -344,14 +354,21 @@ def main(argv):
     run()
     print(f"  {name} first step (compile + run) "
           f"{time.perf_counter() - start:.1f} s")
-  times = timing.round_robin(variants, FLAGS.rounds, FLAGS.steps)
+  first = {}
+  times = timing.round_robin(variants, FLAGS.rounds, FLAGS.steps,
+                             FLAGS.turn_warmup, first)
   med = timing.medians(times)
   print(f"step times over {FLAGS.rounds} rounds x {FLAGS.steps} step(s), "
-        f"{_load()}:")
+        f"after {FLAGS.turn_warmup} untimed step(s) per turn, {_load()}:")
   for name, t in med.items():
     print(f"  {name:6s} {t:7.2f} s/step  {2 * b / t:6.2f} images/s "
           f"({b / t:.2f} pairs/s; min {min(times[name]):.2f}, "
           f"max {max(times[name]):.2f} s)")
+  if first:
+    print("  the untimed steps that open each turn (after the other "
+          "variants' turns): " + ", ".join(
+              f"{name} {t:.2f} s/step" for name, t in
+              timing.medians(first).items()))
   ours = [name for name in med if name.startswith("jax")]
   if "torch" in med:
     for name in ours:
