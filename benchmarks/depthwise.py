@@ -8,15 +8,25 @@ Times, round robin in one process, at each stage's [B, H, W, C]:
              per example (what we shipped before; the variadic reduction's
              baseline);
   conv       XLA's grouped convolution and its autodiff gradient;
+  cxx_dk     `shifts` with the kernel gradient from a plain C++ loop
+             (`depthwise_kernel_grad.cc`, called through XLA's FFI), with
+             --cxx: what a hand-written CPU kernel would be worth. It is
+             compiled here with g++ into a temporary folder; it is not part
+             of the package;
   torch      `F.conv2d(groups=C)` forward + backward, channels-last, when
              PyTorch is importable.
 Prints medians in ms and each variant's speed relative to `shifts`.
 
   python benchmarks/depthwise.py                 # ConvNeXt-T, 16 x 128x512
-  python benchmarks/depthwise.py --batch=8 --torch=false
+  python benchmarks/depthwise.py --batch=8 --torch=false --cxx
 """
 
+import ctypes
 import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -38,6 +48,8 @@ flags.DEFINE_list("dims", ["96", "192", "384", "768"],
                   "Channels of stages 0-3 (ConvNeXt-T).")
 flags.DEFINE_integer("rounds", 5, "Round-robin rounds.")
 flags.DEFINE_bool("torch", True, "Time PyTorch's grouped conv too.")
+flags.DEFINE_bool("cxx", False, "Also time the C++ kernel gradient "
+                  "(needs g++; module docstring).")
 
 K = 7
 
@@ -64,6 +76,32 @@ def _tap_sums_bwd(res, dy):
 tap_sums = jax.custom_vjp(convnext._shifted_sum)  # pylint: disable=protected-access
 tap_sums.defvjp(lambda x, k: (convnext._shifted_sum(x, k), (x, k)),  # pylint: disable=protected-access
                 _tap_sums_bwd)
+
+
+def build_cxx_kernel_grad(workdir):
+  """Compiles depthwise_kernel_grad.cc and returns `shifts` with its kernel
+  gradient."""
+  if shutil.which("g++") is None:
+    raise RuntimeError("--cxx needs g++ on PATH.")
+  source = pathlib.Path(__file__).with_name("depthwise_kernel_grad.cc")
+  library = pathlib.Path(workdir) / "libdepthwise_kernel_grad.so"
+  subprocess.run(["g++", "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared",
+                  "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(source),
+                  "-o", str(library), "-lpthread"], check=True)
+  handler = ctypes.cdll.LoadLibrary(str(library)).DepthwiseKernelGrad
+  jax.ffi.register_ffi_target("depthwise_kernel_grad",
+                              jax.ffi.pycapsule(handler), platform="cpu")
+
+  def bwd(res, dy):
+    x, kernel = res
+    dx = convnext._shifted_sum(dy, kernel[::-1, ::-1])  # pylint: disable=protected-access
+    dk = jax.ffi.ffi_call("depthwise_kernel_grad", jax.ShapeDtypeStruct(
+        (K * K, x.shape[-1]), jnp.float32))(x, dy)
+    return dx, dk.reshape(kernel.shape)
+
+  conv = jax.custom_vjp(convnext._shifted_sum)  # pylint: disable=protected-access
+  conv.defvjp(lambda x, k: (convnext._shifted_sum(x, k), (x, k)), bwd)  # pylint: disable=protected-access
+  return conv
 
 
 def grouped_conv(x, kernel):
@@ -107,7 +145,11 @@ def main(argv):
   del argv
   h, w = (int(v) // 4 for v in FLAGS.image)
   rng = np.random.default_rng(0)
-  names = ["shifts", "tap_sums", "conv"]
+  convs = {"shifts": convnext.depthwise_shifts, "tap_sums": tap_sums,
+           "conv": grouped_conv}
+  if FLAGS.cxx:
+    convs["cxx_dk"] = build_cxx_kernel_grad(tempfile.mkdtemp())
+  names = list(convs)
   use_torch = FLAGS.torch and torch_reference.available()
   if use_torch:
     names.append("torch")
@@ -120,8 +162,7 @@ def main(argv):
     dy = jnp.asarray(rng.standard_normal(shape, np.float32))
     kernel = jnp.asarray(rng.standard_normal((K, K, c), np.float32) * 0.1)
     runs, outs = {}, {}
-    for name, conv in (("shifts", convnext.depthwise_shifts),
-                       ("tap_sums", tap_sums), ("conv", grouped_conv)):
+    for name, conv in convs.items():
       runs[name], outs[name] = jax_fn(conv, x, kernel, dy)
     if use_torch:
       runs["torch"], (dx, dk) = torch_fn(x, kernel, dy)
