@@ -30,7 +30,7 @@ import tempfile
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position,protected-access
 from absl import app
 from absl import flags
 import jax
@@ -59,7 +59,7 @@ def _tap_sums_bwd(res, dy):
   x, kernel = res
   pad = K // 2
   h, w = x.shape[1:3]
-  dx = convnext._shifted_sum(dy, kernel[::-1, ::-1])  # pylint: disable=protected-access
+  dx = convnext._shifted_sum(dy, kernel[::-1, ::-1])
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
   def add_example(acc, example):
@@ -73,8 +73,8 @@ def _tap_sums_bwd(res, dy):
   return dx, dk.reshape(kernel.shape)
 
 
-tap_sums = jax.custom_vjp(convnext._shifted_sum)  # pylint: disable=protected-access
-tap_sums.defvjp(lambda x, k: (convnext._shifted_sum(x, k), (x, k)),  # pylint: disable=protected-access
+tap_sums = jax.custom_vjp(convnext._shifted_sum)
+tap_sums.defvjp(lambda x, k: (convnext._shifted_sum(x, k), (x, k)),
                 _tap_sums_bwd)
 
 
@@ -94,13 +94,13 @@ def build_cxx_kernel_grad(workdir):
 
   def bwd(res, dy):
     x, kernel = res
-    dx = convnext._shifted_sum(dy, kernel[::-1, ::-1])  # pylint: disable=protected-access
+    dx = convnext._shifted_sum(dy, kernel[::-1, ::-1])
     dk = jax.ffi.ffi_call("depthwise_kernel_grad", jax.ShapeDtypeStruct(
         (K * K, x.shape[-1]), jnp.float32))(x, dy)
     return dx, dk.reshape(kernel.shape)
 
-  conv = jax.custom_vjp(convnext._shifted_sum)  # pylint: disable=protected-access
-  conv.defvjp(lambda x, k: (convnext._shifted_sum(x, k), (x, k)), bwd)  # pylint: disable=protected-access
+  conv = jax.custom_vjp(convnext._shifted_sum)
+  conv.defvjp(lambda x, k: (convnext._shifted_sum(x, k), (x, k)), bwd)
   return conv
 
 

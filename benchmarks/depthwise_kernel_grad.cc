@@ -5,7 +5,7 @@
 // times it against our XLA kernel gradient, to measure what a hand-written
 // CPU kernel would be worth (BUILD_NOTES.md). It is not part of the package.
 //
-// dk[i, j, c] = sum_{b, h, w} x[b, h + i - k/2, w + j - k/2, c] * dy[b, h, w, c]
+// dk[i, j, c] = sum_{b, h, w} x[b, h + i - k/2, w + j - k/2, c] dy[b, h, w, c]
 // x, dy: [B, H, W, C] float32, C a multiple of 8; dk: [k * k, C] float32.
 // For each block of 8 channels and each kernel row i, the k row taps are
 // accumulated in registers over the whole batch; two threads split the

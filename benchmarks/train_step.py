@@ -23,19 +23,20 @@ steps (default 1), timed and reported apart: on the dev VM the first step
 after the other framework's turn pays for memory the host took back
 meanwhile (ours: 6-11 s of kernel time instead of 0.7 s, 10.9-13.3 s
 instead of 7.6-7.9 s), which a training loop, running step after step,
-does not see. --turn_warmup=0 times those steps too. By default (--isolate) each variant runs in its own
-worker process, started with the environment it runs with in practice:
-ours with `glibc.malloc.hugetlb=1`, as `python -m cvgl_jax.main` sets it
+does not see. --turn_warmup=0 times those steps too.
+
+By default (--isolate) each variant runs in its own worker process, started
+with the environment it runs with in practice: ours with
+`glibc.malloc.hugetlb=1`, as `python -m cvgl_jax.main` sets it
 (`cvgl_jax/hostmem.py`), torch with this process's environment. Why: in one
 process the two frameworks share glibc's heap, and on the dev CPU our step
-right after a torch step spent 11 s instead of 2.7 s in the kernel
-faulting in its 4.1 GB of temporaries (13.5 vs 9.3 s/step); huge pages
-make our step faster alone (9.05 vs 10.27 s with --small_pages
---torch=false) but torch's slower (6.25 -> 7.40 s),
-so one environment for both would favour one side. --isolate=false times
-both in this process, under this process's environment. --small_pages
-adds ours under the caller's environment too (`jax_4k`), timing what the
-huge pages are worth in the same run.
+right after a torch step spent 11 s instead of 2.7 s in the kernel faulting
+in its 4.1 GB of temporaries (13.5 vs 9.3 s/step); huge pages make our step
+faster alone (9.05 vs 10.27 s with --small_pages --torch=false) but torch's
+slower (6.25 -> 7.40 s), so one environment for both would favour one side.
+--isolate=false times both in this process, under this process's
+environment. --small_pages adds ours under the caller's environment too
+(`jax_4k`), timing what the huge pages are worth in the same run.
 
 Then the grain pipeline (`pipeline.pseudo_pairs` over true pairs, as the
 supervised stage reads them) decodes and resizes batches of the same size
@@ -45,8 +46,8 @@ share the same cores when training, so this is an upper bound).
 
 Defaults are the issue's reference point (ConvNeXt-T x2, batch 16, ground
 128x512, satellite 128x128); on the 2-core dev machine, idle, a run with
---rounds=5 --pipeline_batches=0 took 3 minutes (compile 65 s, ours
-11.7 s/step, torch 7.2 s/step, 0.61x); smaller flags shorten the steps,
+--rounds=3 --steps=2 took about 4 minutes (compile 53 s, ours 7.8-8.6
+s/step, torch 6.4-6.6 s/step, 0.75-0.85x); smaller flags shorten the steps,
 not the compile.
 
   python benchmarks/train_step.py

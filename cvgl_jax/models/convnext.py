@@ -242,7 +242,8 @@ def depthwise_shifts(x: jax.Array, kernel: jax.Array) -> jax.Array:
   one example at a time (`lax.scan`), so an example's input and output
   gradient stay in cache for all k*k taps: about 3x faster on CPU. The taps
   are one variadic reduction (a single fused pass computing all of them):
-  another 1.3-2.4x at the stage 0-2 shapes of ConvNeXt-T.
+  the whole forward + backward another 1.08-1.43x faster at ConvNeXt-T's
+  stage 0-2 shapes (`benchmarks/depthwise.py`).
   """
   return _shifted_sum(x, kernel)
 
@@ -265,7 +266,7 @@ def _depthwise_bwd(res, dy):
                 for i in range(k) for j in range(k)]
     # One variadic reduction: XLA:CPU fuses all k*k products into a single
     # pass over the example, where k*k separate sums each wrote and re-read
-    # their product (2.4x faster at 8x32x128x96, BUILD_NOTES.md).
+    # their product.
     taps = jax.lax.reduce(products, [jnp.float32(0)] * len(products),
                           lambda a, b: [u + v for u, v in zip(a, b)], (0, 1))
     return acc + jnp.stack(taps), None
