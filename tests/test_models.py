@@ -230,6 +230,25 @@ def test_depthwise_shifts_gradients_equal_grouped_conv(k):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
 
 
+def test_depthwise_shifts_bfloat16_gradients_accumulate_in_float32():
+  # The kernel gradient sums B*H*W products per tap; summed in bfloat16
+  # (8 bits of mantissa) it would drift far from the float32 result.
+  kx, kk, kg = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(kx, (4, 16, 32, 8))
+  kernel = jax.random.normal(kk, (7, 7, 8))
+  dy = jax.random.normal(kg, (4, 16, 32, 8))
+  lo = [a.astype(jnp.bfloat16) for a in (x, kernel, dy)]
+  _, vjp16 = jax.vjp(convnext.depthwise_shifts, lo[0], lo[1])
+  dx16, dk16 = vjp16(lo[2])
+  assert dx16.dtype == dk16.dtype == jnp.bfloat16
+  # The reference sees the same rounded inputs.
+  _, vjp_ref = jax.vjp(convnext.depthwise_shifts,
+                       *[a.astype(jnp.float32) for a in lo[:2]])
+  dk_ref = vjp_ref(lo[2].astype(jnp.float32))[1]
+  np.testing.assert_allclose(dk16.astype(jnp.float32), dk_ref, rtol=1e-2,
+                             atol=1e-2 * float(jnp.abs(dk_ref).max()))
+
+
 @pytest.mark.parametrize("patch", [2, 4])
 def test_patch_conv_equals_strided_conv_with_gradients(patch):
   x = jax.random.normal(jax.random.key(0), (2, 8, 12, 5))
