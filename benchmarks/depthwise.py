@@ -1,32 +1,25 @@
 r"""Depthwise 7x7 convolution, forward + backward, at ConvNeXt's stage shapes.
 
 Times, round robin in one process, at each stage's [B, H, W, C]:
-  shifts     ours on CPU (`convnext.depthwise_shifts`: shifted-sum forward,
-             hand-written VJP whose kernel gradient is one variadic
-             reduction per example);
+  native     ours on CPU (`depthwise_cpu.depthwise_native`: the C++ kernel
+             compiled on first use, called through XLA's FFI);
+  shifts     the pure-XLA path (`convnext.depthwise_shifts`: shifted-sum
+             forward, hand-written VJP whose kernel gradient is one variadic
+             reduction per example), what "auto" falls back to without a
+             compiler;
   tap_sums   the same VJP with the kernel gradient as k*k separate sums
-             per example (what we shipped before; the variadic reduction's
-             baseline);
+             per example (what `shifts` replaced);
   conv       XLA's grouped convolution and its autodiff gradient;
-  cxx_dk     `shifts` with the kernel gradient from a plain C++ loop
-             (`depthwise_kernel_grad.cc`, called through XLA's FFI), with
-             --cxx: what a hand-written CPU kernel would be worth. It is
-             compiled here with g++ into a temporary folder; it is not part
-             of the package;
   torch      `F.conv2d(groups=C)` forward + backward, channels-last, when
              PyTorch is importable.
-Prints medians in ms and each variant's speed relative to `shifts`.
+Checks that all give the same gradients; prints medians in ms and each
+variant's time relative to `native` (> 1: slower than ours).
 
   python benchmarks/depthwise.py                 # ConvNeXt-T, 16 x 128x512
-  python benchmarks/depthwise.py --batch=8 --torch=false --cxx
+  python benchmarks/depthwise.py --batch=8 --torch=false
 """
 
-import ctypes
 import os
-import pathlib
-import shutil
-import subprocess
-import tempfile
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -38,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cvgl_jax.models import convnext
+from cvgl_jax.models import depthwise_cpu
 import timing
 import torch_reference
 
@@ -48,8 +42,6 @@ flags.DEFINE_list("dims", ["96", "192", "384", "768"],
                   "Channels of stages 0-3 (ConvNeXt-T).")
 flags.DEFINE_integer("rounds", 5, "Round-robin rounds.")
 flags.DEFINE_bool("torch", True, "Time PyTorch's grouped conv too.")
-flags.DEFINE_bool("cxx", False, "Also time the C++ kernel gradient "
-                  "(needs g++; module docstring).")
 
 K = 7
 
@@ -76,32 +68,6 @@ def _tap_sums_bwd(res, dy):
 tap_sums = jax.custom_vjp(convnext._shifted_sum)
 tap_sums.defvjp(lambda x, k: (convnext._shifted_sum(x, k), (x, k)),
                 _tap_sums_bwd)
-
-
-def build_cxx_kernel_grad(workdir):
-  """Compiles depthwise_kernel_grad.cc and returns `shifts` with its kernel
-  gradient."""
-  if shutil.which("g++") is None:
-    raise RuntimeError("--cxx needs g++ on PATH.")
-  source = pathlib.Path(__file__).with_name("depthwise_kernel_grad.cc")
-  library = pathlib.Path(workdir) / "libdepthwise_kernel_grad.so"
-  subprocess.run(["g++", "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared",
-                  "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(source),
-                  "-o", str(library), "-lpthread"], check=True)
-  handler = ctypes.cdll.LoadLibrary(str(library)).DepthwiseKernelGrad
-  jax.ffi.register_ffi_target("depthwise_kernel_grad",
-                              jax.ffi.pycapsule(handler), platform="cpu")
-
-  def bwd(res, dy):
-    x, kernel = res
-    dx = convnext._shifted_sum(dy, kernel[::-1, ::-1])
-    dk = jax.ffi.ffi_call("depthwise_kernel_grad", jax.ShapeDtypeStruct(
-        (K * K, x.shape[-1]), jnp.float32))(x, dy)
-    return dx, dk.reshape(kernel.shape)
-
-  conv = jax.custom_vjp(convnext._shifted_sum)
-  conv.defvjp(lambda x, k: (convnext._shifted_sum(x, k), (x, k)), bwd)
-  return conv
 
 
 def grouped_conv(x, kernel):
@@ -145,10 +111,11 @@ def main(argv):
   del argv
   h, w = (int(v) // 4 for v in FLAGS.image)
   rng = np.random.default_rng(0)
-  convs = {"shifts": convnext.depthwise_shifts, "tap_sums": tap_sums,
+  if not depthwise_cpu.available():
+    raise SystemExit("The native kernel did not build (see the warning).")
+  convs = {"native": depthwise_cpu.depthwise_native,
+           "shifts": convnext.depthwise_shifts, "tap_sums": tap_sums,
            "conv": grouped_conv}
-  if FLAGS.cxx:
-    convs["cxx_dk"] = build_cxx_kernel_grad(tempfile.mkdtemp())
   names = list(convs)
   use_torch = FLAGS.torch and torch_reference.available()
   if use_torch:
@@ -168,13 +135,13 @@ def main(argv):
       runs["torch"], (dx, dk) = torch_fn(x, kernel, dy)
       outs["torch"] = (None, dx, dk)
     for name in names[1:]:  # Every variant computes the same gradients.
-      for got, want in zip(outs[name][1:], outs["shifts"][1:]):
+      for got, want in zip(outs[name][1:], outs["native"][1:]):
         np.testing.assert_allclose(got, want, rtol=2e-3,
                                    atol=2e-3 * float(jnp.abs(want).max()))
     times = timing.round_robin(runs, FLAGS.rounds)
     ms = {n: 1e3 * t for n, t in timing.medians(times).items()}
     print(f"stage {stage} {'x'.join(map(str, shape))}: " + ", ".join(
-        f"{n} {ms[n]:.1f} ms ({ms[n] / ms['shifts']:.2f}x shifts' time)"
+        f"{n} {ms[n]:.1f} ms ({ms[n] / ms['native']:.2f}x)"
         for n in names))
 
 

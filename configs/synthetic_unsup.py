@@ -49,7 +49,6 @@ def get_config():
   config.model.depths = (1, 1, 2, 1)
   config.model.dims = (32, 64, 96, 128)
   config.model.drop_path_rate = 0.0
-  config.model.depthwise_impl = "conv"  # compiles faster; same speed here
 
   # A from-scratch model on 640 training pairs learns nothing in a few
   # hundred steps under the paper's augmentations (BUILD_NOTES.md): keep

@@ -16,6 +16,8 @@ from typing import Any
 import ml_collections
 
 from cvgl_jax.cfp import translate as translate_lib
+from cvgl_jax.models import convnext
+from cvgl_jax.models import depthwise_cpu
 
 STAGES = ("cfp", "translate", "intra", "cross_fake", "supervised",
           "pseudo_label")
@@ -67,7 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.2
   c.model.dtype = "float32"       # float32 | bfloat16 (params stay f32)
   c.model.remat = False
-  c.model.depthwise_impl = "auto"  # auto | conv | shifts (fast on CPU)
+  # auto | conv | native | shifts (DepthwiseConv); auto: native C++ on CPU
+  c.model.depthwise_impl = "auto"
   c.model.pretrained = ""         # local timm/official ConvNeXt file
 
   c.cfp = ml_collections.ConfigDict()
@@ -270,9 +273,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   "init")
   if m.head not in ("safa", "gap"):
     errors.append(f"config.model.head={m.head!r}; choose 'safa' or 'gap'")
-  if m.depthwise_impl not in ("auto", "conv", "shifts"):
+  if m.depthwise_impl not in convnext.IMPLS:
     errors.append(f"config.model.depthwise_impl={m.depthwise_impl!r}; "
-                  "choose auto, conv or shifts")
+                  f"choose one of {', '.join(convnext.IMPLS)}")
+  elif m.depthwise_impl == "native":
+    if m.dtype != "float32":
+      errors.append(f"config.model.depthwise_impl='native' runs in float32 "
+                    f"only, but config.model.dtype={m.dtype!r}; use 'auto'")
+    try:
+      depthwise_cpu.load()
+    except depthwise_cpu.NativeBuildError as e:
+      errors.append(f"config.model.depthwise_impl='native' cannot be built "
+                    f"here ({e}); use 'auto', which falls back to 'shifts'")
   if m.dtype not in ("float32", "bfloat16"):
     errors.append(f"config.model.dtype={m.dtype!r}; choose 'float32' or "
                   "'bfloat16'")

@@ -74,7 +74,7 @@ class TwoTower(nn.Module):
     drop_path_rate: stochastic depth of the backbones (0.2 in the paper).
     dtype: computation dtype; params are float32 and embeddings float32.
     remat: rematerialise backbone blocks in the backward pass.
-    depthwise_impl: "auto", "conv" or "shifts" (`convnext.DepthwiseConv`).
+    depthwise_impl: one of `convnext.IMPLS` (`convnext.DepthwiseConv`).
   """
   variant: str | convnext.Variant = "base"
   head: str = "safa"
