@@ -1,7 +1,11 @@
 """Properties of the installed package itself."""
 
+import pathlib
 import subprocess
 import sys
+import zipfile
+
+import pytest
 
 
 def test_scann_imports_without_tensorflow():
@@ -25,3 +29,17 @@ def test_package_imports_without_torch_or_tensorflow():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                        text=True, check=True)
   assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_wheel_ships_the_native_kernel_source(tmp_path):
+  # depthwise_cpu.py compiles its .cc on first use: a wheel without it would
+  # silently fall back to the slower XLA path on every user's machine.
+  pytest.importorskip("setuptools")  # the build backend, offline
+  root = pathlib.Path(__file__).parents[1]
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                  "--no-build-isolation", str(root), "-w", str(tmp_path)],
+                 check=True, capture_output=True, cwd=tmp_path)
+  (wheel,) = tmp_path.glob("cvgl_jax-*.whl")
+  names = zipfile.ZipFile(wheel).namelist()
+  assert "cvgl_jax/models/depthwise_cpu.cc" in names
+  assert "cvgl_jax/models/depthwise_cpu.py" in names
