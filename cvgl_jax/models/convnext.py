@@ -289,7 +289,7 @@ class DepthwiseConv(nn.Module):
   bias [C]. Three implementations of the same function:
     "conv": XLA's grouped convolution (fast on GPU/TPU, slow on CPU);
     "native": a compiled C++ kernel for the CPU (`depthwise_cpu`; float32,
-      C a multiple of 8), 2.8-3.6x faster forward + backward than "shifts"
+      C a multiple of 8), 2.4-4x faster forward + backward than "shifts"
       and faster than PyTorch's at ConvNeXt-T's shapes;
     "shifts": a sum of k*k shifted, channel-scaled copies of the input
       (`depthwise_shifts`), which XLA:CPU fuses into one loop -- ~20x

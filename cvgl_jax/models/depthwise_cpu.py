@@ -5,7 +5,7 @@ does -- a k x k depthwise cross-correlation, stride 1, 'SAME' zero padding,
 x [B, H, W, C] float32 (C a multiple of 8), kernel [k, k, C] (k odd, <= 7)
 -> [B, H, W, C] -- with the forward pass, the input gradient and the kernel
 gradient in `depthwise_cpu.cc`. At ConvNeXt-T's stage shapes its forward +
-backward is 2.8-3.6x faster than the shifted sum and 1.4-2x faster than
+backward is 2.4-4x faster than the shifted sum and 1.5-3x faster than
 PyTorch's oneDNN kernel (`benchmarks/depthwise.py`, BUILD_NOTES.md).
 
 The C++ source ships with the package and is compiled on first use with the
