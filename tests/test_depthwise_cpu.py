@@ -5,6 +5,7 @@ import pathlib
 import stat
 import subprocess
 import sys
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -131,7 +132,25 @@ def test_library_is_cached_and_keyed_on_source(tmp_path, monkeypatch):
   edited = tmp_path / "edited.cc"
   edited.write_text(depthwise_cpu.SOURCE.read_text() + "\n// edit\n")
   monkeypatch.setattr(depthwise_cpu, "SOURCE", edited)
-  assert depthwise_cpu.library_path(depthwise_cpu.compiler()) != path
+  assert depthwise_cpu.library_name(depthwise_cpu.compiler()) != path.name
+
+
+def test_read_only_cache_falls_back_to_the_temporary_folder(tmp_path,
+                                                            monkeypatch):
+  # A regular file where the cache folder should be: mkdir fails for root
+  # too (chmod would not stop root).
+  (tmp_path / "home").write_text("not a folder")
+  monkeypatch.delenv("CVGL_JAX_CACHE_DIR", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+  (tmp_path / "tmp").mkdir()
+  path = depthwise_cpu.build()
+  assert path.parent.parent == tmp_path / "tmp" and path.exists()
+  # An explicit folder is the only one tried, and a failure names it.
+  monkeypatch.setenv("CVGL_JAX_CACHE_DIR", str(tmp_path / "home" / "x"))
+  with pytest.raises(depthwise_cpu.NativeBuildError,
+                     match=r"CVGL_JAX_CACHE_DIR.*home/x"):
+    depthwise_cpu.build()
 
 
 def test_failed_build_names_the_compiler_and_its_output(tmp_path,

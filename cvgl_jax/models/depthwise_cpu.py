@@ -10,8 +10,9 @@ PyTorch's oneDNN kernel (`benchmarks/depthwise.py`, BUILD_NOTES.md).
 
 The C++ source ships with the package and is compiled on first use with the
 system's C++ compiler (`$CXX`, else `c++`, else `g++`; ~3 s) for this CPU
-(`-march=native`) into a cache folder (`$CVGL_JAX_CACHE_DIR`, else
-`$XDG_CACHE_HOME/cvgl_jax`, else `~/.cache/cvgl_jax`). The library's file
+(`-march=native`) into a cache folder (`cache_dirs()`: `$CVGL_JAX_CACHE_DIR`,
+else `$XDG_CACHE_HOME/cvgl_jax` or `~/.cache/cvgl_jax`, and a folder in the
+temporary directory where the home is read-only). The library's file
 name hashes the source, the compiler, the flags, jaxlib's version and the
 CPU's feature flags, so a shared home folder on a mixed cluster keeps one
 library per CPU kind, and a new version never loads a stale build.
@@ -61,11 +62,19 @@ def enabled() -> bool:
       "0", "false", "no", "off")
 
 
-def cache_dir() -> pathlib.Path:
+def cache_dirs() -> list[pathlib.Path]:
+  """Where the library is looked for and built, in order of preference.
+
+  `$CVGL_JAX_CACHE_DIR` alone when set; else `$XDG_CACHE_HOME/cvgl_jax`
+  (or `~/.cache/cvgl_jax`), then a per-user folder in the temporary
+  directory for machines whose home is read-only.
+  """
   if os.environ.get("CVGL_JAX_CACHE_DIR"):
-    return pathlib.Path(os.environ["CVGL_JAX_CACHE_DIR"])
+    return [pathlib.Path(os.environ["CVGL_JAX_CACHE_DIR"])]
   base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-  return pathlib.Path(base) / "cvgl_jax"
+  user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+  return [pathlib.Path(base) / "cvgl_jax",
+          pathlib.Path(tempfile.gettempdir()) / f"cvgl_jax-{user}"]
 
 
 def compiler() -> str:
@@ -101,51 +110,64 @@ def _compiler_identity(cxx: str) -> str:
   return run.stdout
 
 
-def library_path(cxx: str) -> pathlib.Path:
-  """Where the library built by `cxx` for this source, jaxlib and CPU lives."""
+def library_name(cxx: str) -> str:
+  """The library's file name for `cxx`, this source, jaxlib and CPU."""
   key = hashlib.sha256()
   for part in (SOURCE.read_bytes(), _compiler_identity(cxx).encode(),
                " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
                platform.machine().encode(), _cpu_features().encode()):
     key.update(part)
     key.update(b"\0")
-  return cache_dir() / f"depthwise_cpu-{key.hexdigest()[:16]}.so"
+  return f"depthwise_cpu-{key.hexdigest()[:16]}.so"
 
 
-def build() -> pathlib.Path:
-  """Compiles the kernel unless the cache has it; returns the library path.
-
-  Raises NativeBuildError naming the compiler, the command and its output.
-  """
-  cxx = compiler()
-  path = library_path(cxx)
-  if path.exists():
-    return path
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise NativeBuildError(f"Cannot create the cache folder {path.parent} "
-                           f"(set $CVGL_JAX_CACHE_DIR): {e}") from e
+def _compile(cxx: str, folder: pathlib.Path, name: str) -> pathlib.Path:
+  """Compiles SOURCE to folder/name; raises OSError if the folder is not
+  writable, NativeBuildError if the compiler fails."""
+  folder.mkdir(parents=True, exist_ok=True)
   # A private temporary name, then an atomic rename: processes that build
   # at the same time (several per host) never load a half-written file.
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
   os.close(fd)
   cmd = [cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o",
          tmp]
   try:
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    try:
+      run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+      raise NativeBuildError(f"Compiling {SOURCE} with {cxx!r} failed: {e}"
+                             ) from e
     if run.returncode != 0:
       raise NativeBuildError(
           f"Compiling {SOURCE} failed ({' '.join(cmd)}):\n"
           f"{run.stderr[-2000:]}")
-    os.replace(tmp, path)
-  except (OSError, subprocess.SubprocessError) as e:
-    raise NativeBuildError(f"Compiling {SOURCE} with {cxx!r} failed: {e}"
-                           ) from e
+    os.replace(tmp, folder / name)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  return path
+  return folder / name
+
+
+def build() -> pathlib.Path:
+  """Compiles the kernel unless a cache folder has it; returns its path.
+
+  Raises NativeBuildError naming the compiler, the command and its output,
+  or the cache folders that could not be written.
+  """
+  cxx = compiler()
+  name = library_name(cxx)
+  folders = cache_dirs()
+  for folder in folders:
+    if (folder / name).exists():
+      return folder / name
+  unwritable = []
+  for folder in folders:
+    try:
+      return _compile(cxx, folder, name)
+    except OSError as e:
+      unwritable.append(f"{folder}: {e}")
+  raise NativeBuildError("No cache folder can hold the compiled kernel (set "
+                         "$CVGL_JAX_CACHE_DIR): " + "; ".join(unwritable))
 
 
 @functools.cache
