@@ -52,6 +52,10 @@ steps, not the compile.
 
   python benchmarks/train_step.py
   python benchmarks/train_step.py --variant=atto --batch=8 --augment=none
+  python benchmarks/train_step.py --depthwise=shifts   # the pure-XLA conv
+
+The header says which depthwise conv ours runs ("auto": the C++ kernel on
+CPU, or the shifted sum where it cannot be built).
 
 --devices=1,2 times our step on meshes of the first 1 and 2 devices in the
 same round robin. On a CPU host, several XLA devices come from
@@ -97,6 +101,8 @@ flags.DEFINE_string("variant", "tiny", "ConvNeXt size of both towers.")
 flags.DEFINE_list("ground", ["128", "512"], "Ground image H,W.")
 flags.DEFINE_integer("satellite", 128, "Satellite image side.")
 flags.DEFINE_integer("batch", 16, "Pairs per step.")
+flags.DEFINE_enum("depthwise", "auto", list(convnext.IMPLS),
+                  "Our DepthwiseConv impl (auto: the C++ kernel on CPU).")
 flags.DEFINE_enum("augment", "full", ["full", "none"],
                   "Augmentation on each side (module docstring).")
 flags.DEFINE_integer("rounds", 3, "Round-robin rounds.")
@@ -132,13 +138,14 @@ def _images(rng, batch, hw):
 
 
 def jax_step_fn(variant, ground_hw, satellite_hw, batch, augmentation,
-                num_devices=None):
+                depthwise_impl="auto", num_devices=None):
   """Returns run() doing one of our training steps on a fixed batch, on a
   mesh of the first `num_devices` devices (None: all)."""
   mesh = parallel.make_mesh(None if num_devices is None
                             else jax.devices()[:num_devices])
   model = encoder.TwoTower(variant=variant, head="safa",
-                           drop_path_rate=DROP_PATH)
+                           drop_path_rate=DROP_PATH,
+                           depthwise_impl=depthwise_impl)
   tx = state_lib.create_optimizer(1e-4, 0.01, steps_per_epoch=1000,
                                   num_epochs=10)
   st = state_lib.create_state(model, tx, ground_size=ground_hw,
@@ -207,7 +214,7 @@ def _step_fn(name, args):
   """run() of variant `name`: "torch", "jax" or "jax_<k>dev", each of ours
   optionally with the suffix "_4k" (which only changes its environment)."""
   if name == "torch":
-    return torch_step_fn(*args)
+    return torch_step_fn(*args[:5])
   k = name.removesuffix("_4k").removeprefix("jax").removeprefix("_")
   k = k.removesuffix("dev")
   return jax_step_fn(*args, num_devices=int(k) if k else None)
@@ -314,7 +321,8 @@ def main(argv):
         f"{ground_hw[0]}x{ground_hw[1]} + satellite {satellite_hw[0]}x"
         f"{satellite_hw[1]}, augment={FLAGS.augment}; {os.cpu_count()} CPUs,"
         f" {_load()}")
-  args = (FLAGS.variant, ground_hw, satellite_hw, b, FLAGS.augment)
+  args = (FLAGS.variant, ground_hw, satellite_hw, b, FLAGS.augment,
+          FLAGS.depthwise)
   counts = [int(v) for v in FLAGS.devices]
   for k in counts:
     if not 1 <= k <= jax.device_count() or b % k:
@@ -322,8 +330,10 @@ def main(argv):
                        f"{jax.device_count()} devices and divide --batch={b}"
                        " (more CPU devices: XLA_FLAGS=--xla_force_host_"
                        "platform_device_count=N).")
+  impl = convnext.resolve_impl(FLAGS.depthwise, (1, 1, 1, 96), np.float32,
+                               7)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} "
-        f"({jax.device_count()} device(s))")
+        f"({jax.device_count()} device(s)); depthwise conv: {impl}")
   names = [f"jax_{k}dev" for k in counts] if counts else ["jax"]
   with_torch = FLAGS.torch and torch_reference.available()
   if FLAGS.torch and not with_torch:

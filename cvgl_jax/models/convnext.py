@@ -282,6 +282,19 @@ def _depthwise_bwd(res, dy):
 depthwise_shifts.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+def resolve_impl(impl: str, x_shape, dtype, kernel_size: int) -> str:
+  """The `DepthwiseConv` implementation that `impl` means for an input of
+  x_shape/dtype on the default backend ("auto" -> "native", "shifts" or
+  "conv"; anything else unchanged). May build the C++ kernel (once)."""
+  if impl != "auto":
+    return impl
+  if jax.default_backend() != "cpu":
+    return "conv"
+  native = (depthwise_cpu.supports(x_shape, dtype, kernel_size)
+            and depthwise_cpu.available())
+  return "native" if native else "shifts"
+
+
 class DepthwiseConv(nn.Module):
   """k x k depthwise convolution, stride 1, 'SAME' zero padding, with bias.
 
@@ -310,13 +323,7 @@ class DepthwiseConv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
                                               dtype=self.dtype)
-    impl = self.impl
-    if impl == "auto":
-      impl = "conv"
-      if jax.default_backend() == "cpu":
-        native = (depthwise_cpu.supports(x.shape, x.dtype, k)
-                  and depthwise_cpu.available())
-        impl = "native" if native else "shifts"
+    impl = resolve_impl(self.impl, x.shape, x.dtype, k)
     pad = k // 2
     if impl == "conv":
       y = jax.lax.conv_general_dilated(
