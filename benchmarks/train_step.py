@@ -46,8 +46,8 @@ share the same cores when training, so this is an upper bound).
 
 Defaults are the issue's reference point (ConvNeXt-T x2, batch 16, ground
 128x512, satellite 128x128); on the 2-core dev machine, idle, a run with
---rounds=3 --steps=2 took about 4 minutes (compile 36 s, ours 6.5-6.6
-s/step, torch 6.3-7.0 s/step, 0.96-1.08x); smaller flags shorten the
+--rounds=3 --steps=2 took about 4 minutes (compile ~30 s, ours 5.9-6.0
+s/step, torch 6.4-7.1 s/step, 1.06-1.22x); smaller flags shorten the
 steps, not the compile.
 
   python benchmarks/train_step.py
