@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import getpass
 import hashlib
 import os
 import pathlib
@@ -72,9 +73,9 @@ def cache_dirs() -> list[pathlib.Path]:
   if os.environ.get("CVGL_JAX_CACHE_DIR"):
     return [pathlib.Path(os.environ["CVGL_JAX_CACHE_DIR"])]
   base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-  user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+  per_user = f"cvgl_jax-{getpass.getuser()}"
   return [pathlib.Path(base) / "cvgl_jax",
-          pathlib.Path(tempfile.gettempdir()) / f"cvgl_jax-{user}"]
+          pathlib.Path(tempfile.gettempdir()) / per_user]
 
 
 def compiler() -> str:
