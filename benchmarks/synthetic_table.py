@@ -1,18 +1,29 @@
-r"""The synthetic benchmark's results table: every row of
+r"""The synthetic benchmark's results table: the rows of
 `configs/synthetic_benchmark.py`, run and tabulated beside the paper.
 
   python benchmarks/synthetic_table.py --out=runs/bench            # all rows
-  python benchmarks/synthetic_table.py --out=runs/bench --rows=ours_0,no_mutual
+  python benchmarks/synthetic_table.py --out=runs/bench --rows=ours_0,ncc
+  python benchmarks/synthetic_table.py --out=runs/bench --table_only
 
 Each row is `python -m cvgl_jax.main
 --config=configs/synthetic_benchmark.py:<row> --workdir=<out>/<row>`, run
-here in a subprocess. To save time, a row whose first stages are those of
-an already finished row (same config for those stages, same world) starts
-from a copy of that row's finished stage folders and world: `main` skips
-stages that have a DONE file. Training is deterministic on a given machine,
-so the copy is what the row's own command would compute (run the command
-in an empty workdir to check). Rows already finished in `--out` are not
-rerun. The table goes to stdout and `<out>/table.md`.
+here in a subprocess; `ROW#S` is the row with training seed S. The `ncc`
+row is `python -m cvgl_jax.baseline` on ours_0's world. Rows already
+finished in `--out` are not rerun, and an interrupted row resumes (the
+project's own resume), so the table can be built over several sittings.
+
+To save time, a row whose first stages are those of an already finished
+row (same config for those stages, same world) starts from a copy of that
+row's finished stage folders and world: `main` skips stages that have a
+DONE file. Training is deterministic on a given machine, so the copy is
+what the row's own command would compute there.
+
+The table goes to stdout and `<out>/table.md`: per row (mean and sample
+standard deviation over its seeds) the final R@1, the best R@1 seen (it
+reads labels: telemetry), the R@1 of the checkpoint the row hands on
+(chosen without labels), the cold start's R@1, the first round's admitted
+and correct pseudo labels, the last round's precision, the ratio to the
+supervised row, and the paper's numbers.
 """
 
 from __future__ import annotations
@@ -32,27 +43,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CONFIG = os.path.join(ROOT, "configs", "synthetic_benchmark.py")
 WORLD = "synthetic_world"
+SEEDS = (0, 1, 2)
+# Rows with 3 seeds (the issue's: supervised, 0 % and 10 %); others one.
+SEEDED = ("ours_0", "supervised", "ours_10")
 
+_COLD = ("pretrain", "cfp", "translate", "intra", "cross_fake")
 # Row -> (row it reuses, stage folders copied, world folders left out).
 # The world's derived folders (g2a, g2a_sat) belong to the stages that
 # wrote them: a row that runs those stages itself gets the world without.
 SHARES = {
-    "ours_10": ("ours_0", ("cfp", "translate", "intra", "cross_fake"), ()),
-    "no_mutual": ("ours_0", ("cfp", "translate", "intra", "cross_fake"), ()),
-    "no_threshold": ("ours_0", ("cfp", "translate", "intra", "cross_fake"),
-                     ()),
-    "no_curriculum": ("ours_0", ("cfp", "translate", "intra", "cross_fake"),
-                      ()),
-    "no_intra": ("ours_0", ("cfp", "translate"), ()),
-    "no_translation": ("ours_0", ("cfp",), ("g2a_sat",)),
-    "no_bev": ("ours_0", (), ("g2a", "g2a_sat")),
-    "supervised": ("ours_0", (), ("g2a", "g2a_sat")),
+    "ours_10": ("ours_0", _COLD, ()),
+    "authors_switch": ("ours_0", _COLD, ()),
+    "no_mutual": ("ours_0", _COLD, ()),
+    "no_threshold": ("ours_0", _COLD, ()),
+    "no_curriculum": ("ours_0", _COLD, ()),
+    "no_intra": ("ours_0", ("pretrain", "cfp", "translate"), ()),
+    "no_translation": ("ours_0", ("pretrain", "cfp"), ("g2a_sat",)),
+    "no_bev": ("ours_0", ("pretrain",), ("g2a", "g2a_sat")),
+    "supervised": ("ours_0", ("pretrain",), ("g2a", "g2a_sat")),
+    "from_scratch": ("ours_0", ("cfp", "translate"), ()),
+    "source_pairs": ("ours_0", ("cfp", "translate"), ()),
 }
-ORDER = ("ours_0", "supervised", "ours_10", "no_bev", "no_translation",
-         "no_intra", "no_mutual", "no_threshold", "no_curriculum",
-         "no_mutual@10", "no_threshold@10", "no_curriculum@10")
-for _row in ("no_mutual", "no_threshold", "no_curriculum"):
-  SHARES[f"{_row}@10"] = SHARES[_row]
+BASE_ROWS = ("ours_0", "supervised", "ours_10", "from_scratch",
+             "source_pairs", "authors_switch", "no_bev", "no_translation",
+             "no_intra", "no_mutual", "no_threshold", "no_curriculum")
+NCC = "ncc"
+ORDER = tuple(
+    [f"{r}#{s}" if s else r for r in SEEDED for s in SEEDS]
+    + [r for r in BASE_ROWS if r not in SEEDED] + [NCC])
 
 # METHOD.md: R@1 on CVUSA. Cold-start ablations are R@1 after the cold
 # start; the others after the whole paradigm (ConvNeXt-S for the 0 % row
@@ -70,8 +88,13 @@ PAPER = {
 }
 
 
-def _paper(row: str):
-  return PAPER[row.partition("@")[0]]
+def base_row(row: str) -> str:
+  return row.partition("#")[0]
+
+
+def _seed_suffix(row: str) -> str:
+  _, sep, seed = row.partition("#")
+  return sep + seed
 
 
 def _done(workdir: str, stage: str):
@@ -89,12 +112,27 @@ def _stages(row: str) -> list[str]:
   return list(module.get_config(row).stages)
 
 
-def _seed(out: str, row: str) -> None:
+def _source(row: str):
+  """(source row, stages copied, world folders left out) for `row`."""
+  base, suffix = base_row(row), _seed_suffix(row)
+  if base == "ours_0":
+    # Another seed of the paradigm: same stand-in, BEVs and fakes.
+    return ("ours_0", ("pretrain", "cfp", "translate"), ()) if suffix else None
+  if base not in SHARES:
+    return None
+  source, stages, leave_out = SHARES[base]
+  trained = set(stages) & {"intra", "cross_fake"}
+  # A seeded row reuses trained stages only from the same seed.
+  return (source + suffix if trained else source), stages, leave_out
+
+
+def _copy_prefix(out: str, row: str) -> None:
   """Copies the shared prefix of `row` from the row it reuses, if done."""
   workdir = os.path.join(out, row)
-  if os.path.exists(workdir) or row not in SHARES:
+  share = _source(row)
+  if os.path.exists(workdir) or share is None:
     return
-  source, stages, leave_out = SHARES[row]
+  source, stages, leave_out = share
   src = os.path.join(out, source)
   if not all(_done(src, s) for s in stages) or not os.path.isdir(
       os.path.join(src, WORLD)):
@@ -113,67 +151,110 @@ def _seed(out: str, row: str) -> None:
         flush=True)
 
 
-def run_row(out: str, row: str) -> float:
-  """Runs one row (skipping finished stages); returns its wall seconds."""
-  _seed(out, row)
+def _command(out: str, row: str) -> list[str]:
+  if row == NCC:
+    return [sys.executable, "-m", "cvgl_jax.baseline",
+            f"--config={CONFIG}:ours_0",
+            f"--workdir={os.path.join(out, 'ours_0')}"]
+  return [sys.executable, "-m", "cvgl_jax.main", f"--config={CONFIG}:{row}",
+          f"--workdir={os.path.join(out, row)}"]
+
+
+def is_finished(out: str, row: str) -> bool:
+  if row == NCC:
+    return os.path.exists(os.path.join(out, "ours_0", "baseline_ncc.json"))
   workdir = os.path.join(out, row)
-  command = [sys.executable, "-m", "cvgl_jax.main",
-             f"--config={CONFIG}:{row}", f"--workdir={workdir}"]
+  return all(_done(workdir, s) for s in _stages(row))
+
+
+def run_row(out: str, row: str) -> float:
+  """Runs one row (resuming it); returns its wall seconds."""
+  _copy_prefix(out, row)
+  workdir = os.path.join(out, "ours_0" if row == NCC else row)
+  command = _command(out, row)
   print(f"[{row}] {' '.join(command[1:])}", flush=True)
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
-  with open(os.path.join(workdir, "log.txt"), "a") as log:
+  log_name = "baseline_log.txt" if row == NCC else "log.txt"
+  with open(os.path.join(workdir, log_name), "a") as log:
     subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT,
                    cwd=ROOT)
   return time.time() - start
 
 
-def _fmt(x, digits=1):
-  return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else (
-      f"{x:.{digits}f}")
-
-
 def row_result(out: str, row: str) -> dict:
-  """The numbers of a finished row from its DONE files."""
+  """The numbers of a finished row (or {} when it has not finished)."""
+  if not is_finished(out, row):
+    return {}
+  if row == NCC:
+    with open(os.path.join(out, "ours_0", "baseline_ncc.json")) as f:
+      e = json.load(f)
+    return {"final": e["R@1"]}
   workdir = os.path.join(out, row)
   stages = _stages(row)
   final = _done(workdir, stages[-1])
-  result = {"row": row, "final": final["eval"] if final else None,
-            "cold": None, "labels": None, "precision": None,
-            "minutes": None}
-  if final:
-    result["minutes"] = sum(
-        (_done(workdir, s) or {}).get("seconds", 0.0) for s in stages) / 60
+  result = {"final": final["eval"]["R@1"],
+            "best": (final.get("best") or {}).get("R@1"),
+            "handed_on": ((final.get("selected") or {}).get("eval") or {}
+                          ).get("R@1"),
+            "minutes": sum(_done(workdir, s).get("seconds", 0.0)
+                           for s in stages) / 60}
   cold = _done(workdir, "cross_fake")
   if cold:
     result["cold"] = cold["eval"]["R@1"]
-  if final and "last_round" in final:
-    last = final["last_round"]
-    result["labels"] = last.get("num_labels")
-    result["precision"] = last.get("margin/precision")
-    if result["precision"] is not None:
-      result["precision"] *= 100
+  rounds = [r for r in final.get("rounds", []) if r.get("warmup") == 0.0]
+  if rounds:
+    result["admitted0"] = rounds[0].get("margin/pairs")
+    result["correct0"] = rounds[0].get("margin/correct")
+    result["precision"] = 100 * final["last_round"]["margin/precision"]
   return result
 
 
+def _stat(values, digits=1):
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  if len(values) == 1:
+    return f"{values[0]:.{digits}f}"
+  return (f"{np.mean(values):.{digits}f} +- "
+          f"{np.std(values, ddof=1):.{digits}f}")
+
+
 def table(out: str, rows) -> str:
-  lines = [
-      "| row | R@1 | R@5 | R@10 | R@1 % | cold-start R@1 | labels trained "
-      "on, last round (pseudo + true) | pseudo-label precision % | paper R@1 "
-      "(CVUSA) | paper cold-start R@1 | minutes | command |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-      "| --- |"]
+  groups: dict[str, list[dict]] = {}
   for row in rows:
-    r = row_result(out, row)
-    e = r["final"] or {}
-    paper, paper_cold = _paper(row)
+    result = row_result(out, row)
+    if result:
+      groups.setdefault(base_row(row), []).append(result)
+  supervised = [r["final"] for r in groups.get("supervised", [])]
+  lines = [
+      "| row | seeds | final R@1 | best R@1 (telemetry) | handed-on R@1 "
+      "| x supervised | cold-start R@1 | round 0: admitted / correct | "
+      "last-round precision % | paper R@1 (CVUSA) | paper cold-start R@1 "
+      "| minutes | command |",
+      "|" + " --- |" * 13]
+  for base in dict.fromkeys(base_row(r) for r in rows):
+    results = groups.get(base)
+    if not results:
+      continue
+    get = lambda key: [r.get(key) for r in results]
+    ratio = "-"
+    if supervised and base != "supervised":
+      ratio = f"{np.mean(get('final')) / np.mean(supervised):.2f}"
+    first = (f"{_stat(get('admitted0'), 0)} / {_stat(get('correct0'), 0)}"
+             if results[0].get("admitted0") is not None else "-")
+    paper, paper_cold = PAPER.get(base, (None, None))
+    command = ("python -m cvgl_jax.baseline --config=configs/"
+               "synthetic_benchmark.py:ours_0 --workdir=runs/bench/ours_0"
+               if base == NCC else
+               f"python -m cvgl_jax.main --config=configs/synthetic_benchmark"
+               f".py:{base} --workdir=runs/bench/{base}")
     lines.append(
-        f"| {row} | {_fmt(e.get('R@1'))} | {_fmt(e.get('R@5'))} | "
-        f"{_fmt(e.get('R@10'))} | {_fmt(e.get('R@1%'))} | {_fmt(r['cold'])} |"
-        f" {_fmt(r['labels'], 0)} | {_fmt(r['precision'])} | "
-        f"{paper or '-'} | {paper_cold or '-'} | {_fmt(r['minutes'])} | "
-        f"`python -m cvgl_jax.main --config=configs/synthetic_benchmark.py:"
-        f"{row} --workdir=runs/bench/{row}` |")
+        f"| {base} | {len(results)} | {_stat(get('final'))} | "
+        f"{_stat(get('best'))} | {_stat(get('handed_on'))} | {ratio} | "
+        f"{_stat(get('cold'))} | {first} | {_stat(get('precision'))} | "
+        f"{paper or '-'} | {paper_cold or '-'} | {_stat(get('minutes'))} | "
+        f"`{command}` |")
   return "\n".join(lines)
 
 
@@ -186,16 +267,21 @@ def main():
                       help="tabulate the finished rows, run nothing")
   args = parser.parse_args()
   rows = [r for r in args.rows.split(",") if r]
-  unknown = sorted(set(rows) - set(ORDER))
+  unknown = sorted(r for r in rows if base_row(r) not in BASE_ROWS + (NCC,))
   if unknown:
     parser.error(f"unknown rows {unknown}; rows are {ORDER}")
   os.makedirs(args.out, exist_ok=True)
   if not args.table_only:
-    # A reused row needs its source first.
+    # A reused row needs its source first: ours_0 (whose world the NCC row
+    # reads), then the rows in order.
     for row in sorted(rows, key=lambda r: r != "ours_0"):
+      if is_finished(args.out, row):
+        print(f"[{row}] finished already", flush=True)
+        continue
       seconds = run_row(args.out, row)
       print(f"[{row}] done in {seconds / 60:.1f} min", flush=True)
-  text = table(args.out, [r for r in ORDER if r in rows])
+  text = table(args.out, [r for r in ORDER if r in rows]
+               + [r for r in rows if r not in ORDER])
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(text + "\n")
   print(text)

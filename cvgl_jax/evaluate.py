@@ -21,9 +21,33 @@ from cvgl_jax import metrics as metrics_lib
 from cvgl_jax import parallel
 from cvgl_jax.data import pipeline as pipeline_lib
 from cvgl_jax.data.index import PairIndex
+from cvgl_jax.pseudo import refine as refine_lib
 from cvgl_jax.train import steps
 
 EmbedFn = Callable[[dict, jax.Array], jax.Array]
+# The label-free score `train.select = "label_free"` maximises.
+LABEL_FREE = "mutual_margin"
+
+
+def label_free_metrics(ground_emb: np.ndarray, satellite_emb: np.ndarray,
+                       tau: float) -> dict[str, float]:
+  """A model-selection score that reads no pairing label.
+
+  {"mutual_margin": % of the ground images that are in a mutual nearest
+  pair with the satellite pile whose top-1 minus top-2 margin is >= tau}:
+  the pseudo-label stage's own admission rule (without the curriculum)
+  applied to two unpaired piles. A model whose embedding space separates
+  places admits many; a collapsed or confused one admits few.
+
+  Args:
+    ground_emb: [Q, D] unit embeddings of a pile of ground images.
+    satellite_emb: [R, D] unit embeddings of a pile of satellite images.
+    tau: the margin (config.pseudo_label.tau).
+  """
+  settings = refine_lib.RefineSettings(tau=tau, epochs=1, curriculum=False,
+                                       backend="exact")
+  result = refine_lib.refine(ground_emb, satellite_emb, 0, settings)
+  return {LABEL_FREE: 100.0 * len(result.pairs) / max(len(ground_emb), 1)}
 
 
 def embed_split(embed_fn: EmbedFn, params, paths: Sequence[str], *,
@@ -116,8 +140,10 @@ def make_eval_fn(model, index: PairIndex, *, ground_size: Sequence[int],
                  satellite_size: Sequence[int], batch_size: int,
                  mesh: jax.sharding.Mesh, ks: Sequence[int] = (1, 5, 10),
                  top_percent: float = 1.0, num_threads: int = 8,
-                 progress: bool = False) -> Callable:
-  """A `train(eval_fn=...)` callback: state -> recall metrics on `index`.
+                 progress: bool = False,
+                 label_free_tau: Optional[float] = None) -> Callable:
+  """A `train(eval_fn=...)` callback: state -> recall metrics on `index`
+  (and, with `label_free_tau`, `label_free_metrics`).
 
   The two embedding functions are built (and compiled) once and reused at
   every evaluation.
@@ -130,7 +156,7 @@ def make_eval_fn(model, index: PairIndex, *, ground_size: Sequence[int],
                     satellite_size=satellite_size, batch_size=batch_size,
                     mesh=mesh, embed_fns=(embed_g, embed_s), ks=ks,
                     top_percent=top_percent, num_threads=num_threads,
-                    progress=progress)
+                    progress=progress, label_free_tau=label_free_tau)
   return eval_fn
 
 
@@ -139,8 +165,10 @@ def evaluate(params, index: PairIndex, *, ground_size: Sequence[int],
              mesh: jax.sharding.Mesh, model=None,
              embed_fns: Optional[tuple[EmbedFn, EmbedFn]] = None,
              ks: Sequence[int] = (1, 5, 10), top_percent: float = 1.0,
-             num_threads: int = 8, progress: bool = False) -> dict[str, float]:
-  """Embeds both piles of `index` and returns `recall_metrics`.
+             num_threads: int = 8, progress: bool = False,
+             label_free_tau: Optional[float] = None) -> dict[str, float]:
+  """Embeds both piles of `index` and returns `recall_metrics` (and, with
+  `label_free_tau`, `label_free_metrics` of the two piles).
 
   Args:
     params: model params (replicated).
@@ -165,4 +193,7 @@ def evaluate(params, index: PairIndex, *, ground_size: Sequence[int],
   satellite = embed_split(embed_fns[1], params, index.satellite_paths,
                           size=satellite_size, desc="embed satellite",
                           **common)
-  return recall_metrics(ground, satellite, index, ks, top_percent)
+  result = recall_metrics(ground, satellite, index, ks, top_percent)
+  if label_free_tau is not None:
+    result.update(label_free_metrics(ground, satellite, label_free_tau))
+  return result

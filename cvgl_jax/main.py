@@ -35,6 +35,7 @@ from ml_collections import config_flags
 from cvgl_jax import config_lib
 from cvgl_jax import hostmem
 from cvgl_jax import parallel
+from cvgl_jax import records
 from cvgl_jax import report
 from cvgl_jax import stages
 
@@ -99,11 +100,15 @@ def run(config, workdir: str) -> dict:
 
 def recall_table(results: dict) -> str:
   """The evaluation of each finished training stage as a Markdown table:
-  the last epoch's R@1/5/10/1 % (hit rate for VIGOR), the best R@1, and
-  for pseudo_label the last round's labels and their precision."""
-  lines = ["| stage | R@1 | R@5 | R@10 | R@1 % | best R@1 (step) | pseudo "
-           "labels (precision) | minutes |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  the last epoch's R@1/5/10/1 % (hit rate for VIGOR), the best R@1 seen
+  (telemetry: it reads labels), the checkpoint the stage hands on (chosen
+  by `config.train.select`, without labels) with its R@1, and for
+  pseudo_label the last round's labels and their precision; then the
+  pseudo-label stage's round table."""
+  lines = ["| stage | R@1 | R@5 | R@10 | R@1 % | best R@1 (step) | handed on:"
+           " R@1 (step) | pseudo labels (precision) | minutes |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  rounds = None
   for stage, result in results.items():
     if not result or "eval" not in result:
       continue
@@ -114,6 +119,10 @@ def recall_table(results: dict) -> str:
       cells[0] += f" (hit {e['hit_rate']:.1f})"
     best_cell = (f"{best['R@1']:.1f} ({best['step']})" if "R@1" in best
                  else "-")
+    selected = result.get("selected") or {}
+    chosen = selected.get("eval", {})
+    chosen_cell = (f"{chosen['R@1']:.1f} ({selected['step']})"
+                   if "R@1" in chosen else "-")
     labels = "-"
     last = result.get("last_round") or {}
     if "num_labels" in last:
@@ -121,13 +130,19 @@ def recall_table(results: dict) -> str:
       precision = last.get("margin/precision")
       if precision is not None and precision == precision:
         labels += f" ({100 * precision:.1f} %)"
+    rounds = result.get("rounds") or rounds
     lines.append(f"| {stage} | {' | '.join(cells)} | {best_cell} | "
-                 f"{labels} | {result.get('seconds', 0) / 60:.1f} |")
+                 f"{chosen_cell} | {labels} | "
+                 f"{result.get('seconds', 0) / 60:.1f} |")
   chance = next((r["eval"]["num_references"] for r in results.values()
                  if r and "eval" in r), None)
   if chance:
     lines.append(f"\nChance R@1: {100 / chance:.2f} % ({chance:.0f} "
                  "references).")
+  if rounds:
+    lines.append("\nPseudo-label rounds (precision and correct pairs read "
+                 "the truth: telemetry, never training):\n"
+                 + records.format_round_table(rounds))
   return "\n".join(lines)
 
 

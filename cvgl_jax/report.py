@@ -6,17 +6,21 @@ r"""Pictures of a training run, written under `WORKDIR/report/`.
                           every evaluated epoch of each training stage, the
                           stages one after another in config order on one
                           epoch axis; R@1 of chance for reference.
-  pseudo_labels.png       per round (epoch) of the pseudo_label stage: the
-                          pairs each filter keeps (candidates, mutual,
-                          margin = the pseudo labels) and the labels trained
-                          on (with the labelled fraction's true pairs); the
-                          precision of the candidates, mutual pairs and
-                          pseudo labels against the truth; warm-up rounds
-                          (true pairs only) shaded.
+  pseudo_labels.png       the round table of the pseudo_label stage
+                          (`round_table`, also printed at the end of a
+                          run): per round the pairs each filter keeps
+                          (mutual; margin = the pseudo labels admitted, and
+                          how many of those are correct) and the labels
+                          trained on; the precision of the candidates,
+                          mutual pairs and pseudo labels against the truth
+                          (telemetry) and the labelled fraction; the
+                          round's train loss and R@1; warm-up rounds (true
+                          pairs only) shaded.
   retrieval_examples.png  eval-split queries beside their top-5 tiles under
-                          the best model (the checkpoint with the highest
-                          R@1 of any stage), true tile framed green; half
-                          hits and half misses when there are both.
+                          the model the run hands on (the last training
+                          stage's selected checkpoint, `config.train.
+                          select`), true tile framed green; half hits and
+                          half misses when there are both.
 
 Everything is read from the workdir: `config.json`, each stage's
 `metrics.jsonl` and checkpoints, and the data the config names. A picture
@@ -28,7 +32,6 @@ split on all devices.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Optional
@@ -45,6 +48,7 @@ from cvgl_jax import evaluate
 from cvgl_jax import export
 from cvgl_jax import metrics as metrics_lib
 from cvgl_jax import parallel
+from cvgl_jax import records
 from cvgl_jax import retrieve
 from cvgl_jax import stages
 from cvgl_jax.data import image_io
@@ -54,28 +58,6 @@ REPORT_DIR = "report"
 RECALL_KS = (1, 5, 10)
 EXAMPLE_TILES = 5
 _COLOURS = {"R@1": "#1f77b4", "R@5": "#ff7f0e", "R@10": "#2ca02c"}
-
-
-def read_records(workdir: str, stage: str) -> list[dict]:
-  """The records of `workdir/<stage>/metrics.jsonl`, in step order.
-
-  A resumed stage may log a (kind, step) twice; the later record wins.
-  """
-  path = os.path.join(workdir, stage, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  latest = {}
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not a JSON record ({e}).") from e
-      latest[(record.get("kind"), record.get("step"),
-              record.get("epoch"))] = record
-  return sorted(latest.values(), key=lambda r: (r["step"], r["epoch"]))
 
 
 def training_stages(config: ml_collections.ConfigDict) -> list[str]:
@@ -89,7 +71,8 @@ def recall_curves(workdir: str, config: ml_collections.ConfigDict
   "R@1" ... [n] in %, "num_references"}."""
   curves, start = [], 0
   for stage in training_stages(config):
-    evals = [r for r in read_records(workdir, stage) if r["kind"] == "eval"]
+    evals = [r for r in records.read_records(workdir, stage)
+             if r["kind"] == "eval"]
     if evals:
       curve = {"stage": stage, "start": start,
                "epochs": np.array([r["epoch"] for r in evals]),
@@ -140,41 +123,58 @@ def plot_recall(curves: list[dict], out_path: str, title: str = "") -> None:
 
 
 def pseudo_rounds(workdir: str, stage: str = "pseudo_label") -> list[dict]:
-  """The round statistics (epoch_start records) of the pseudo-label
-  stage, one per epoch."""
-  return [r for r in read_records(workdir, stage)
-          if r["kind"] == "epoch_start"]
+  """The round table of the pseudo-label stage (`records.round_table`)."""
+  return records.round_table(records.read_records(workdir, stage))
 
 
 def plot_pseudo_labels(rounds: list[dict], out_path: str) -> None:
-  """Counts and precision of the pseudo labels per round, as one PNG."""
-  fig, (top, bottom) = _figure(8, 6.5, rows=2)
-  epochs = np.array([r["epoch"] for r in rounds])
+  """The round table as one PNG: counts, precision, and loss / R@1."""
+  fig, (top, middle, bottom) = _figure(8, 9, rows=3)
+  epochs = np.array([r["round"] for r in rounds])
 
   def series(key, scale=1.0):
     return np.array([scale * r.get(key, math.nan) for r in rounds], float)
 
   for key, label, style in (
-      ("candidates/pairs", "candidates (nearest tile)", ":"),
-      ("mutual/pairs", "mutual nearest", "--"),
-      ("margin/pairs", "pseudo labels (after the margin)", "-"),
-      ("num_labels", "labels trained on (with true pairs)", "-.")):
-    top.plot(epochs, series(key), style, marker="o", label=label)
+      ("mutual/pairs", "mutual nearest pairs", "--"),
+      ("margin/pairs", "admitted (pseudo labels)", "-"),
+      ("margin/correct", "admitted and correct", "-"),
+      ("num_labels", "labels trained on (with true pairs)", ":")):
+    top.plot(epochs, series(key), style, marker="o", markersize=3,
+             label=label)
   top.set_ylabel("pairs")
   top.set_ylim(bottom=0)
-  top.legend(fontsize=8)
-  top.set_title("Pseudo labels per round", fontsize=11)
+  top.legend(fontsize=8, loc="upper left")
+  top.set_title("Pseudo labels per round (precision and correct pairs read "
+                "the truth: telemetry only)", fontsize=10)
   for key, label, style in (
-      ("candidates/precision", "candidates", ":"),
+      ("candidates/precision", "candidates (nearest tile)", ":"),
       ("mutual/precision", "mutual nearest", "--"),
-      ("margin/precision", "pseudo labels", "-")):
-    bottom.plot(epochs, series(key, 100.0), style, marker="o", label=label)
-  bottom.set_ylabel("precision (%)")
-  bottom.set_ylim(0, 105)
-  bottom.set_xlabel("round (epoch of the pseudo_label stage)")
-  bottom.legend(fontsize=8)
-  warm = [r["epoch"] for r in rounds if r.get("warmup") == 1.0]
-  for ax in (top, bottom):
+      ("margin/precision", "admitted (pseudo labels)", "-")):
+    middle.plot(epochs, series(key, 100.0), style, marker="o", markersize=3,
+                label=label)
+  middle.plot(epochs, series("labelled_fraction", 100.0), "-.",
+              color="#888888", label="labelled fraction of the grounds")
+  middle.set_ylabel("%")
+  middle.set_ylim(0, 105)
+  middle.legend(fontsize=8, loc="upper left")
+  r1 = series("R@1")
+  has = np.isfinite(r1)
+  bottom.plot(epochs[has], r1[has], "-", marker="o", markersize=3,
+              color=_COLOURS["R@1"], label="R@1 on the eval split (%)")
+  bottom.set_ylabel("R@1 (%)")
+  bottom.set_xlabel("round (epoch of the pseudo_label schedule)")
+  loss_ax = bottom.twinx()
+  loss_ax.plot(epochs, series("loss"), ":", color="#d62728",
+               label="train loss (right axis)")
+  loss_ax.set_ylabel("loss")
+  loss_ax.set_ylim(bottom=0)
+  handles = (bottom.get_legend_handles_labels()[0]
+             + loss_ax.get_legend_handles_labels()[0])
+  bottom.legend(handles, [h.get_label() for h in handles], fontsize=8,
+                loc="lower right")
+  warm = [r["round"] for r in rounds if r.get("warmup") == 1.0]
+  for ax in (top, middle, bottom):
     ax.grid(alpha=0.3)
     for e in warm:
       ax.axvspan(e - 0.5, e + 0.5, color="#dddddd", zorder=0)
@@ -182,26 +182,7 @@ def plot_pseudo_labels(rounds: list[dict], out_path: str) -> None:
     top.annotate("warm-up: true pairs only", (warm[0] - 0.45, 0.02),
                  xycoords=("data", "axes fraction"), fontsize=8,
                  color="#555555")
-  top.set_xticks(epochs)
   retrieve.save_figure(fig, out_path)
-
-
-def best_checkpoint(workdir: str, config: ml_collections.ConfigDict
-                    ) -> tuple[str, Optional[float]]:
-  """(stage, R@1) of the stage whose best evaluation is highest (the later
-  stage on ties); without evaluations the last trained stage, R@1 None."""
-  best, score = None, None
-  for stage in training_stages(config):
-    if export.checkpoint_step(
-        os.path.join(workdir, stage, export.CHECKPOINTS["best"])) is None:
-      continue
-    values = [r["R@1"] for r in read_records(workdir, stage)
-              if r["kind"] == "eval" and "R@1" in r]
-    if values and (score is None or max(values) >= score):
-      best, score = stage, max(values)
-  if best is None:
-    return export.find_stage(workdir, config), None
-  return best, score
 
 
 def choose_examples(ranks: np.ndarray, count: int) -> np.ndarray:
@@ -228,8 +209,9 @@ def example_panels(workdir: str, config: ml_collections.ConfigDict,
   Embeds the whole eval split (on every process) and ranks it exactly, as
   `evaluate` does.
   """
-  stage, _ = best_checkpoint(workdir, config)
-  trained = export.load_trained(workdir, stage=stage, mesh=mesh)
+  # What the run hands on (the last training stage's selected checkpoint,
+  # chosen without labels), not the checkpoint with the best R@1.
+  trained = export.load_trained(workdir, mesh=mesh)
   index = stages.read_data(config, workdir)[1]
   batch = int(config.train.eval_batch_size) // jax.process_count()
   common = dict(batch_size=batch, mesh=trained.mesh,

@@ -1,5 +1,7 @@
 """The paper's stages as thin compositions of the library.
 
+  pretrain     the stand-in for ImageNet weights, from a disjoint source
+               world (pretrain.py)
   cfp          panoramas -> BEV images `g2a/` (cfp/project.py)
   translate    CycleGAN BEV -> satellite style, fakes `g2a_sat/`
                (cfp/translate_stage.py)
@@ -34,6 +36,8 @@ import numpy as np
 from cvgl_jax import config_lib
 from cvgl_jax import evaluate
 from cvgl_jax import parallel
+from cvgl_jax import pretrain as pretrain_lib
+from cvgl_jax import records
 from cvgl_jax.cfp import project
 from cvgl_jax.cfp import translate_stage
 from cvgl_jax.data import augment
@@ -42,6 +46,7 @@ from cvgl_jax.data import readers
 from cvgl_jax.data import synthetic
 from cvgl_jax.data.index import PairIndex
 from cvgl_jax.models import encoder
+from cvgl_jax.models import weights
 from cvgl_jax.pseudo import pairing
 from cvgl_jax.pseudo import refine as refine_lib
 from cvgl_jax.train import loop
@@ -142,6 +147,49 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   return Run(config, workdir, train, evaluation, parallel.make_mesh())
 
 
+def run_pretrain(run: Run) -> dict:
+  """The stand-in for ImageNet weights (`cvgl_jax/pretrain.py`): trains a
+  shared ConvNeXt on a disjoint source world (cached by fingerprint) and
+  writes it as `workdir/pretrain/standin.safetensors`."""
+  c = run.config
+  out = pretrain_lib.standin_path(run.workdir)
+  cached = pretrain_lib.cached_file(c)
+  result = {"pretrained": out, "fingerprint": pretrain_lib.fingerprint(c),
+            "objective": c.pretrain.objective}
+  if cached.is_file():
+    logging.info("Pretraining stand-in found in the cache: %s", cached)
+    if parallel.is_main_process():
+      os.makedirs(os.path.dirname(out), exist_ok=True)
+      shutil.copyfile(cached, out + ".tmp")
+      os.replace(out + ".tmp", out)
+    parallel.sync("pretrain:copied")
+    return dict(result, cached=True)
+  source = pretrain_lib.source_config(c)
+  source_dir = os.path.join(run.workdir, "pretrain")
+  source_run = setup(source, source_dir)
+  stage = source.stages[0]
+  summary = STAGES[stage](source_run)
+  model = encoder.from_config(source.model)
+  like = state_lib.create_state(
+      model, state_lib.create_optimizer(1.0, 0.0, 1, 1),
+      ground_size=c.data.ground_size, satellite_size=c.data.satellite_size,
+      seed=c.seed, mesh=run.mesh).params
+  params = loop.restore_params(
+      os.path.join(source_dir, stage, loop.CHECKPOINTS), like)
+  tower = jax.tree.map(np.asarray, params["query"])
+  if parallel.is_main_process():
+    weights.save_timm(tower["backbone"], out, tower["head"].get("norm"))
+    try:
+      cached.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(out, f"{cached}.tmp{os.getpid()}")
+      os.replace(f"{cached}.tmp{os.getpid()}", cached)
+    except OSError as e:
+      logging.warning("Could not cache the stand-in in %s: %s", cached, e)
+  parallel.sync("pretrain:written")
+  return dict(result, cached=False, source_eval=summary.get("eval", {}),
+              source_train=summary.get("train", {}))
+
+
 def run_cfp(run: Run) -> dict:
   """Projects every training panorama to a BEV image (`root/g2a/`)."""
   c = run.config.cfp
@@ -173,33 +221,55 @@ def previous_training_stage(config: ml_collections.ConfigDict,
   return None
 
 
+def pretrained_file(run: Run) -> Optional[str]:
+  """The ConvNeXt file a first training stage loads: the user's
+  `config.model.pretrained`, or the stand-in of the `pretrain` stage."""
+  if run.config.model.pretrained:
+    return run.config.model.pretrained
+  if "pretrain" in run.config.stages:
+    return read_done(run.workdir, "pretrain")["pretrained"]
+  return None
+
+
 def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
                  make_step: Callable,
                  epoch_pairs: Optional[np.ndarray] = None,
-                 make_epoch_start: Optional[Callable] = None) -> dict:
+                 make_epoch_start: Optional[Callable] = None,
+                 first_epoch: int = 0, lr: Optional[float] = None,
+                 carry_optimizer: bool = False) -> dict:
   """Trains `stage` on `pipe`, evaluating on the eval split; returns the
-  loop's summary. Starts from the previous training stage's final params,
-  else from `config.model.pretrained`, else from scratch.
+  loop's summary. Starts from the params the previous training stage
+  handed on (its selected checkpoint, `config.train.select`), else from
+  `pretrained_file`, else from scratch.
 
   Pseudo-pair pipelines: `epoch_pairs` [Q, 2] has an epoch's length (for
   the schedule), and `make_epoch_start(model)` returns the loop's hook that
-  hands each epoch its pairing."""
+  hands each epoch its pairing. `first_epoch`: the cosine schedule starts
+  at this epoch of `config[stage].epochs` (the stage trains the rest).
+  `lr`: the peak rate (default `config.train.lr`). `carry_optimizer`: load
+  the previous stage's AdamW moments."""
   c = run.config
   model = encoder.from_config(c.model)
   spe = pipe.steps_per_epoch(
       None if epoch_pairs is None else pipe.check_pairs(epoch_pairs, None))
-  tx = state_lib.create_optimizer(c.train.lr, c.train.weight_decay, spe,
-                                  c[stage].epochs)
+  tx = state_lib.create_optimizer(lr or c.train.lr, c.train.weight_decay,
+                                  spe, c[stage].epochs, first_epoch)
   previous = previous_training_stage(c, stage)
   state = state_lib.create_state(
       model, tx, ground_size=c.data.ground_size,
       satellite_size=c.data.satellite_size, seed=c.seed, mesh=run.mesh,
-      pretrained=None if previous else (c.model.pretrained or None))
+      pretrained=None if previous else pretrained_file(run))
   if previous:
-    directory = os.path.join(run.workdir, previous, loop.CHECKPOINTS)
-    logging.info("Stage %s starts from the final params of %s", stage,
+    directory = os.path.join(run.workdir, previous, loop.BEST)
+    logging.info("Stage %s starts from the params %s handed on", stage,
                  previous)
     state = state.replace(params=loop.restore_params(directory, state.params))
+    if carry_optimizer:
+      source = loop.restore_opt_state(
+          os.path.join(run.workdir, previous, loop.CHECKPOINTS),
+          state.opt_state)
+      state = state.replace(
+          opt_state=state_lib.with_moments_of(state.opt_state, source))
   step_fn = make_step(model, tx, run.mesh,
                       label_smoothing=c[stage].label_smoothing,
                       **augment.from_config(c.augment, stage == "intra"))
@@ -207,14 +277,17 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
       model, run.eval, ground_size=c.data.ground_size,
       satellite_size=c.data.satellite_size,
       batch_size=c.train.eval_batch_size // jax.process_count(),
-      mesh=run.mesh, num_threads=c.data.num_threads)
+      mesh=run.mesh, num_threads=c.data.num_threads,
+      label_free_tau=c.pseudo_label.tau)
   epoch_start_fn = make_epoch_start(model) if make_epoch_start else None
+  select = {"label_free": evaluate.LABEL_FREE, "final": None}
   _, summary = loop.train(
       state, step_fn, pipe, mesh=run.mesh, workdir=run.workdir, stage=stage,
-      num_epochs=c[stage].epochs, steps_per_epoch=spe,
+      num_epochs=c[stage].epochs - first_epoch, steps_per_epoch=spe,
       ckpt_every_steps=c.train.checkpoint_every_steps,
       log_every_steps=c.train.log_every_steps, eval_fn=eval_fn,
       eval_every_epochs=c.train.eval_every_epochs,
+      select_metric=select[c.train.select],
       epoch_start_fn=epoch_start_fn, progress=parallel.is_main_process())
   return summary
 
@@ -259,25 +332,16 @@ def run_supervised(run: Run) -> dict:
       make_epoch_start=lambda model: lambda state, epoch: {"pairs": pairs})
 
 
-def _last_round(workdir: str, stage: str) -> dict:
-  """The statistics of the stage's last pseudo-label round (metrics.jsonl)."""
-  last = {}
-  path = os.path.join(workdir, stage, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        if record.get("kind") == "epoch_start":
-          last = record
-  return last
-
-
 def run_pseudo_label(run: Run) -> dict:
   """Stage 3: rounds of pseudo labelling and partial-label training."""
   c, p = run.config, run.config.pseudo_label
   index = run.train
   gt_pairs = pairing.gt_subset(index.positive, p.gt_ratio, c.seed)
-  warmup = p.warmup_epochs if len(gt_pairs) else 0
+  # The warm-up epochs train the true pairs alone. Without any, the
+  # authors' warm-up trains nothing but its epochs still count in the
+  # cosine rate and the curriculum: the stage starts at epoch `warmup`.
+  warmup = p.warmup_epochs
+  first_epoch = 0 if len(gt_pairs) else warmup
   settings = refine_lib.RefineSettings(
       tau=p.tau, epochs=p.epochs, mutual=p.mutual,
       margin_filter=p.margin_filter, curriculum=p.curriculum,
@@ -295,14 +359,16 @@ def run_pseudo_label(run: Run) -> dict:
     embed_g = steps.make_embed_fn(model, run.mesh, "ground")
     embed_s = steps.make_embed_fn(model, run.mesh, "satellite")
 
-    def epoch_start(state, epoch):
+    def epoch_start(state, loop_epoch):
+      epoch = first_epoch + loop_epoch
       rng = np.random.default_rng([c.seed, epoch])
       if epoch < warmup:
         rows, labeled, info = pairing.epoch_rows(
             np.zeros((0, 2)), gt_pairs, index.num_ground,
             index.num_satellite, 1.0, rng)
         return {"pairs": rows, "labeled": labeled,
-                "metrics": dict(info, warmup=1.0)}
+                "metrics": dict(info, warmup=1.0,
+                                schedule_epoch=float(epoch))}
       ground = evaluate.embed_split(embed_g, state.params, index.ground_paths,
                                     size=c.data.ground_size, **embed_options)
       satellite = evaluate.embed_split(
@@ -316,19 +382,26 @@ def run_pseudo_label(run: Run) -> dict:
       # Every process refined the same embeddings; process 0's pairing is
       # made everyone's so that the shards of an epoch always fit together.
       rows, labeled = parallel.from_main_process((rows, labeled))
-      metrics = dict(result.stats, **info, warmup=0.0)
+      metrics = dict(result.stats, **info, warmup=0.0,
+                     schedule_epoch=float(epoch))
       logging.info("Pseudo labels, epoch %d: %s", epoch, metrics)
       return {"pairs": rows, "labeled": labeled, "metrics": metrics}
     return epoch_start
 
   summary = _train_stage(run, "pseudo_label", pipe, steps.make_partial_step,
                          epoch_pairs=shape_pairs,
-                         make_epoch_start=make_epoch_start)
-  summary["last_round"] = _last_round(run.workdir, "pseudo_label")
+                         make_epoch_start=make_epoch_start,
+                         first_epoch=first_epoch, lr=p.lr or None,
+                         carry_optimizer=p.carry_optimizer)
+  rounds = records.round_table(records.read_records(run.workdir,
+                                                   "pseudo_label"))
+  summary["rounds"] = rounds
+  summary["last_round"] = rounds[-1] if rounds else {}
   return summary
 
 
 STAGES: dict[str, Callable[[Run], dict]] = {
+    "pretrain": run_pretrain,
     "cfp": run_cfp,
     "translate": run_translate,
     "intra": run_intra,

@@ -12,7 +12,7 @@ import pytest  # noqa: E402  (after the environment above)
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-  """The tiny demo (every stage, 25 % labels, each epoch evaluated), run
+  """The tiny demo (every stage, 37.5 % labels, each epoch evaluated), run
   once per session for test_main and test_export: (config, workdir,
   results)."""
   from cvgl_jax import main as main_lib
@@ -20,7 +20,8 @@ def demo_run(tmp_path_factory):
   config = tiny_demo_config()
   config.train.eval_every_epochs = 1
   p = config.pseudo_label
-  p.epochs, p.warmup_epochs, p.gt_ratio, p.tau = 2, 1, 0.25, 0.0
+  p.epochs, p.warmup_epochs, p.gt_ratio, p.tau = 2, 1, 0.375, 0.0
   p.knn_backend = "exact"
+  config.train.select = "label_free"  # The path with more to check.
   workdir = str(tmp_path_factory.mktemp("demo") / "run")
   return config, workdir, main_lib.run(config, workdir)

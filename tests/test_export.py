@@ -21,6 +21,7 @@ import pytest
 from cvgl_jax import evaluate
 from cvgl_jax import export
 from cvgl_jax import metrics
+from cvgl_jax import records as run_records
 from cvgl_jax import report
 from cvgl_jax import retrieve
 from cvgl_jax import stages
@@ -80,9 +81,10 @@ def test_round_trip_ranks_as_evaluate(run):
                              atol=1e-5)
 
   manifest = bundle.manifest
-  best = stages.read_done(workdir, "pseudo_label")["best"]
-  assert manifest["source"]["step"] == best["step"]
-  assert manifest["source"]["eval"]["R@1"] == best["R@1"]
+  # The bundle ships what the stage handed on (chosen without labels).
+  selected = stages.read_done(workdir, "pseudo_label")["selected"]
+  assert manifest["source"]["step"] == selected["step"]
+  assert manifest["source"]["eval"]["R@1"] == selected["eval"]["R@1"]
   # The synthetic world's tile centres are the references' coordinates.
   with open(os.path.join(ev.root, "synthetic_truth.json")) as f:
     centres = {p["satellite_id"]: (p["recorded_en_m"], p["world"])
@@ -281,7 +283,7 @@ def test_read_records_keeps_the_last_of_a_resumed_step(tmp_path):
            {"step": 2, "epoch": 1, "kind": "eval", "R@1": 5.0}]
   (tmp_path / "s" / "metrics.jsonl").write_text(
       "".join(json.dumps(x) + "\n" for x in lines))
-  records = report.read_records(str(tmp_path), "s")
+  records = run_records.read_records(str(tmp_path), "s")
   assert [(r["kind"], r.get("R@1")) for r in records] == [
       ("train", None), ("eval", 5.0)]
 
@@ -290,7 +292,7 @@ def test_report_writes_the_pictures_of_the_run(run):
   config, workdir, ev, _ = run
   written = report.write_report(workdir, num_examples=4)
   assert sorted(written) == ["pseudo_labels", "recall", "retrieval_examples"]
-  sizes = {"recall": (450, 800), "pseudo_labels": (650, 800)}
+  sizes = {"recall": (450, 800), "pseudo_labels": (900, 800)}
   for name, path in written.items():
     assert path == os.path.join(workdir, "report", f"{name}.png")
     image = cv2.imread(path, cv2.IMREAD_COLOR_RGB)

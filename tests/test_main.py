@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import tempfile
 
 import pytest
 
@@ -13,11 +14,16 @@ from cvgl_jax import stages
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
 
-def load_config(name, arg=None):
+def load_config_module(name):
   spec = importlib.util.spec_from_file_location(
       name, os.path.join(CONFIGS, f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def load_config(name, arg=None):
+  module = load_config_module(name)
   return module.get_config() if arg is None else module.get_config(arg)
 
 
@@ -44,6 +50,10 @@ def tiny_demo_config():
   config.cross_fake.epochs = 1
   config.pseudo_label.epochs = 2
   config.pseudo_label.warmup_epochs = 1
+  # A tiny stand-in: 24 source pairs, one epoch, a cache of its own.
+  config.pretrain.num_pairs = 24
+  config.pretrain.epochs = 1
+  config.pretrain.cache_dir = tempfile.mkdtemp(prefix="cvgl_pretrain_")
   return config
 
 
@@ -106,8 +116,8 @@ def test_previous_training_stage():
 
 def test_demo_stages_run_end_to_end_and_a_rerun_skips_them(demo_run):
   config, workdir, results = demo_run
-  assert list(results) == ["cfp", "translate", "intra", "cross_fake",
-                           "pseudo_label"]
+  assert list(results) == ["pretrain", "cfp", "translate", "intra",
+                           "cross_fake", "pseudo_label"]
   world = os.path.join(workdir, stages.SYNTHETIC_DIR)
   train = stages.read_data(config, workdir)[0]
   for folder in ("g2a", "g2a_sat"):
@@ -144,7 +154,7 @@ def test_pseudo_label_stage_reports_rounds_with_precision(demo_run):
   assert [r["epoch"] for r in rounds] == [0, 1]
   warm, first = rounds
   train = stages.read_data(config, workdir)[0]
-  num_gt = int(0.25 * train.num_ground)
+  num_gt = int(config.pseudo_label.gt_ratio * train.num_ground)
   # Warm-up: the labelled fraction's true pairs only.
   assert warm["warmup"] == 1.0 and warm["num_labels"] == num_gt
   assert warm["labelled_only"] == 1.0
@@ -161,38 +171,42 @@ def test_pseudo_label_stage_reports_rounds_with_precision(demo_run):
 def test_benchmark_rows_change_only_what_their_names_say():
   demo = load_config("synthetic_unsup")
   config_lib.validate(demo)
-  assert demo.stages == ("cfp", "translate", "intra", "cross_fake",
-                         "pseudo_label")
+  assert demo.stages == ("pretrain", "cfp", "translate", "intra",
+                         "cross_fake", "pseudo_label")
   flat = lambda c: dict(_flatten(c.to_dict()))
-  base = flat(demo)
+  base = flat(load_config("synthetic_benchmark", "ours_0"))
+  # The benchmark is the demo on a larger world.
+  assert {k: v for k, v in base.items() if flat(demo)[k] != v} == {
+      "synthetic.num_pairs": 2500}
+  without = lambda *names: tuple(s for s in demo.stages if s not in names)
   expected = {
       "ours_0": {},
       "ours_10": {"pseudo_label.gt_ratio": 0.1},
+      "from_scratch": {"stages": without("pretrain")},
+      "source_pairs": {"pretrain.objective": "pairs"},
+      "authors_switch": {"pseudo_label.labeled_ratio": 0.4},
       "no_mutual": {"pseudo_label.mutual": False},
       "no_threshold": {"pseudo_label.margin_filter": False},
       "no_curriculum": {"pseudo_label.curriculum": False},
       "no_translation": {"cross_fake.fake_folder": "g2a",
-                         "stages": ("cfp", "intra", "cross_fake",
-                                    "pseudo_label")},
-      "no_bev": {"translate.source": "panorama",
-                 "stages": ("translate", "intra", "cross_fake",
-                            "pseudo_label")},
-      "no_intra": {"stages": ("cfp", "translate", "cross_fake",
-                              "pseudo_label")},
+                         "stages": without("translate")},
+      "no_bev": {"translate.source": "panorama", "stages": without("cfp")},
+      "no_intra": {"stages": without("intra")},
       # As many epochs as the paradigm's three training stages together.
-      "supervised": {"stages": ("supervised",), "supervised.epochs":
-                     demo.intra.epochs + demo.cross_fake.epochs
-                     + demo.pseudo_label.epochs},
+      "supervised": {"stages": ("pretrain", "supervised"),
+                     "supervised.epochs": demo.intra.epochs
+                     + demo.cross_fake.epochs + demo.pseudo_label.epochs},
   }
+  assert set(expected) == set(load_config_module("synthetic_benchmark").ROWS)
   for row, changes in expected.items():
     config = load_config("synthetic_benchmark", row)
     config_lib.validate(config)
     got = flat(config)
     diff = {k: got[k] for k in got if got[k] != base[k]}
     assert diff == changes, row
-  got = flat(load_config("synthetic_benchmark", "no_mutual@10"))
+  got = flat(load_config("synthetic_benchmark", "no_mutual@10#2"))
   assert {k: got[k] for k in got if got[k] != base[k]} == {
-      "pseudo_label.mutual": False, "pseudo_label.gt_ratio": 0.1}
+      "pseudo_label.mutual": False, "pseudo_label.gt_ratio": 0.1, "seed": 2}
   with pytest.raises(ValueError, match="unknown row 'no_gan'"):
     load_config("synthetic_benchmark", "no_gan")
 
@@ -209,7 +223,9 @@ def _flatten(tree, prefix=""):
 def test_the_run_ends_with_a_recall_table_and_pictures(demo_run):
   config, workdir, results = demo_run
   text = main_lib.recall_table(results)
-  rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+  stage_table = text.split("\n\n")[0]
+  rows = {line.split("|")[1].strip(): line
+          for line in stage_table.splitlines()
           if line.startswith("| ") and not line.startswith(("| stage",
                                                              "| ---"))}
   assert list(rows) == ["intra", "cross_fake", "pseudo_label"]

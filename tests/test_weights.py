@@ -168,3 +168,25 @@ def test_parameter_counts_equal_timm():
         jnp.zeros((1, 1, 1, convnext.VARIANTS[name].dims[-1])))
     head = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(norm))
     assert head == entry["head_norm"], name
+
+
+def test_save_timm_writes_what_timm_wrote(tmp_path):
+  # The golden file is timm's own (linear MLP variant); loading it and
+  # writing it back must give timm's names, layouts and values.
+  variant = _model_config("linear_mlp")
+  model = encoder.TwoTower(variant=variant, head="gap", share_weights=True)
+  g = jnp.zeros((1, 32, 32, 3))
+  params = jax.eval_shape(model.init, jax.random.key(0), g, g)["params"]
+  golden = _golden("convnext_linear_mlp.safetensors")
+  loaded = weights.load_pretrained(params, golden)
+  out = str(tmp_path / "standin.safetensors")
+  weights.save_timm(loaded["query"]["backbone"], out,
+                    loaded["query"]["head"]["norm"])
+  written = weights.read_state_dict(out)
+  timm = weights.read_state_dict(golden)
+  expected = {k: v for k, v in timm.items()
+              if not k.startswith(("head.fc.", "head.pre_logits."))}
+  assert sorted(written) == sorted(expected)
+  for k, v in expected.items():
+    np.testing.assert_array_equal(written[k], v, err_msg=k)
+  assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]

@@ -139,6 +139,43 @@ def _to_flax(value: np.ndarray, target_ndim: int, leaf: str) -> np.ndarray:
   return value
 
 
+def _to_torch(value: np.ndarray, leaf: str) -> np.ndarray:
+  """Flax layout -> timm's torch layout for one array (`_to_flax`'s inverse
+  for the linear-MLP variants)."""
+  if leaf == "kernel" and value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)  # [kh, kw, I, O] -> [O, I, kh, kw]
+  if leaf == "kernel" and value.ndim == 2:
+    return value.T  # [in, out] -> [out, in]
+  return value
+
+
+def save_timm(backbone: Mapping[str, Any], path: str,
+              head_norm: Optional[Mapping[str, Any]] = None) -> None:
+  """Writes a backbone as a timm-named `.safetensors` file.
+
+  The file is what `load_pretrained` reads (a user's ImageNet checkpoint
+  and one we train go through the same code path). Written to a temporary
+  name and renamed, so a crash leaves no half file.
+
+  Args:
+    backbone: our `ConvNeXt` param tree (one tower's "backbone").
+    path: the `.safetensors` file to write.
+    head_norm: optional GAP-head norm params, stored as timm's `head.norm`.
+  """
+  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  sd = {_timm_key(p): _to_torch(np.asarray(v, np.float32), p[-1])
+        for p, v in _flatten(backbone).items()}
+  if head_norm is not None:
+    names = {"scale": "weight", "bias": "bias"}
+    sd.update({f"head.norm.{names[p[-1]]}": np.asarray(v, np.float32)
+               for p, v in _flatten(head_norm).items()})
+  sd = {k: np.ascontiguousarray(v) for k, v in sd.items()}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  st_numpy.save_file(sd, tmp)
+  os.replace(tmp, path)
+
+
 def _flatten(tree: Mapping[str, Any], prefix=()) -> dict[tuple[str, ...], Any]:
   out = {}
   for k, v in tree.items():

@@ -103,7 +103,8 @@ class RefineResult:
     margins: [M] float32, the ground's top-1 minus top-2 (outside ties).
     stats: floats: `tau_e`; per stage in STAGES `<stage>/pairs` and
       `<stage>/grounds` (distinct grounds with a pair); with a truth also
-      `<stage>/precision` (correct pairs / pairs with a known truth, NaN
+      `<stage>/correct` (pairs that are the true pair), `<stage>/precision`
+      (correct pairs / pairs with a known truth, NaN
       when there are none) and `<stage>/recall` (grounds with a known truth
       holding a correct pair / grounds with a known truth).
   """
@@ -129,6 +130,7 @@ def _stage_stats(name, rows, cols, truth, stats):
   known = truth[rows] >= 0
   correct = known & (truth[rows] == cols)
   n_known = int(known.sum())
+  stats[f"{name}/correct"] = float(correct.sum())
   stats[f"{name}/precision"] = (float(correct.sum()) / n_known if n_known
                                 else float("nan"))
   n_truth = int((truth >= 0).sum())

@@ -7,8 +7,10 @@
       steps and at each epoch end: items "params", "train" (optimizer
       state, step, rng) and "data" (the grain iterator: epoch, position and,
       for pseudo pairs, the epoch's pairing);
-  workdir/<stage>/best/<step>/         "params" of the best evaluation by
-      `best_metric` (R@1), with its metrics;
+  workdir/<stage>/best/<step>/         "params" of the SELECTED evaluation:
+      the one with the highest `select_metric` (a label-free score), or the
+      last one when `select_metric` is None; `selected.json` beside it
+      records its step and metrics (written after the params are);
   workdir/<stage>/metrics.jsonl        one JSON object per line:
       {"step", "epoch", "kind": "train" | "eval" | "epoch_start", ...};
   workdir/<stage>/tensorboard/         the same scalars as TensorBoard event
@@ -42,11 +44,13 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from cvgl_jax import parallel
+from cvgl_jax import records
 from cvgl_jax.data import pipeline as pipeline_lib
 from cvgl_jax.train import state as state_lib
 
 CHECKPOINTS = "checkpoints"  # workdir/<stage>/checkpoints: the latest state
-BEST = "best"                # workdir/<stage>/best: params of the best eval
+BEST = "best"                # workdir/<stage>/best: the selected eval's params
+SELECTED = "selected.json"   # workdir/<stage>/selected.json: which, and why
 
 EpochStartFn = Callable[[state_lib.TrainState, int], Optional[Mapping]]
 EvalFn = Callable[[state_lib.TrainState], Mapping[str, float]]
@@ -113,15 +117,29 @@ def restore_params(directory: str, params_like: Any,
   Raises:
     FileNotFoundError: no checkpoint in `directory`.
   """
+  return _restore_item(directory, "params", params_like, step)
+
+
+def restore_opt_state(directory: str, opt_state_like: Any) -> Any:
+  """The optimizer state of the latest `checkpoints/` step in `directory`,
+  restored into `opt_state_like`'s structure and sharding (a state of the
+  same optimizer over the same params)."""
+  like = {"opt_state": opt_state_like, "step": np.int32(0),
+          "rng": np.zeros(2, np.uint32)}
+  like = jax.tree.map(jax.numpy.asarray, like)
+  return _restore_item(directory, "train", like)["opt_state"]
+
+
+def _restore_item(directory: str, item: str, like: Any,
+                  step: Optional[int] = None) -> Any:
   with _manager(directory, 1) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {directory}: train that "
                               f"stage first.")
-    out = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(
-            state_lib.abstract_state(params_like))))
-  return out["params"]
+    out = mngr.restore(step, args=ocp.args.Composite(**{
+        item: ocp.args.StandardRestore(state_lib.abstract_state(like))}))
+  return out[item]
 
 
 def _placeholder_iterator(pipe: pipeline_lib.TrainPipeline):
@@ -131,6 +149,37 @@ def _placeholder_iterator(pipe: pipeline_lib.TrainPipeline):
     return pipe.iterator(0)
   rows = pipe.batch_size * pipe.process_count
   return pipe.iterator(0, pairs=np.zeros((rows, 2), np.int64))
+
+
+def _write_json(path: str, value: Mapping) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _read_selected(stage_dir: str, best_step: Optional[int]) -> Optional[dict]:
+  """The selection record, if it describes the params in best/ (a crash
+  between saving the params and the record leaves an older record, which
+  is then ignored: the next evaluation selects again)."""
+  path = os.path.join(stage_dir, SELECTED)
+  if best_step is None or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  return record if record.get("step") == best_step else None
+
+
+def _best_r1(workdir: str, stage: str, latest: Optional[int]
+             ) -> Optional[dict]:
+  """The highest R@1 of the evaluations up to the resumed checkpoint."""
+  evals = [r for r in records.read_records(workdir, stage)
+           if r["kind"] == "eval" and "R@1" in r
+           and latest is not None and r["step"] <= latest]
+  if not evals:
+    return None
+  first_best = max(evals, key=lambda r: r["R@1"])
+  return {"step": first_best["step"], "R@1": first_best["R@1"]}
 
 
 def _check_finite(stage, fetched, ckpt_dir, last_saved):
@@ -165,7 +214,7 @@ def train(state: state_lib.TrainState,
           log_every_steps: int = 50,
           eval_fn: Optional[EvalFn] = None,
           eval_every_epochs: int = 0,
-          best_metric: str = "R@1",
+          select_metric: Optional[str] = None,
           epoch_start_fn: Optional[EpochStartFn] = None,
           keep_checkpoints: int = 2,
           max_steps: Optional[int] = None,
@@ -190,8 +239,10 @@ def train(state: state_lib.TrainState,
     eval_fn: state -> metrics (e.g. `evaluate.make_eval_fn`); run after
       every `eval_every_epochs`-th epoch and after the last one.
     eval_every_epochs: 0 evaluates only after the last epoch (with eval_fn).
-    best_metric: the eval metric whose maximum is kept in workdir/<stage>/
-      best.
+    select_metric: the eval metric whose maximum is the stage's output,
+      kept in workdir/<stage>/best; None keeps the last evaluation. Choose
+      a metric that reads no labels (`evaluate.LABEL_FREE`) when the run
+      has none: R@1 is reported as telemetry ("best") either way.
     epoch_start_fn: optional hook (state, epoch) -> None or a dict with
       "pairs" [M, 2], "labeled" [M] (the epoch's pairing, for pseudo-pair
       pipelines) and/or "metrics" {name: float} to log; called at the start
@@ -206,7 +257,8 @@ def train(state: state_lib.TrainState,
     (state, summary): the state after the last step taken; summary = {
     "stage", "step", "epochs_done", "finished" (all epochs trained),
     "train" (last logged train metrics), "eval" (last eval metrics),
-    "best" ({"step", best_metric: value} or None)}.
+    "selected" ({"step", "metric", "eval"}: the checkpoint in best/, or
+    None), "best" ({"step", "R@1"}: the highest R@1 seen, telemetry)}.
 
   Raises:
     FloatingPointError: non-finite loss or gradient norm.
@@ -243,12 +295,8 @@ def train(state: state_lib.TrainState,
             state_lib.abstract_state(_split(state)["train"])),
         data=grain.checkpoint.CheckpointRestore(it)))
     state = state.replace(params=restored["params"], **restored["train"])
-  best = None
-  if best_mngr.latest_step() is not None:
-    value = (best_mngr.metrics(best_mngr.latest_step()) or {}).get(
-        best_metric)
-    if value is not None:
-      best = {"step": best_mngr.latest_step(), best_metric: float(value)}
+  selected = _read_selected(stage_dir, best_mngr.latest_step())
+  best = _best_r1(workdir, stage, latest)
 
   step = int(jax.device_get(state.step))
   if latest is None and step != 0:
@@ -257,7 +305,8 @@ def train(state: state_lib.TrainState,
         f"Start a stage from a fresh `create_state` (its own optimizer and "
         f"schedule) and copy the earlier stage's params into it.")
   last_saved = latest
-  summary = {"stage": stage, "train": {}, "eval": {}, "best": best}
+  summary = {"stage": stage, "train": {}, "eval": {}, "best": best,
+             "selected": selected}
   bar = tqdm.tqdm(total=total, initial=step, desc=stage, unit="step",
                   disable=not (progress and main))
   pending = []
@@ -335,15 +384,23 @@ def train(state: state_lib.TrainState,
         result = {k: float(v) for k, v in eval_fn(state).items()}
         summary["eval"] = result
         writer.write(step, epoch, "eval", result)
-        if best_metric not in result:
+        if select_metric is not None and select_metric not in result:
           raise KeyError(f"eval_fn returned {sorted(result)}, without "
-                         f"best_metric {best_metric!r}.")
-        if best is None or result[best_metric] > best[best_metric]:
+                         f"select_metric {select_metric!r}.")
+        if "R@1" in result and (best is None or result["R@1"] > best["R@1"]):
+          best = {"step": step, "R@1": result["R@1"]}
+          summary["best"] = best
+        if (select_metric is None or selected is None
+            or result[select_metric] > selected["eval"][select_metric]):
           best_mngr.save(step, args=ocp.args.Composite(
               params=ocp.args.StandardSave(state.params)),
               metrics=result, force=True)
-          best = {"step": step, best_metric: result[best_metric]}
-          summary["best"] = best
+          best_mngr.wait_until_finished()
+          selected = {"step": step, "metric": select_metric or "final",
+                      "eval": result}
+          summary["selected"] = selected
+          if main:
+            _write_json(os.path.join(stage_dir, SELECTED), selected)
       save(epoch - 1)
   finally:
     bar.close()

@@ -47,35 +47,49 @@ class TrainState:
   rng: jax.Array
 
 
-def cosine_per_epoch(lr: float, steps_per_epoch: int,
-                     num_epochs: int) -> Callable[[jax.Array], jax.Array]:
-  """step -> lr * (1 + cos(pi * e / E)) / 2 with e = step // steps_per_epoch.
+def cosine_per_epoch(lr: float, steps_per_epoch: int, num_epochs: int,
+                     first_epoch: int = 0) -> Callable[[jax.Array], jax.Array]:
+  """step -> lr * (1 + cos(pi * e / E)) / 2 with
+  e = first_epoch + step // steps_per_epoch.
 
   Args:
     lr: peak (epoch 0) learning rate.
     steps_per_epoch: optimizer steps per epoch (> 0).
-    num_epochs: E, the epochs of the stage (> 0).
+    num_epochs: E, the epochs of the schedule (> 0).
+    first_epoch: the schedule's epoch at step 0 (the authors' stage 3 at
+      0 % labels counts its 6 empty warm-up epochs: it starts at epoch 6).
   """
   if steps_per_epoch <= 0 or num_epochs <= 0:
     raise ValueError(f"cosine_per_epoch: steps_per_epoch ({steps_per_epoch})"
                      f" and num_epochs ({num_epochs}) must be positive.")
 
   def schedule(step):
-    epoch = jnp.asarray(step) // steps_per_epoch
+    epoch = first_epoch + jnp.asarray(step) // steps_per_epoch
     return lr * 0.5 * (1.0 + jnp.cos(math.pi * epoch / num_epochs))
   return schedule
 
 
 def create_optimizer(lr: float, weight_decay: float, steps_per_epoch: int,
-                     num_epochs: int) -> optax.GradientTransformation:
+                     num_epochs: int,
+                     first_epoch: int = 0) -> optax.GradientTransformation:
   """AdamW (optax defaults b1 0.9, b2 0.999, eps 1e-8, as torch) with the
-  per-epoch cosine; `learning_rate(opt_state)` reads the current rate."""
+  per-epoch cosine (`cosine_per_epoch`); `learning_rate(opt_state)` reads
+  the current rate."""
   if lr <= 0 or weight_decay < 0:
     raise ValueError(f"create_optimizer: lr ({lr}) must be > 0 and "
                      f"weight_decay ({weight_decay}) >= 0.")
   return optax.inject_hyperparams(optax.adamw)(
-      learning_rate=cosine_per_epoch(lr, steps_per_epoch, num_epochs),
+      learning_rate=cosine_per_epoch(lr, steps_per_epoch, num_epochs,
+                                     first_epoch),
       weight_decay=weight_decay)
+
+
+def with_moments_of(opt_state, source):
+  """`opt_state` (a fresh `create_optimizer` state: its schedule starts
+  again) with the AdamW moments and count of `source`, the state of an
+  earlier stage's optimizer -- what the authors do between stages 2 and 3
+  (torch's `optimizer.load_state_dict`, then their own per-epoch rate)."""
+  return opt_state._replace(inner_state=source.inner_state)
 
 
 def learning_rate(opt_state) -> jax.Array:
