@@ -12,16 +12,13 @@ from cvgl_jax.cfp import geometry
 from cvgl_jax.cfp import project
 from cvgl_jax.data.index import PairIndex
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
-                      os.pardir, "shared", "golden", "cfp_golden.npz")
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden",
+                      "cfp_golden.npz")
 CVUSA_HW = (224, 1232)
 
 
 @pytest.fixture(scope="module")
 def golden():
-  if not os.path.exists(GOLDEN):
-    pytest.skip(f"golden file {GOLDEN} absent (it lives in the project's "
-                "shared folder beside the repository)")
   with np.load(GOLDEN) as data:
     return dict(data)
 

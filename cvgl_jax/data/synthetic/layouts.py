@@ -1,6 +1,6 @@
 """Writes synthetic datasets in the on-disk layouts of CVUSA, CVACT, VIGOR.
 
-The layouts are those of ../shared/FORMATS.md, so the real readers
+The layouts are those of docs/FORMATS.md, so the real readers
 (`cvgl_jax.data.cvusa`, `cvact`, `vigor`) load them unchanged. Each dataset
 root also gets `synthetic_truth.json` -- the true pairing and camera poses
 (position, GPS error, heading error, height, world) -- for experiments that
