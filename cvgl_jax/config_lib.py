@@ -326,6 +326,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     errors.append(f"config.model.dtype={m.dtype!r}; choose 'float32' or "
                   "'bfloat16'")
   t = config.train
+  if not t.lr > 0:
+    errors.append(f"config.train.lr={t.lr} must be > 0")
+  if t.weight_decay < 0:
+    errors.append(f"config.train.weight_decay={t.weight_decay} must be >= 0")
   for key in ("batch_size", "eval_batch_size", "eval_every_epochs",
               "checkpoint_every_steps", "log_every_steps"):
     if t[key] < 1:

@@ -68,6 +68,7 @@ import safetensors.numpy
 from cvgl_jax import config_lib
 from cvgl_jax import evaluate
 from cvgl_jax import parallel
+from cvgl_jax import run_dir
 from cvgl_jax import stages
 from cvgl_jax.data import augment
 from cvgl_jax.data import synthetic
@@ -86,7 +87,7 @@ REFERENCES = "references.npz"
 QUERIES = "queries.npz"
 INDEX_DIR = "scann"
 
-CHECKPOINTS = {"best": loop.BEST, "latest": loop.CHECKPOINTS}
+CHECKPOINTS = {"best": run_dir.BEST, "latest": run_dir.CHECKPOINTS}
 REFERENCE_SETS = ("eval", "train", "all")
 MODEL_KEYS = ("variant", "depths", "dims", "head", "share_weights",
               "num_safa_heads", "dtype", "depthwise_impl")
@@ -105,14 +106,11 @@ class ExportError(ValueError):
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's config from `workdir/config.json` (written by `main.run`)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"{path} not found: {workdir!r} is not a cvgl_jax run folder "
-        f"(python -m cvgl_jax.main --workdir=... writes config.json).")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  """The run's config (`run_dir.read_config`), or FileNotFoundError."""
+  try:
+    return run_dir.read_config(workdir)
+  except run_dir.RunDirError as e:
+    raise FileNotFoundError(str(e)) from None
 
 
 def model_spec(config: ml_collections.ConfigDict) -> dict:
@@ -411,20 +409,6 @@ def index_settings(num_references: int) -> dict:
           "reorder": None if brute else max(100, 4 * INDEX_NEIGHBOURS)}
 
 
-def _eval_metrics(workdir: str, stage: str, step: int) -> dict:
-  """The eval record of `stage` at `step` (metrics.jsonl), or {}."""
-  path = os.path.join(workdir, stage, "metrics.jsonl")
-  found = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        if record.get("kind") == "eval" and record.get("step") == step:
-          found = {k: v for k, v in record.items()
-                   if k not in ("kind", "step", "epoch")}
-  return found
-
-
 def _check_out(out: str, overwrite: bool) -> None:
   if os.path.exists(out) and not overwrite and (
       not os.path.isdir(out) or os.listdir(out)):
@@ -501,7 +485,7 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None,
       "source": {"workdir": os.path.abspath(workdir),
                  "stage": trained.stage, "checkpoint": trained.checkpoint,
                  "step": trained.step,
-                 "eval": _eval_metrics(workdir, trained.stage,
+                 "eval": run_dir.eval_record(workdir, trained.stage,
                                        trained.step)},
       "dataset": {"name": evaluation.name, "root": evaluation.root,
                   "references": references,

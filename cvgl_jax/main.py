@@ -6,7 +6,10 @@ r"""Runs the stages of a config in order, skipping those already finished.
 
 A stage that finished has `DIR/<stage>/DONE`; an interrupted stage resumes
 from its last checkpoint. The config is validated before anything runs and
-saved as `DIR/config.json`.
+saved as `DIR/config.json`; a rerun with a config that differs in keys
+that change results is refused (listing them) unless
+`--force_config_change`. One run at a time holds `DIR/LOCK`: a second is
+refused, naming the holder (`cvgl_jax/run_dir.py`).
 
 Several processes (hosts, or one per GPU) run the same command and form one
 run (`launch/`): inside a SLURM step or Open MPI JAX finds its peers by
@@ -22,8 +25,10 @@ per-step temporaries, `cvgl_jax/hostmem.py`); set the tunable yourself
 (e.g. to 0) to opt out.
 """
 
+import contextlib
 import json
 import os
+import sys
 import time
 
 from absl import app
@@ -31,18 +36,24 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+import numpy as np
 
 from cvgl_jax import config_lib
 from cvgl_jax import hostmem
 from cvgl_jax import parallel
 from cvgl_jax import records
 from cvgl_jax import report
+from cvgl_jax import run_dir
 from cvgl_jax import stages
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the run.")
+_FORCE_CONFIG_CHANGE = flags.DEFINE_bool(
+    "force_config_change", False,
+    "Resume a workdir with a config that differs from its config.json in "
+    "keys that change results; the change is recorded in the workdir.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
     "Multi-process runs without a detected cluster: host:port of process "
@@ -64,21 +75,39 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "one process.")
 
 
-def run(config, workdir: str) -> dict:
-  """Runs `config.stages` under `workdir`; returns {stage: results}."""
+def run(config, workdir: str, *, force_config_change: bool = False) -> dict:
+  """Runs `config.stages` under `workdir`; returns {stage: results}.
+
+  Raises:
+    run_dir.RunDirError: the workdir is in use by another run, or was run
+      with another config (and not `force_config_change`).
+  """
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  if parallel.is_main_process():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
+  main = parallel.is_main_process()
+  with contextlib.ExitStack() as stack:
+    refused = ""
+    if main:
+      try:
+        stack.enter_context(run_dir.locked(workdir))
+        run_dir.save_config(workdir, config, force=force_config_change)
+      except run_dir.RunDirError as e:
+        refused = str(e)
+    # Every process stops when process 0 (the lock's holder) refuses.
+    if not parallel.from_main_process(np.bool_(not refused)):
+      raise run_dir.RunDirError(refused or f"Process 0 refused {workdir}; "
+                                f"its log says why.")
+    return _run_stages(config, workdir)
+
+
+def _run_stages(config, workdir: str) -> dict:
   results = {}
   pending = [s for s in config.stages
-             if stages.read_done(workdir, s) is None]
+             if run_dir.read_done(workdir, s) is None]
   # Every process has read the DONE files before any stage can write one.
   parallel.sync("main:pending")
   for stage in config.stages:
     if stage not in pending:
-      results[stage] = stages.read_done(workdir, stage)
+      results[stage] = run_dir.read_done(workdir, stage)
       logging.info("Stage %s: already done, skipped.", stage)
   if not pending:
     return results
@@ -88,7 +117,9 @@ def run(config, workdir: str) -> dict:
     start = time.time()
     result = stages.STAGES[stage](ctx)
     result = dict(result, seconds=round(time.time() - start, 1))
-    stages.write_done(workdir, stage, result)
+    run_dir.fault_point(f"{stage}.before_done")
+    if parallel.is_main_process():
+      run_dir.write_done(workdir, stage, result)
     parallel.sync(f"main:{stage}:done")
     results[stage] = result
     logging.info("Stage %s: done in %.0f s: %s", stage, result["seconds"],
@@ -146,6 +177,12 @@ def recall_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def _user_error(error: Exception) -> None:
+  """A user's mistake: its message, no traceback, exit status 2."""
+  print(f"error: {error}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -155,7 +192,10 @@ def main(argv):
     raise app.UsageError("--distributed=off contradicts --coordinator_address"
                          " / --num_processes / --process_id.")
   # A bad config fails here, before any process waits for its peers.
-  config_lib.validate(_CONFIG.value)
+  try:
+    config_lib.validate(_CONFIG.value)
+  except config_lib.ConfigError as e:
+    _user_error(e)
   try:
     parallel.initialize(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -165,13 +205,16 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   logging.info("JAX process %d of %d, devices %s", jax.process_index(),
                jax.process_count(), jax.devices())
-  results = run(_CONFIG.value, _WORKDIR.value)
+  try:
+    results = run(_CONFIG.value, _WORKDIR.value,
+                  force_config_change=_FORCE_CONFIG_CHANGE.value)
+  except (run_dir.RunDirError, config_lib.ConfigError) as e:
+    _user_error(e)
   if parallel.is_main_process():
-    path = os.path.join(_WORKDIR.value, "results.json")
-    with open(path, "w") as f:
-      json.dump(results, f, indent=2, default=str)
+    path = os.path.join(_WORKDIR.value, run_dir.RESULTS)
+    run_dir.write_json(path, results)
     print(f"\nResults of {_WORKDIR.value} (all numbers in {path}, "
-          f"pictures in {os.path.join(_WORKDIR.value, report.REPORT_DIR)}):"
+          f"pictures in {os.path.join(_WORKDIR.value, run_dir.REPORT)}):"
           f"\n{recall_table(results)}")
 
 

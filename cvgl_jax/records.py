@@ -1,40 +1,17 @@
-"""The records of a run: `workdir/<stage>/metrics.jsonl`, read back.
+"""The pseudo-label stage's round table, from its records.
 
-The training loop writes one JSON object per line ({"step", "epoch",
-"kind": "train" | "eval" | "epoch_start", ...}); this module reads them and
-builds the pseudo-label stage's round table, for the stage summary, the
-end-of-run console table and the report's picture alike.
+The training loop writes one JSON object per line of
+`workdir/<stage>/metrics.jsonl` ({"step", "epoch", "kind": "train" |
+"eval" | "epoch_start", ...}; read by `run_dir.read_records`); this module
+turns them into one row per round, for the stage summary, the end-of-run
+console table and the report's picture alike.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import numpy as np
-
-
-def read_records(workdir: str, stage: str) -> list[dict]:
-  """The records of `workdir/<stage>/metrics.jsonl`, in step order.
-
-  A resumed stage may log a (kind, step) twice; the later record wins.
-  """
-  path = os.path.join(workdir, stage, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  latest = {}
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not a JSON record ({e}).") from e
-      latest[(record.get("kind"), record.get("step"),
-              record.get("epoch"))] = record
-  return sorted(latest.values(), key=lambda r: (r["step"], r["epoch"]))
 
 
 def round_table(records: list[dict]) -> list[dict]:

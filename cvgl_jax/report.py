@@ -50,11 +50,12 @@ from cvgl_jax import metrics as metrics_lib
 from cvgl_jax import parallel
 from cvgl_jax import records
 from cvgl_jax import retrieve
+from cvgl_jax import run_dir
 from cvgl_jax import stages
 from cvgl_jax.data import image_io
 from cvgl_jax.pseudo import knn
 
-REPORT_DIR = "report"
+
 RECALL_KS = (1, 5, 10)
 EXAMPLE_TILES = 5
 _COLOURS = {"R@1": "#1f77b4", "R@5": "#ff7f0e", "R@10": "#2ca02c"}
@@ -71,7 +72,7 @@ def recall_curves(workdir: str, config: ml_collections.ConfigDict
   "R@1" ... [n] in %, "num_references"}."""
   curves, start = [], 0
   for stage in training_stages(config):
-    evals = [r for r in records.read_records(workdir, stage)
+    evals = [r for r in run_dir.read_records(workdir, stage)
              if r["kind"] == "eval"]
     if evals:
       curve = {"stage": stage, "start": start,
@@ -124,7 +125,7 @@ def plot_recall(curves: list[dict], out_path: str, title: str = "") -> None:
 
 def pseudo_rounds(workdir: str, stage: str = "pseudo_label") -> list[dict]:
   """The round table of the pseudo-label stage (`records.round_table`)."""
-  return records.round_table(records.read_records(workdir, stage))
+  return records.round_table(run_dir.read_records(workdir, stage))
 
 
 def plot_pseudo_labels(rounds: list[dict], out_path: str) -> None:
@@ -264,7 +265,7 @@ def write_report(workdir: str, *, num_examples: int = 6,
     pictures written (those whose records exist).
   """
   config = export.read_config(workdir)
-  folder = os.path.join(workdir, REPORT_DIR)
+  folder = os.path.join(workdir, run_dir.REPORT)
   main = parallel.is_main_process()
   written = {}
   curves = recall_curves(workdir, config)

@@ -13,8 +13,9 @@
                add the labelled fraction's true pairs, train with the
                partial-label InfoNCE
 
-Every stage works under `workdir/<stage>/` and ends by writing a `DONE`
-file holding its results (JSON); `main` skips stages that have one. A
+Every stage works under `workdir/<stage>/` (`run_dir` owns the layout)
+and ends with a `DONE` file holding its results (JSON), written by
+`main`, which skips stages that have one. A
 training stage starts from the final params of the training stage before
 it in `config.stages` (intra -> cross_fake), or from the pretrained
 ConvNeXt file, or from scratch.
@@ -23,7 +24,6 @@ ConvNeXt file, or from scratch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from typing import Callable, Optional
@@ -38,6 +38,7 @@ from cvgl_jax import evaluate
 from cvgl_jax import parallel
 from cvgl_jax import pretrain as pretrain_lib
 from cvgl_jax import records
+from cvgl_jax import run_dir
 from cvgl_jax.cfp import project
 from cvgl_jax.cfp import translate_stage
 from cvgl_jax.data import augment
@@ -53,10 +54,6 @@ from cvgl_jax.train import loop
 from cvgl_jax.train import state as state_lib
 from cvgl_jax.train import steps
 
-DONE = "DONE"
-SYNTHETIC_DIR = "synthetic_world"
-
-
 @dataclasses.dataclass
 class Run:
   """What every stage needs: the config, the workdir, the data, the mesh."""
@@ -67,32 +64,7 @@ class Run:
   mesh: jax.sharding.Mesh
 
   def stage_dir(self, stage: str) -> str:
-    return os.path.join(self.workdir, stage)
-
-
-def done_file(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage, DONE)
-
-
-def read_done(workdir: str, stage: str) -> Optional[dict]:
-  """The results a finished stage recorded, or None if it has not finished."""
-  path = done_file(workdir, stage)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def write_done(workdir: str, stage: str, result: dict) -> None:
-  """Marks `stage` finished (atomically: a crash leaves no half DONE)."""
-  if not parallel.is_main_process():
-    return
-  path = done_file(workdir, stage)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+    return run_dir.stage_dir(self.workdir, stage)
 
 
 def synthetic_root(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -102,7 +74,7 @@ def synthetic_root(config: ml_collections.ConfigDict, workdir: str) -> str:
   an interrupted generation is redone rather than used half-written.
   """
   s = config.synthetic
-  root = os.path.join(workdir, SYNTHETIC_DIR)
+  root = os.path.join(workdir, run_dir.SYNTHETIC_WORLD)
   cfg = synthetic.SyntheticConfig(
       map_cells=s.map_cells, pairs_per_world=s.pairs_per_world,
       sat_px=s.sat_px, pano_width=s.pano_width,
@@ -140,11 +112,48 @@ def read_data(config: ml_collections.ConfigDict,
   return train, evaluation
 
 
+def preflight(config: ml_collections.ConfigDict,
+              mesh: jax.sharding.Mesh) -> None:
+  """What the config asks of this job's devices and files, checked before
+  any stage runs (CFP and the translation take hours on real data): the
+  batch sizes split over the devices and processes, and the user's
+  `model.pretrained` file fits `model` (shapes only; no device work).
+
+  Raises:
+    config_lib.ConfigError naming every problem and the fix.
+  """
+  errors = []
+  if set(config.stages) & set(config_lib.TRAINING_STAGES):
+    for key in ("batch_size", "eval_batch_size"):
+      try:
+        parallel.check_batch_size(config.train[key], mesh, f"train.{key}")
+      except ValueError as e:
+        errors.append(f"config.{e}")
+  path = config.model.pretrained
+  if path:
+    model = encoder.from_config(config.model)
+    shapes = jax.eval_shape(
+        model.init, jax.random.PRNGKey(0),
+        jax.ShapeDtypeStruct((1, *config.data.ground_size, 3), np.float32),
+        jax.ShapeDtypeStruct((1, *config.data.satellite_size, 3),
+                             np.float32))["params"]
+    try:
+      weights.load_pretrained(shapes, path)
+    except (weights.CheckpointMismatchError, OSError, ValueError) as e:
+      errors.append(f"config.model.pretrained={path!r}: {e}")
+  if errors:
+    raise config_lib.ConfigError("Invalid config for this job:\n  "
+                                 + "\n  ".join(errors))
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Validates the config, reads (or generates) the data, builds the mesh."""
+  """Validates the config against the job (`preflight`), reads (or
+  generates) the data, builds the mesh."""
   config_lib.validate(config)
+  mesh = parallel.make_mesh()
+  preflight(config, mesh)
   train, evaluation = read_data(config, workdir)
-  return Run(config, workdir, train, evaluation, parallel.make_mesh())
+  return Run(config, workdir, train, evaluation, mesh)
 
 
 def run_pretrain(run: Run) -> dict:
@@ -165,7 +174,7 @@ def run_pretrain(run: Run) -> dict:
     parallel.sync("pretrain:copied")
     return dict(result, cached=True)
   source = pretrain_lib.source_config(c)
-  source_dir = os.path.join(run.workdir, "pretrain")
+  source_dir = run_dir.stage_dir(run.workdir, "pretrain")
   source_run = setup(source, source_dir)
   stage = source.stages[0]
   summary = STAGES[stage](source_run)
@@ -175,7 +184,7 @@ def run_pretrain(run: Run) -> dict:
       ground_size=c.data.ground_size, satellite_size=c.data.satellite_size,
       seed=c.seed, mesh=run.mesh).params
   params = loop.restore_params(
-      os.path.join(source_dir, stage, loop.CHECKPOINTS), like)
+      run_dir.checkpoints_dir(source_dir, stage), like)
   tower = jax.tree.map(np.asarray, params["query"])
   if parallel.is_main_process():
     weights.save_timm(tower["backbone"], out, tower["head"].get("norm"))
@@ -227,7 +236,7 @@ def pretrained_file(run: Run) -> Optional[str]:
   if run.config.model.pretrained:
     return run.config.model.pretrained
   if "pretrain" in run.config.stages:
-    return read_done(run.workdir, "pretrain")["pretrained"]
+    return run_dir.read_done(run.workdir, "pretrain")["pretrained"]
   return None
 
 
@@ -260,13 +269,13 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
       satellite_size=c.data.satellite_size, seed=c.seed, mesh=run.mesh,
       pretrained=None if previous else pretrained_file(run))
   if previous:
-    directory = os.path.join(run.workdir, previous, loop.BEST)
+    directory = run_dir.best_dir(run.workdir, previous)
     logging.info("Stage %s starts from the params %s handed on", stage,
                  previous)
     state = state.replace(params=loop.restore_params(directory, state.params))
     if carry_optimizer:
       source = loop.restore_opt_state(
-          os.path.join(run.workdir, previous, loop.CHECKPOINTS),
+          run_dir.checkpoints_dir(run.workdir, previous),
           state.opt_state)
       state = state.replace(
           opt_state=state_lib.with_moments_of(state.opt_state, source))
@@ -393,7 +402,7 @@ def run_pseudo_label(run: Run) -> dict:
                          make_epoch_start=make_epoch_start,
                          first_epoch=first_epoch, lr=p.lr or None,
                          carry_optimizer=p.carry_optimizer)
-  rounds = records.round_table(records.read_records(run.workdir,
+  rounds = records.round_table(run_dir.read_records(run.workdir,
                                                    "pseudo_label"))
   summary["rounds"] = rounds
   summary["last_round"] = rounds[-1] if rounds else {}

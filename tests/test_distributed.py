@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cvgl_jax import parallel
-from cvgl_jax import stages
+from cvgl_jax import run_dir
 from cvgl_jax.data import image_io
 from cvgl_jax.data import pipeline
 from cvgl_jax.data import readers
@@ -203,14 +203,14 @@ def _params(workdir, stage, config):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
       shapes)
   params = loop.restore_params(
-      os.path.join(workdir, stage, loop.CHECKPOINTS), like)
+      os.path.join(workdir, stage, run_dir.CHECKPOINTS), like)
   return jax.tree.map(np.asarray, params)
 
 
 def _pairings(workdir, stage):
   """{process file: [M, 3] rows} of the stage's last checkpoint's data
   iterator state (the epoch's pairing every process trained on)."""
-  folder = os.path.join(workdir, stage, loop.CHECKPOINTS)
+  folder = os.path.join(workdir, stage, run_dir.CHECKPOINTS)
   with ocp.CheckpointManager(os.path.abspath(folder)) as mngr:
     step = mngr.latest_step()
   data = os.path.join(folder, str(step), "data")
@@ -265,8 +265,8 @@ def test_pseudo_labels_are_identical_on_every_process(runs):
 def test_only_process_zero_writes_and_outputs_agree(runs):
   workdirs, train, _ = runs
   for stage in ("cfp", "cross_fake", "pseudo_label"):
-    done_one = stages.read_done(workdirs["one"], stage)
-    done_two = stages.read_done(workdirs["two"], stage)
+    done_one = run_dir.read_done(workdirs["one"], stage)
+    done_two = run_dir.read_done(workdirs["two"], stage)
     assert done_two is not None, stage
     if stage == "cfp":  # Each process projected half; the counts add up.
       assert done_one["written"] == done_two["written"] == train.num_ground

@@ -21,7 +21,7 @@ import pytest
 from cvgl_jax import evaluate
 from cvgl_jax import export
 from cvgl_jax import metrics
-from cvgl_jax import records as run_records
+from cvgl_jax import run_dir
 from cvgl_jax import report
 from cvgl_jax import retrieve
 from cvgl_jax import stages
@@ -82,7 +82,7 @@ def test_round_trip_ranks_as_evaluate(run):
 
   manifest = bundle.manifest
   # The bundle ships what the stage handed on (chosen without labels).
-  selected = stages.read_done(workdir, "pseudo_label")["selected"]
+  selected = run_dir.read_done(workdir, "pseudo_label")["selected"]
   assert manifest["source"]["step"] == selected["step"]
   assert manifest["source"]["eval"]["R@1"] == selected["eval"]["R@1"]
   # The synthetic world's tile centres are the references' coordinates.
@@ -283,7 +283,7 @@ def test_read_records_keeps_the_last_of_a_resumed_step(tmp_path):
            {"step": 2, "epoch": 1, "kind": "eval", "R@1": 5.0}]
   (tmp_path / "s" / "metrics.jsonl").write_text(
       "".join(json.dumps(x) + "\n" for x in lines))
-  records = run_records.read_records(str(tmp_path), "s")
+  records = run_dir.read_records(str(tmp_path), "s")
   assert [(r["kind"], r.get("R@1")) for r in records] == [
       ("train", None), ("eval", 5.0)]
 
@@ -304,7 +304,7 @@ def test_report_writes_the_pictures_of_the_run(run):
   assert [c["stage"] for c in curves] == ["intra", "cross_fake",
                                           "pseudo_label"]
   assert list(curves[-1]["epochs"]) == [1, 2]
-  done = stages.read_done(workdir, "pseudo_label")
+  done = run_dir.read_done(workdir, "pseudo_label")
   assert curves[-1]["R@1"][-1] == done["eval"]["R@1"]
   rounds = report.pseudo_rounds(workdir)
   assert [(r["epoch"], r["warmup"]) for r in rounds] == [(0, 1.0), (1, 0.0)]

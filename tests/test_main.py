@@ -9,6 +9,7 @@ import pytest
 
 from cvgl_jax import config_lib
 from cvgl_jax import main as main_lib
+from cvgl_jax import run_dir
 from cvgl_jax import stages
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
@@ -118,7 +119,7 @@ def test_demo_stages_run_end_to_end_and_a_rerun_skips_them(demo_run):
   config, workdir, results = demo_run
   assert list(results) == ["pretrain", "cfp", "translate", "intra",
                            "cross_fake", "pseudo_label"]
-  world = os.path.join(workdir, stages.SYNTHETIC_DIR)
+  world = os.path.join(workdir, run_dir.SYNTHETIC_WORLD)
   train = stages.read_data(config, workdir)[0]
   for folder in ("g2a", "g2a_sat"):
     assert sorted(os.listdir(os.path.join(world, folder))) == sorted(
@@ -132,15 +133,15 @@ def test_demo_stages_run_end_to_end_and_a_rerun_skips_them(demo_run):
     assert summary["eval"]["num_queries"] > 0
     lines = open(os.path.join(workdir, stage, "metrics.jsonl")).readlines()
     assert any(json.loads(line)["kind"] == "eval" for line in lines)
-    assert stages.read_done(workdir, stage) == json.loads(json.dumps(summary))
+    assert run_dir.read_done(workdir, stage) == json.loads(json.dumps(summary))
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["synthetic"]["num_pairs"] == 48
 
-  done_times = {s: os.path.getmtime(stages.done_file(workdir, s))
+  done_times = {s: os.path.getmtime(os.path.join(workdir, s, run_dir.DONE))
                 for s in results}
   again = main_lib.run(config, workdir)
   assert again == json.loads(json.dumps(results))
-  assert done_times == {s: os.path.getmtime(stages.done_file(workdir, s))
+  assert done_times == {s: os.path.getmtime(os.path.join(workdir, s, run_dir.DONE))
                         for s in results}
 
 

@@ -22,8 +22,8 @@ from cvgl_jax import config_lib
 from cvgl_jax import evaluate
 from cvgl_jax import export
 from cvgl_jax import main as main_lib
+from cvgl_jax import run_dir
 from cvgl_jax import pretrain
-from cvgl_jax import records
 from cvgl_jax import stages
 from cvgl_jax.models import encoder
 from cvgl_jax.models import weights
@@ -94,9 +94,9 @@ def test_standin_is_cached_and_its_world_is_disjoint(demo_run, tmp_path):
   # No image of the source world is an image of the target world.
   digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()
   source = {digest(p) for p in _files(
-      os.path.join(workdir, "pretrain", stages.SYNTHETIC_DIR))}
+      os.path.join(workdir, "pretrain", run_dir.SYNTHETIC_WORLD))}
   target = {digest(p) for p in _files(
-      os.path.join(workdir, stages.SYNTHETIC_DIR))}
+      os.path.join(workdir, run_dir.SYNTHETIC_WORLD))}
   assert source and target and not source & target
 
 
@@ -142,7 +142,7 @@ def test_round_table_precision_equals_a_hand_count(demo_run):
   trained = export.load_trained(workdir, stage="pseudo_label",
                                 checkpoint="latest")
   params = loop.restore_params(
-      os.path.join(workdir, "pseudo_label", loop.CHECKPOINTS),
+      os.path.join(workdir, "pseudo_label", run_dir.CHECKPOINTS),
       trained.params, step=spe)
   train = stages.read_data(config, workdir)[0]
   fns = export.embed_fns(trained.model, trained.mesh)
@@ -159,7 +159,7 @@ def test_round_table_precision_equals_a_hand_count(demo_run):
   assert row["margin/correct"] == correct
   assert row["margin/precision"] == pytest.approx(correct / admitted)
   # The round's loss and R@1 come from the records of that round.
-  recs = records.read_records(workdir, "pseudo_label")
+  recs = run_dir.read_records(workdir, "pseudo_label")
   losses = [r["loss"] for r in recs if r["kind"] == "train"
             and r["epoch"] == 1]
   assert row["loss"] == pytest.approx(np.mean(losses))
@@ -180,7 +180,7 @@ def test_every_batch_is_labelled_past_the_authors_switch(demo_run):
   row = results["pseudo_label"]["rounds"][1]
   assert row["labelled_fraction"] >= 0.4
   assert row["labelled_only"] == 1.0
-  train = [r for r in records.read_records(workdir, "pseudo_label")
+  train = [r for r in run_dir.read_records(workdir, "pseudo_label")
            if r["kind"] == "train"]
   assert train and all(r["labelled_fraction"] == 1.0 for r in train)
 
@@ -190,7 +190,7 @@ def test_a_stage_hands_on_the_checkpoint_chosen_without_labels(demo_run):
   assert config.train.select == "label_free"
   for stage in ("cross_fake", "pseudo_label"):
     summary = results[stage]
-    evals = [r for r in records.read_records(workdir, stage)
+    evals = [r for r in run_dir.read_records(workdir, stage)
              if r["kind"] == "eval"]
     scores = [r[evaluate.LABEL_FREE] for r in evals]
     chosen = summary["selected"]
@@ -198,8 +198,8 @@ def test_a_stage_hands_on_the_checkpoint_chosen_without_labels(demo_run):
     assert chosen["step"] == evals[int(np.argmax(scores))]["step"]
     assert chosen["metric"] == evaluate.LABEL_FREE
     assert export.checkpoint_step(
-        os.path.join(workdir, stage, loop.BEST)) == chosen["step"]
-    with open(os.path.join(workdir, stage, loop.SELECTED)) as f:
+        os.path.join(workdir, stage, run_dir.BEST)) == chosen["step"]
+    with open(os.path.join(workdir, stage, run_dir.SELECTED)) as f:
       assert json.load(f)["step"] == chosen["step"]
     assert summary["best"]["R@1"] == max(r["R@1"] for r in evals)
   trained = export.load_trained(workdir)

@@ -21,6 +21,7 @@ import os
 import re
 from typing import Any, Mapping, Optional
 
+from absl import logging
 import numpy as np
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -305,4 +306,8 @@ def load_pretrained(params: Mapping[str, Any], path: str,
     if head_norm is not None:
       new_tower["head"] = dict(head, norm=head_norm)
     out[tower] = new_tower
+  tensors = len(_flatten(out[towers[0]]["backbone"]))
+  logging.info("Loaded %d ConvNeXt tensors (every one of the backbone's) "
+               "from %s into the %s tower(s).", tensors, path,
+               " and ".join(towers))
   return out

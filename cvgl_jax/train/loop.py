@@ -44,13 +44,10 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from cvgl_jax import parallel
-from cvgl_jax import records
+from cvgl_jax import run_dir
 from cvgl_jax.data import pipeline as pipeline_lib
 from cvgl_jax.train import state as state_lib
 
-CHECKPOINTS = "checkpoints"  # workdir/<stage>/checkpoints: the latest state
-BEST = "best"                # workdir/<stage>/best: the selected eval's params
-SELECTED = "selected.json"   # workdir/<stage>/selected.json: which, and why
 
 EpochStartFn = Callable[[state_lib.TrainState, int], Optional[Mapping]]
 EvalFn = Callable[[state_lib.TrainState], Mapping[str, float]]
@@ -68,7 +65,7 @@ class MetricWriter:
     if enabled:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       os.makedirs(folder, exist_ok=True)
-      self._jsonl = open(os.path.join(folder, "metrics.jsonl"), "a")
+      self._jsonl = open(os.path.join(folder, run_dir.METRICS), "a")
       self._tb = tensorboardX.SummaryWriter(
           os.path.join(folder, "tensorboard"), flush_secs=30)
 
@@ -97,10 +94,13 @@ def _split(state: state_lib.TrainState) -> dict:
 
 
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  # A save cut short leaves a temporary folder; it is removed on the next
+  # start rather than left to collide with the step saved again.
   return ocp.CheckpointManager(
       os.path.abspath(directory),
       options=ocp.CheckpointManagerOptions(
-          preservation_policy=ocp.checkpoint_managers.LatestN(keep)))
+          preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+          cleanup_tmp_directories=True))
 
 
 def restore_params(directory: str, params_like: Any,
@@ -151,35 +151,35 @@ def _placeholder_iterator(pipe: pipeline_lib.TrainPipeline):
   return pipe.iterator(0, pairs=np.zeros((rows, 2), np.int64))
 
 
-def _write_json(path: str, value: Mapping) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+def _save_best(best_mngr: ocp.CheckpointManager, step: int,
+               params: Any) -> None:
+  """Saves `params` as best/<step>, replacing any at or after it (left by
+  a run killed before it could record them)."""
+  for s in best_mngr.all_steps():
+    if s >= step:
+      best_mngr.delete(s)
+  best_mngr.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params)), force=True)
+  best_mngr.wait_until_finished()
 
 
-def _read_selected(stage_dir: str, best_step: Optional[int]) -> Optional[dict]:
-  """The selection record, if it describes the params in best/ (a crash
-  between saving the params and the record leaves an older record, which
-  is then ignored: the next evaluation selects again)."""
-  path = os.path.join(stage_dir, SELECTED)
-  if best_step is None or not os.path.exists(path):
-    return None
-  with open(path) as f:
-    record = json.load(f)
-  return record if record.get("step") == best_step else None
-
-
-def _best_r1(workdir: str, stage: str, latest: Optional[int]
-             ) -> Optional[dict]:
-  """The highest R@1 of the evaluations up to the resumed checkpoint."""
-  evals = [r for r in records.read_records(workdir, stage)
-           if r["kind"] == "eval" and "R@1" in r
-           and latest is not None and r["step"] <= latest]
-  if not evals:
-    return None
-  first_best = max(evals, key=lambda r: r["R@1"])
-  return {"step": first_best["step"], "R@1": first_best["R@1"]}
+def _resumed_records(workdir: str, stage: str, latest: Optional[int]
+                     ) -> tuple[Optional[dict], dict, dict]:
+  """(best R@1 {"step", "R@1"}, last eval, last train metrics) of the
+  records up to the checkpoint a run resumes from (all empty for none)."""
+  if latest is None:
+    return None, {}, {}
+  kept = [r for r in run_dir.read_records(workdir, stage)
+          if r["step"] <= latest]
+  evals = [r for r in kept if r["kind"] == "eval"]
+  trains = [r for r in kept if r["kind"] == "train"]
+  strip = lambda r: {k: v for k, v in r.items()
+                     if k not in ("kind", "step", "epoch")}
+  scored = [r for r in evals if "R@1" in r]
+  best = max(scored, key=lambda r: r["R@1"]) if scored else None
+  return ({"step": best["step"], "R@1": best["R@1"]} if best else None,
+          strip(evals[-1]) if evals else {},
+          strip(trains[-1]) if trains else {})
 
 
 def _check_finite(stage, fetched, ckpt_dir, last_saved):
@@ -276,16 +276,21 @@ def train(state: state_lib.TrainState,
     raise ValueError(f"train({stage!r}): eval_every_epochs must be >= 0, "
                      f"got {eval_every_epochs}.")
   main = parallel.is_main_process()
-  stage_dir = os.path.join(workdir, stage)
-  ckpt_dir = os.path.join(stage_dir, CHECKPOINTS)
+  ckpt_dir = run_dir.checkpoints_dir(workdir, stage)
   total = num_epochs * steps_per_epoch
   stop = total if max_steps is None else min(total, int(max_steps))
 
   mngr = _manager(ckpt_dir, keep_checkpoints)
-  best_mngr = _manager(os.path.join(stage_dir, BEST), 1)
-  writer = MetricWriter(stage_dir, enabled=main)
+  best_mngr = _manager(run_dir.best_dir(workdir, stage), 1)
   it = None
   latest = mngr.latest_step()
+  if main:
+    # What a resumed run writes again (the steps after its checkpoint, and
+    # the start of the epoch it begins there) is dropped, not duplicated.
+    at_boundary = latest is not None and latest % steps_per_epoch == 0
+    run_dir.truncate_records(workdir, stage, latest,
+                             ("epoch_start",) if at_boundary else ())
+  writer = MetricWriter(run_dir.stage_dir(workdir, stage), enabled=main)
   if latest is not None:
     it = _placeholder_iterator(pipe)
     restored = mngr.restore(latest, args=ocp.args.Composite(
@@ -293,10 +298,21 @@ def train(state: state_lib.TrainState,
             state_lib.abstract_state(state.params)),
         train=ocp.args.StandardRestore(
             state_lib.abstract_state(_split(state)["train"])),
-        data=grain.checkpoint.CheckpointRestore(it)))
+        data=grain.checkpoint.CheckpointRestore(it),
+        selected=ocp.args.JsonRestore()))
     state = state.replace(params=restored["params"], **restored["train"])
-  selected = _read_selected(stage_dir, best_mngr.latest_step())
-  best = _best_r1(workdir, stage, latest)
+  # The checkpoint holds the selection (which evaluation best/ must hold);
+  # best/ is saved after it, so a kill in between is repaired here.
+  selected = (restored.get("selected") or None) if latest is not None else None
+  stale = [s for s in best_mngr.all_steps()
+           if selected is None or s > selected["step"]]
+  for s in stale:
+    best_mngr.delete(s)
+  if selected is not None and best_mngr.latest_step() != selected["step"]:
+    _save_best(best_mngr, selected["step"], state.params)
+  if main and selected is not None:
+    run_dir.write_selected(workdir, stage, selected)
+  best, last_eval, last_train = _resumed_records(workdir, stage, latest)
 
   step = int(jax.device_get(state.step))
   if latest is None and step != 0:
@@ -305,8 +321,8 @@ def train(state: state_lib.TrainState,
         f"Start a stage from a fresh `create_state` (its own optimizer and "
         f"schedule) and copy the earlier stage's params into it.")
   last_saved = latest
-  summary = {"stage": stage, "train": {}, "eval": {}, "best": best,
-             "selected": selected}
+  summary = {"stage": stage, "train": last_train, "eval": last_eval,
+             "best": best, "selected": selected}
   bar = tqdm.tqdm(total=total, initial=step, desc=stage, unit="step",
                   disable=not (progress and main))
   pending = []
@@ -334,8 +350,10 @@ def train(state: state_lib.TrainState,
     if last_saved != step:
       mngr.save(step, args=ocp.args.Composite(
           **{k: ocp.args.StandardSave(v) for k, v in _split(state).items()},
-          data=grain.checkpoint.CheckpointSave(it)), force=True)
+          data=grain.checkpoint.CheckpointSave(it),
+          selected=ocp.args.JsonSave(selected or {})), force=True)
       last_saved = step
+      run_dir.fault_point("checkpoint", step, mngr.wait_until_finished)
 
   try:
     epoch = step // steps_per_epoch
@@ -390,18 +408,25 @@ def train(state: state_lib.TrainState,
         if "R@1" in result and (best is None or result["R@1"] > best["R@1"]):
           best = {"step": step, "R@1": result["R@1"]}
           summary["best"] = best
-        if (select_metric is None or selected is None
-            or result[select_metric] > selected["eval"][select_metric]):
-          best_mngr.save(step, args=ocp.args.Composite(
-              params=ocp.args.StandardSave(state.params)),
-              metrics=result, force=True)
-          best_mngr.wait_until_finished()
+        better = (select_metric is None or selected is None
+                  or result[select_metric] > selected["eval"][select_metric])
+        # One decision for all processes, or one would save alone and hang.
+        if parallel.from_main_process(np.bool_(better)):
           selected = {"step": step, "metric": select_metric or "final",
                       "eval": result}
           summary["selected"] = selected
+        # Commit order: the checkpoint (holding the selection), then best/,
+        # then selected.json; a rerun repairs a kill between any two.
+        save(epoch - 1)
+        if selected is not None and selected["step"] == step:
+          mngr.wait_until_finished()
+          run_dir.fault_point("before_best", step)
+          _save_best(best_mngr, step, state.params)
+          run_dir.fault_point("before_selected", step)
           if main:
-            _write_json(os.path.join(stage_dir, SELECTED), selected)
-      save(epoch - 1)
+            run_dir.write_selected(workdir, stage, selected)
+      else:
+        save(epoch - 1)
   finally:
     bar.close()
     writer.close()

@@ -1,0 +1,378 @@
+"""The run directory: the one owner of a workdir's layout and bookkeeping.
+
+  workdir/
+    config.json              the run's config; a rerun must match it
+    config_changes.jsonl     changes accepted with --force_config_change
+    LOCK                     {"host", "pid", "started"} of the running job
+    results.json             {stage: DONE results} of the last finished run
+    <stage>/DONE             the stage's results (JSON): it finished
+    <stage>/metrics.jsonl    {"step", "epoch", "kind", ...} per line
+    <stage>/tensorboard/     the same scalars as event files
+    <stage>/checkpoints/N/   orbax: the latest training state (step N)
+    <stage>/best/N/          orbax: the params the stage hands on
+    <stage>/selected.json    which step best/ holds, why, its evaluation
+    synthetic_world/         the generated world (synthetic configs)
+    report/                  the pictures
+
+Other modules ask this one for paths and markers rather than joining
+strings. Every file here is written atomically (a temporary name in the
+same folder, then `os.replace`), so a kill leaves the old version or the
+new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import signal
+import socket
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+from absl import logging
+import ml_collections
+
+CONFIG = "config.json"
+CONFIG_CHANGES = "config_changes.jsonl"
+LOCK = "LOCK"
+RESULTS = "results.json"
+DONE = "DONE"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+SELECTED = "selected.json"
+REPORT = "report"
+SYNTHETIC_WORLD = "synthetic_world"
+
+# Config keys a resumed run may change without --force_config_change: they
+# decide how often the run logs, saves or reads, never what it computes.
+RESUME_SAFE_KEYS = (
+    "train.log_every_steps", "train.checkpoint_every_steps",
+    "translate.log_every_steps", "translate.ckpt_every_steps",
+    "data.num_threads", "pretrain.cache_dir", "stages",
+)
+
+
+class RunDirError(RuntimeError):
+  """The workdir cannot be used as asked; the message says why and what to
+  do. A user's situation, not a bug: `main` prints it as one line."""
+
+
+# ------------------------------------------------------------------ paths --
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage)
+
+
+def checkpoints_dir(workdir: str, stage: str) -> str:
+  """Orbax folder of `stage`'s latest training states."""
+  return os.path.join(workdir, stage, CHECKPOINTS)
+
+
+def best_dir(workdir: str, stage: str) -> str:
+  """Orbax folder of the params `stage` hands on."""
+  return os.path.join(workdir, stage, BEST)
+
+
+def metrics_file(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, METRICS)
+
+
+def config_file(workdir: str) -> str:
+  return os.path.join(workdir, CONFIG)
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` to `path` atomically (same-folder temporary + rename)."""
+  folder = os.path.dirname(path) or "."
+  os.makedirs(folder, exist_ok=True)
+  tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(value, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _read_json(path: str) -> Optional[Any]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise RunDirError(f"{path} is not valid JSON ({e}); it was not written "
+                        f"by cvgl_jax (whose writes are atomic). Move it "
+                        f"away and rerun.") from None
+
+
+# ----------------------------------------------------------- done markers --
+
+
+def read_done(workdir: str, stage: str) -> Optional[dict]:
+  """The results a finished stage recorded, or None if it has not finished."""
+  return _read_json(os.path.join(workdir, stage, DONE))
+
+
+def write_done(workdir: str, stage: str, result: Mapping) -> None:
+  """Marks `stage` finished with its results (call on process 0 only)."""
+  write_json(os.path.join(workdir, stage, DONE), dict(result))
+
+
+# ---------------------------------------------------------------- records --
+
+
+def read_records(workdir: str, stage: str) -> list[dict]:
+  """The records of `workdir/<stage>/metrics.jsonl`, in step order.
+
+  Should a (kind, step, epoch) appear twice (a resume before records were
+  truncated on resume), the later record wins. A last line cut short by a
+  kill is skipped; any other line that is not JSON is an error naming it.
+  """
+  path = metrics_file(workdir, stage)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.readlines()
+  latest = {}
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      if number == len(lines) and not line.endswith("\n"):
+        logging.warning("%s: skipped its last line, cut short.", path)
+        continue
+      raise RunDirError(f"{path}:{number}: not a JSON record ({e}).") from e
+    latest[(record.get("kind"), record.get("step"),
+            record.get("epoch"))] = record
+  return sorted(latest.values(), key=lambda r: (r["step"], r["epoch"]))
+
+
+def truncate_records(workdir: str, stage: str, last_step: Optional[int],
+                     kinds_at_last_step: Sequence[str] = ()) -> int:
+  """Drops the records a resumed run writes again: those after
+  `last_step` (the checkpoint it resumes from; None: every record), those
+  of `kinds_at_last_step` at it (an epoch start the run repeats), and a
+  last line cut short. Returns how many lines were dropped."""
+  path = metrics_file(workdir, stage)
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    step = int(record.get("step", 0))
+    if last_step is None or step > last_step or (
+        step == last_step and record.get("kind") in kinds_at_last_step):
+      continue
+    kept.append(line if line.endswith("\n") else line + "\n")
+  if len(kept) != len(lines):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return len(lines) - len(kept)
+
+
+# ------------------------------------------------------ selected checkpoint --
+
+
+def read_selected(workdir: str, stage: str,
+                  best_step: Optional[int]) -> Optional[dict]:
+  """The record of the params in best/ ({"step", "metric", "eval"}), if it
+  describes `best_step` (a kill between saving the params and the record
+  leaves an older record, which is then ignored)."""
+  record = _read_json(os.path.join(workdir, stage, SELECTED))
+  if best_step is None or record is None:
+    return None
+  return record if record.get("step") == best_step else None
+
+
+def write_selected(workdir: str, stage: str, record: Mapping) -> None:
+  write_json(os.path.join(workdir, stage, SELECTED), dict(record))
+
+
+def eval_record(workdir: str, stage: str, step: int) -> dict:
+  """The metrics of `stage`'s evaluation at `step`, or {}."""
+  found = {}
+  for record in read_records(workdir, stage):
+    if record.get("kind") == "eval" and record.get("step") == step:
+      found = {k: v for k, v in record.items()
+               if k not in ("kind", "step", "epoch")}
+  return found
+
+
+# ------------------------------------------------------------------ lock --
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _lock_holder(lock: dict) -> str:
+  return (f"host {lock.get('host')}, pid {lock.get('pid')}, started "
+          f"{lock.get('started')}")
+
+
+@contextlib.contextmanager
+def locked(workdir: str, enabled: bool = True) -> Iterator[None]:
+  """Holds `workdir/LOCK` for the block: a second run on the same workdir
+  is refused (RunDirError naming the holder); a lock left by a killed run
+  (a dead pid on this host) is taken over with a warning. A lock held from
+  another host is never taken over: if that job is gone, delete the file.
+  `enabled=False` (processes other than 0: the coordinator holds the lock
+  for the whole job) does nothing."""
+  if not enabled:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK)
+  me = {"host": socket.gethostname(), "pid": os.getpid(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds")}
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      try:
+        holder = _read_json(path) or {}
+      except RunDirError:
+        holder = {}
+      if (holder.get("host") == me["host"]
+          and not _pid_alive(int(holder.get("pid", -1)))):
+        logging.warning("%s was left by a run that is gone (%s); taking "
+                        "it over.", path, _lock_holder(holder))
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(path)
+        continue
+      raise RunDirError(
+          f"{workdir} is in use by another run ({_lock_holder(holder)}); "
+          f"wait for it to end, or use another --workdir. If that job is "
+          f"gone, delete {path}.") from None
+    with os.fdopen(fd, "w") as f:
+      json.dump(me, f)
+    break
+  else:
+    raise RunDirError(f"Could not take {path}: another run took it at the "
+                      f"same time.")
+  try:
+    yield
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      if (_read_json(path) or {}).get("pid") == me["pid"]:
+        os.remove(path)
+
+
+# ---------------------------------------------------------------- config --
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def config_changes(saved: Mapping, config: Mapping) -> dict[str, tuple]:
+  """{key: (saved value, new value)} for every key whose value differs."""
+  a, b = _flatten(saved), _flatten(json.loads(json.dumps(config)))
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k)}
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's config from `workdir/config.json`."""
+  saved = _read_json(config_file(workdir))
+  if saved is None:
+    raise RunDirError(
+        f"{config_file(workdir)} not found: {workdir!r} is not a cvgl_jax "
+        f"run folder (python -m cvgl_jax.main --workdir=... writes it).")
+  return ml_collections.ConfigDict(saved)
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict, *,
+                force: bool = False,
+                safe_keys: Sequence[str] = RESUME_SAFE_KEYS) -> dict:
+  """Writes config.json, or checks a rerun's config against it.
+
+  A first run writes it. A rerun whose config differs only in
+  `safe_keys` rewrites it. Other differences are refused (RunDirError
+  listing them) unless `force`, which rewrites it and appends the change
+  to config_changes.jsonl. Returns the changes found {key: (old, new)}.
+  Call on process 0 only.
+  """
+  new = json.loads(config.to_json())
+  saved = _read_json(config_file(workdir))
+  if saved is None:
+    write_json(config_file(workdir), new)
+    return {}
+  changes = config_changes(saved, new)
+  unsafe = {k: v for k, v in changes.items() if k not in safe_keys}
+  if unsafe and not force:
+    listed = "; ".join(f"{k}: {old!r} -> {value!r}"
+                       for k, (old, value) in list(unsafe.items())[:6])
+    more = f" (and {len(unsafe) - 6} more)" if len(unsafe) > 6 else ""
+    raise RunDirError(
+        f"The config differs from the one {workdir} was run with: {listed}"
+        f"{more}. Rerun with the saved config ({config_file(workdir)}), use "
+        f"a new --workdir, or pass --force_config_change to continue with "
+        f"the new values (the change is recorded in {CONFIG_CHANGES}).")
+  if unsafe:
+    path = os.path.join(workdir, CONFIG_CHANGES)
+    with open(path, "a") as f:
+      f.write(json.dumps({
+          "time": datetime.datetime.now().isoformat(timespec="seconds"),
+          "changes": {k: list(v) for k, v in unsafe.items()},
+          "done": sorted(s for s in os.listdir(workdir)
+                         if os.path.exists(os.path.join(workdir, s, DONE)))},
+          default=str) + "\n")
+    logging.warning("Config changed on resume (recorded in %s): %s", path,
+                    sorted(unsafe))
+  if changes:
+    write_json(config_file(workdir), new)
+  return changes
+
+
+# ----------------------------------------------------------- fault points --
+
+FAULT_ENV = "CVGL_JAX_FAULT"
+
+
+def fault_point(name: str, step: Optional[int] = None,
+                before: Optional[Callable[[], Any]] = None) -> None:
+  """A commit boundary the fault-injection tests kill the run at.
+
+  When the environment variable CVGL_JAX_FAULT is `name` or `name@step`,
+  this process calls `before` (e.g. to let an asynchronous save finish)
+  and then SIGKILLs itself: no `finally`, no flush, as a pre-emption or an
+  out-of-memory kill. Costs one environment lookup otherwise.
+  """
+  spec = os.environ.get(FAULT_ENV)
+  if not spec:
+    return
+  point, _, at = spec.partition("@")
+  if point != name or (at and (step is None or int(at) != step)):
+    return
+  if before is not None:
+    before()
+  logging.flush()
+  os.kill(os.getpid(), signal.SIGKILL)

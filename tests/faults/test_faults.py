@@ -1,0 +1,250 @@
+"""Fault injection: no fault may lose or silently replace what a run saved.
+
+Each case runs `python -m cvgl_jax.main` on a tiny training stage
+(`tiny_supervised.py`) in a subprocess, kills it with SIGKILL at a commit
+boundary (`run_dir.fault_point`, chosen by the CVGL_JAX_FAULT environment
+variable), reruns the same command, and checks that the run ends where an
+uninterrupted run ends: bit-identical params in best/, the same selected
+step, no duplicated record. The other cases (a second run on the same
+workdir, a changed config) check the refusal and its one line.
+
+CI runs the cases not marked `slow`; every case:
+  .venv/bin/python -m pytest tests/faults -m "slow or not slow"
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cvgl_jax import config_lib
+from cvgl_jax import export
+from cvgl_jax import parallel
+from cvgl_jax import run_dir
+from cvgl_jax import stages
+from cvgl_jax.data import synthetic
+from cvgl_jax.models import encoder
+from cvgl_jax.models import weights
+
+CONFIG = os.path.join(os.path.dirname(__file__), "tiny_supervised.py")
+STAGE = "supervised"
+# 2 steps per epoch (38 pairs, batch 16), 3 epochs, a checkpoint every
+# step: odd steps are mid-epoch checkpoints, even ones epoch ends (each
+# evaluated, and with select="final" each selected). A kill at the last
+# epoch leaves no later evaluation to paper over a lost selection: those
+# run in CI.
+KILLS = [("checkpoint@3", False), ("before_best@6", False),
+         ("before_selected@6", False), ("checkpoint@1", True),
+         ("checkpoint@4", True), ("before_best@4", True),
+         ("before_selected@4", True), (f"{STAGE}.before_done", True)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("faults") / "world")
+  cfg = synthetic.SyntheticConfig(map_cells=1024, pairs_per_world=24,
+                                  sat_px=64, cvusa_width=154).validate()
+  synthetic.write_dataset("cvusa", root, cfg, 48, 0, progress=False)
+  return root
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def main_command(world, workdir, *flags):
+  return [sys.executable, "-m", "cvgl_jax.main", f"--config={CONFIG}:{world}",
+          f"--workdir={workdir}", *flags]
+
+
+def run_main(world, workdir, cache, *flags, fault=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+             JAX_COMPILATION_CACHE_DIR=cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
+  env.pop(run_dir.FAULT_ENV, None)
+  if fault:
+    env[run_dir.FAULT_ENV] = fault
+  return subprocess.run(main_command(world, workdir, *flags), env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def best_params(workdir):
+  trained = export.load_trained(workdir, stage=STAGE,
+                                mesh=parallel.make_mesh(jax.devices()[:1]))
+  return trained.step, jax.tree.map(np.asarray, trained.params)
+
+
+def record_keys(workdir):
+  with open(run_dir.metrics_file(workdir, STAGE)) as f:
+    return [(r["kind"], r["step"]) for r in map(json.loads, f)]
+
+
+@pytest.fixture(scope="module")
+def reference(world, compile_cache, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  done = run_main(world, workdir, compile_cache)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.parametrize(
+    "fault", [pytest.param(f, marks=pytest.mark.slow) if slow else f
+              for f, slow in KILLS])
+def test_a_kill_at_a_commit_boundary_loses_nothing(
+    fault, world, compile_cache, reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  killed = run_main(world, workdir, compile_cache, fault=fault)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  resumed = run_main(world, workdir, compile_cache)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  step, params = best_params(workdir)
+  ref_step, ref_params = best_params(reference)
+  assert step == ref_step
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  assert record_keys(workdir) == record_keys(reference)
+  selected = run_dir.read_done(workdir, STAGE)["selected"]
+  assert selected == run_dir.read_done(reference, STAGE)["selected"]
+  with open(os.path.join(workdir, STAGE, run_dir.SELECTED)) as f:
+    assert json.load(f) == selected
+  leftovers = [n for _, dirs, files in os.walk(workdir) for n in dirs + files
+               if ".tmp" in n or "orbax-checkpoint-tmp" in n]
+  assert not leftovers
+
+
+@pytest.mark.slow
+def test_a_resume_keeps_a_label_free_selection(world, compile_cache,
+                                               tmp_path):
+  flag = "--config.train.select=label_free"
+  reference_dir = str(tmp_path / "reference")
+  assert run_main(world, reference_dir, compile_cache, flag).returncode == 0
+  workdir = str(tmp_path / "run")
+  killed = run_main(world, workdir, compile_cache, flag, fault="checkpoint@5")
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert run_main(world, workdir, compile_cache, flag).returncode == 0
+  assert (run_dir.read_done(workdir, STAGE)["selected"]
+          == run_dir.read_done(reference_dir, STAGE)["selected"])
+  step, params = best_params(workdir)
+  ref_step, ref_params = best_params(reference_dir)
+  assert step == ref_step
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+
+
+def test_a_second_run_on_the_workdir_is_refused(tmp_path):
+  workdir = str(tmp_path)
+  with run_dir.locked(workdir):
+    with pytest.raises(run_dir.RunDirError) as e:
+      with run_dir.locked(workdir):
+        pass
+  message = str(e.value)
+  assert f"pid {os.getpid()}" in message and "in use by another run" in message
+  # Released: the next run takes it.
+  with run_dir.locked(workdir):
+    assert os.path.exists(os.path.join(workdir, run_dir.LOCK))
+  assert not os.path.exists(os.path.join(workdir, run_dir.LOCK))
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, caplog):
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  lock = tmp_path / run_dir.LOCK
+  lock.write_text(json.dumps({"host": os.uname().nodename,
+                              "pid": int(dead.stdout), "started": "then"}))
+  with run_dir.locked(str(tmp_path)):
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+  assert "taking it over" in caplog.text
+  # Held from another host: never taken over.
+  lock.write_text(json.dumps({"host": "elsewhere", "pid": 1,
+                              "started": "then"}))
+  with pytest.raises(run_dir.RunDirError, match="host elsewhere, pid 1"):
+    with run_dir.locked(str(tmp_path)):
+      pass
+
+
+def test_a_changed_config_is_refused_unless_forced(tmp_path):
+  from tiny_supervised import get_config  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  config = get_config("/data")
+  assert run_dir.save_config(workdir, config) == {}
+  config.train.log_every_steps = 7  # Safe on resume: rewritten silently.
+  assert list(run_dir.save_config(workdir, config)) == [
+      "train.log_every_steps"]
+  config.train.lr = 5e-4
+  config.model.dims = (8, 32)
+  with pytest.raises(run_dir.RunDirError) as e:
+    run_dir.save_config(workdir, config)
+  assert "model.dims: [8, 16] -> [8, 32]" in str(e.value)
+  assert "train.lr: 0.001 -> 0.0005" in str(e.value)
+  assert run_dir.read_config(workdir).train.lr == 1e-3  # Not overwritten.
+  run_dir.save_config(workdir, config, force=True)
+  assert run_dir.read_config(workdir).train.lr == 5e-4
+  with open(os.path.join(workdir, run_dir.CONFIG_CHANGES)) as f:
+    change = json.loads(f.readline())
+  assert change["changes"]["train.lr"] == [1e-3, 5e-4]
+
+
+def test_refusals_are_one_line_and_exit_2(world, compile_cache, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / run_dir.LOCK).write_text(json.dumps(
+      {"host": "elsewhere", "pid": 1, "started": "then"}))
+  refused = run_main(world, str(workdir), compile_cache)
+  assert refused.returncode == 2
+  lines = [l for l in refused.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "in use by another run" in lines[0]
+  assert "Traceback" not in refused.stderr
+  assert not (workdir / STAGE).exists()
+
+
+def test_records_are_truncated_to_the_resumed_step(tmp_path):
+  (tmp_path / "s").mkdir()
+  lines = [{"step": 2, "epoch": 1, "kind": "epoch_start"},
+           {"step": 3, "epoch": 1, "kind": "train"},
+           {"step": 4, "epoch": 2, "kind": "eval"},
+           {"step": 4, "epoch": 2, "kind": "epoch_start"},
+           {"step": 5, "epoch": 2, "kind": "train"}]
+  path = tmp_path / "s" / run_dir.METRICS
+  path.write_text("".join(json.dumps(x) + "\n" for x in lines)
+                  + '{"step": 6, "ki')  # Cut short by a kill.
+  assert run_dir.truncate_records(str(tmp_path), "s", 4, ("epoch_start",)) == 3
+  assert [(r["kind"], r["step"]) for r in
+          run_dir.read_records(str(tmp_path), "s")] == [
+              ("epoch_start", 2), ("train", 3), ("eval", 4)]
+  assert run_dir.truncate_records(str(tmp_path), "s", None) == 3
+  assert path.read_text() == ""
+
+
+def test_job_mistakes_are_named_before_any_stage_runs(tmp_path):
+  from tiny_supervised import get_config  # pylint: disable=g-import-not-at-top
+  config = get_config(str(tmp_path))
+  model = encoder.from_config(config.model)
+  params = jax.eval_shape(
+      model.init, jax.random.PRNGKey(0),
+      jax.ShapeDtypeStruct((1, 32, 128, 3), np.float32),
+      jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32))["params"]
+  backbone = jax.tree.map(lambda x: np.ones(x.shape, np.float32),
+                          params["query"]["backbone"])
+  path = str(tmp_path / "other_variant.safetensors")
+  weights.save_timm(backbone, path)
+  config.model.pretrained = path
+  config.model.dims = (8, 24)   # Not the file's variant.
+  config.train.batch_size = 12  # Does not split over 8 devices.
+  config.stages = ("cfp", "supervised")
+  with pytest.raises(config_lib.ConfigError) as e:
+    stages.preflight(config, parallel.make_mesh())
+  message = str(e.value)
+  assert "train.batch_size: the global batch 12" in message
+  assert f"config.model.pretrained='{path}'" in message
+  assert "wrong shapes" in message
+  config.model.dims = (8, 16)
+  config.train.batch_size = 16
+  stages.preflight(config, parallel.make_mesh())  # The file fits: no error.
+  config.train.lr = -1e-4
+  with pytest.raises(config_lib.ConfigError, match=r"train.lr=-0.0001 must"):
+    config_lib.validate(config)
