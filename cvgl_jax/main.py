@@ -210,6 +210,18 @@ def main(argv):
                   force_config_change=_FORCE_CONFIG_CHANGE.value)
   except (run_dir.RunDirError, config_lib.ConfigError) as e:
     _user_error(e)
+  except Exception as e:  # pylint: disable=broad-except
+    full = run_dir.disk_full_error(e)
+    if full is None:
+      raise
+    logging.debug("Disk full.", exc_info=True)  # Shown with --verbosity=1.
+    print(f"error: {run_dir.disk_full_message(full, _WORKDIR.value)}",
+          file=sys.stderr, flush=True)
+    # Not sys.exit: the checkpointer's threads, cut off mid-write, would
+    # print their tracebacks again at interpreter shutdown. The lock is
+    # released and every finished file is whole (atomic writes).
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
   if parallel.is_main_process():
     path = os.path.join(_WORKDIR.value, run_dir.RESULTS)
     run_dir.write_json(path, results)

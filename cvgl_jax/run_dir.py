@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import os
+import re
 import signal
 import socket
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -350,6 +352,43 @@ def save_config(workdir: str, config: ml_collections.ConfigDict, *,
   if changes:
     write_json(config_file(workdir), new)
   return changes
+
+
+# ------------------------------------------------------------- disk full --
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Orbax writes through tensorstore, whose errors are ValueErrors carrying
+# the OS error as text (EFBIG reads "OUT_OF_RANGE: Error writing").
+_FULL_TEXT = {"No space left on device": errno.ENOSPC,
+              "Disk quota exceeded": errno.EDQUOT,
+              "File too large": errno.EFBIG,
+              "RESOURCE_EXHAUSTED: Error writing": errno.ENOSPC,
+              "OUT_OF_RANGE: Error writing": errno.EFBIG}
+
+
+def disk_full_error(error: BaseException) -> Optional[OSError]:
+  """The "no space" OSError behind `error` (itself, or a cause or context
+  of it: orbax and thread pools wrap the writer's error), or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _FULL:
+      return error
+    text = str(error)
+    for marker, number in _FULL_TEXT.items():
+      if marker in text:
+        found = re.search(r'local file "([^"]+)"', text)
+        return OSError(number, os.strerror(number),
+                       found.group(1) if found else None)
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def disk_full_message(error: OSError, workdir: str) -> str:
+  where = error.filename or workdir
+  return (f"no space left writing {where} ({os.strerror(error.errno)}). "
+          f"Nothing saved before it is lost: free space and rerun the same "
+          f"command; it resumes from the last checkpoint.")
 
 
 # ----------------------------------------------------------- fault points --

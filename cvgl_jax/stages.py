@@ -42,6 +42,7 @@ from cvgl_jax import run_dir
 from cvgl_jax.cfp import project
 from cvgl_jax.cfp import translate_stage
 from cvgl_jax.data import augment
+from cvgl_jax.data import derived
 from cvgl_jax.data import pipeline
 from cvgl_jax.data import readers
 from cvgl_jax.data import synthetic
@@ -202,13 +203,22 @@ def run_pretrain(run: Run) -> dict:
 def run_cfp(run: Run) -> dict:
   """Projects every training panorama to a BEV image (`root/g2a/`)."""
   c = run.config.cfp
+  # BEVs of other projection settings (another run on this dataset) are
+  # replaced, not reused.
+  if parallel.is_main_process():
+    derived.claim(os.path.join(run.train.root, "g2a"),
+                  {"made_by": "cfp", "out_size": c.out_size,
+                   "fov_deg": c.fov_deg, "placement": c.placement,
+                   "wrap": c.wrap})
+  parallel.sync("cfp:claimed")
   stats = project.project_split(
       run.train, out_size=c.out_size, fov_deg=c.fov_deg,
       placement=c.placement, batch_size=c.batch_size, wrap=c.wrap,
       progress=parallel.is_main_process(),
       process_index=jax.process_index(), process_count=jax.process_count())
   # Each process wrote its share.
-  stats["written"] = parallel.sum_over_processes(stats["written"])
+  for key in ("written", "skipped"):
+    stats[key] = parallel.sum_over_processes(stats[key])
   return stats
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from cvgl_jax.cfp import geometry
 from cvgl_jax.cfp import project
+from cvgl_jax.data import derived
 from cvgl_jax.data.index import PairIndex
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden",
@@ -241,3 +242,33 @@ def test_corrupt_panorama_is_named(tmp_path):
     f.write(b"not a png at all")
   with pytest.raises(ValueError, match="0000004.png"):
     project.project_split(index, 24, 160, batch_size=2, progress=False)
+
+
+def test_shares_do_not_shift_when_another_process_wrote_first(tmp_path):
+  # Process 0 finishes before process 1 lists the folder (a shared file
+  # system): process 1 must still write its own share, all of it.
+  index = _tiny_split(tmp_path)
+  kw = dict(out_size=24, fov_deg=160, placement="full", batch_size=2,
+            progress=False, process_count=2)
+  first = project.project_split(index, process_index=0, **kw)
+  second = project.project_split(index, process_index=1, **kw)
+  assert (first["written"], second["written"]) == (3, 2)
+  assert all(os.path.exists(p) for p in index.derived_paths("g2a"))
+
+
+def test_bevs_of_other_settings_are_replaced_not_reused(tmp_path):
+  index = _tiny_split(tmp_path)
+  folder = str(tmp_path / "g2a")
+  settings = {"made_by": "cfp", "fov_deg": 160}
+  assert not derived.claim(folder, settings)
+  project.project_split(index, 24, 160, placement="full", progress=False)
+  assert derived.claim(folder, settings)  # Same settings: a resume.
+  assert len(os.listdir(folder)) == 6     # 5 BEVs and the stamp.
+  assert not derived.claim(folder, dict(settings, fov_deg=150))
+  assert os.listdir(folder) == [derived.STAMP]
+  assert derived.read_stamp(folder)["fov_deg"] == 150
+  # A folder without a stamp (an older version's) is emptied too.
+  os.remove(os.path.join(folder, derived.STAMP))
+  open(os.path.join(folder, "0000000.png"), "wb").close()
+  assert not derived.claim(folder, settings)
+  assert os.listdir(folder) == [derived.STAMP]

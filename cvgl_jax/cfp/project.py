@@ -87,13 +87,13 @@ def project_split(index: PairIndex,
     num_threads: host threads for decoding and PNG encoding.
     overwrite: project again even where an output exists.
     progress: show a tqdm bar.
-    process_index, process_count: this process projects the missing files
-      number process_index, process_index + process_count, ... (e.g.
-      `jax.process_index()`, `jax.process_count()`).
+    process_index, process_count: this process projects files number
+      process_index, process_index + process_count, ... that are missing
+      (e.g. `jax.process_index()`, `jax.process_count()`).
 
   Returns:
-    {"written" (by this process), "skipped" (already there), "seconds",
-    "images_per_s"}.
+    {"written", "skipped" (already there): of this process's share;
+    "seconds", "images_per_s"}.
 
   Raises:
     FileNotFoundError: before any work, if panoramas are missing (named).
@@ -113,17 +113,17 @@ def project_split(index: PairIndex,
     raise FileNotFoundError(
         f"{len(missing)} of {len(inputs)} panoramas of {index.name!r} are "
         f"missing, e.g. {shown}.")
-  todo = [i for i, out in enumerate(outputs)
-          if overwrite or not os.path.exists(out)]
-  skipped = len(inputs) - len(todo)
+  # Shares are fixed before looking at the disk: a process that lists
+  # after another one wrote files must get the same share, or some files
+  # are nobody's (a shared file system).
+  mine = range(process_index, len(inputs), process_count)
+  todo = [i for i in mine if overwrite or not os.path.exists(outputs[i])]
+  skipped = len(mine) - len(todo)
   stats = {"written": 0, "skipped": skipped, "seconds": 0.0,
            "images_per_s": 0.0}
   if not todo:
-    logging.info("cfp %s: all %d BEV images already in %s/.", index.name,
-                 skipped, folder)
-    return stats
-  todo = todo[process_index::process_count]
-  if not todo:
+    logging.info("cfp %s: this process's %d BEV images already in %s/.",
+                 index.name, skipped, folder)
     return stats
   os.makedirs(os.path.join(index.root, folder), exist_ok=True)
 

@@ -45,6 +45,7 @@ import tqdm
 
 from cvgl_jax import parallel
 from cvgl_jax.cfp import translate as tr
+from cvgl_jax.data import derived
 from cvgl_jax.data import image_io
 
 
@@ -359,8 +360,10 @@ def translate_split(bev_paths: Sequence[str], out_paths: Sequence[str],
   if len(bev_paths) != len(out_paths):
     raise ValueError(f"translate_split: {len(bev_paths)} BEV paths but "
                      f"{len(out_paths)} output paths.")
-  todo = [(os.fspath(i), os.fspath(o)) for i, o in zip(bev_paths, out_paths)
-          if not os.path.exists(o)][process_index::process_count]
+  # Shares are fixed before looking at the disk (see `project_split`).
+  pairs = list(zip(bev_paths, out_paths))[process_index::process_count]
+  todo = [(os.fspath(i), os.fspath(o)) for i, o in pairs
+          if not os.path.exists(o)]
   if not todo:
     return 0
   check_images([i for i, _ in todo], "BEV image", config.num_threads,
@@ -421,6 +424,13 @@ def translate(index, workdir: str, config: ml_collections.ConfigDict, *,
   params = state.params_g["g_ab"]
   if jax.process_count() > 1:
     params = parallel.from_main_process(jax.device_get(params))
+  # Fakes of another generator (another run on this dataset) are replaced.
+  if parallel.is_main_process() and out_paths:
+    derived.claim(os.path.dirname(os.fspath(out_paths[0])),
+                  {"made_by": "translate", "source": config.source,
+                   "crop_size": int(config.crop_size),
+                   "generator": derived.params_digest(params)})
+  parallel.sync("translate:claimed")
   written = translate_split(
       bev_paths, out_paths, params, config,
       progress=progress and parallel.is_main_process(),

@@ -14,6 +14,7 @@ CI runs the cases not marked `slow`; every case:
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def main_command(world, workdir, *flags):
           f"--workdir={workdir}", *flags]
 
 
-def run_main(world, workdir, cache, *flags, fault=None):
+def run_main(world, workdir, cache, *flags, fault=None, max_file_bytes=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
              JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -71,8 +72,14 @@ def run_main(world, workdir, cache, *flags, fault=None):
   env.pop(run_dir.FAULT_ENV, None)
   if fault:
     env[run_dir.FAULT_ENV] = fault
+  limit = None
+  if max_file_bytes:
+    # A full disk, as a per-file size limit: writes past it fail (EFBIG).
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                       (max_file_bytes, max_file_bytes))
   return subprocess.run(main_command(world, workdir, *flags), env=env,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=600,
+                        preexec_fn=limit)
 
 
 def best_params(workdir):
@@ -132,6 +139,25 @@ def test_a_resume_keeps_a_label_free_selection(world, compile_cache,
           == run_dir.read_done(reference_dir, STAGE)["selected"])
   step, params = best_params(workdir)
   ref_step, ref_params = best_params(reference_dir)
+  assert step == ref_step
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(
+    world, compile_cache, reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  full = run_main(world, workdir, compile_cache, max_file_bytes=40_000)
+  assert full.returncode == 1, full.stderr[-3000:]
+  # The last line, and the only one of ours (the checkpointer's own error
+  # logs before it are the console issue's: third-party chatter).
+  lines = [l for l in full.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "no space left writing" in lines[0], lines
+  assert full.stderr.rstrip().splitlines()[-1] == lines[0]
+  assert not os.path.exists(os.path.join(workdir, run_dir.LOCK))
+  resumed = run_main(world, workdir, compile_cache)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  step, params = best_params(workdir)
+  ref_step, ref_params = best_params(reference)
   assert step == ref_step
   jax.tree.map(np.testing.assert_array_equal, params, ref_params)
 
