@@ -78,6 +78,24 @@ def test_decode_gives_rgb_resized_and_names_bad_files(index, tmp_path):
     pipeline.decode(str(bad), G_SIZE)
 
 
+def test_truncated_images_are_named_not_decoded_grey(index, tmp_path):
+  ground = cv2.imread(index.ground_paths[3])
+  for ext in (".jpg", ".png"):
+    whole = tmp_path / f"whole{ext}"
+    cv2.imwrite(str(whole), ground)
+    np.testing.assert_array_equal(pipeline.decode(str(whole), G_SIZE),
+                                  pipeline.decode(str(whole), G_SIZE))
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut{ext}"
+    cut.write_bytes(data[:len(data) * 2 // 3])
+    with pytest.raises(ValueError, match=f"cut{ext} is truncated"):
+      pipeline.decode(str(cut), G_SIZE)
+  # A trailer after the JPEG's end marker (some cameras write one) is fine.
+  trailer = tmp_path / "trailer.jpg"
+  trailer.write_bytes((tmp_path / "whole.jpg").read_bytes() + b"META" * 8)
+  assert pipeline.decode(str(trailer), G_SIZE).shape == (*G_SIZE, 3)
+
+
 def test_a_bad_file_fails_the_pipeline_naming_it(index, tmp_path):
   paths = list(index.satellite_paths[:3]) + [str(tmp_path / "gone.png")]
   with pytest.raises(FileNotFoundError, match="gone.png"):

@@ -8,10 +8,17 @@ name.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Sequence
 
 import cv2
 import numpy as np
+
+
+# What a complete file of these formats ends with (within its last KB:
+# some writers append a trailer after the end marker).
+_END_MARKERS = {b"\xff\xd8": (b"\xff\xd9", "JPEG end-of-image marker"),
+                b"\x89PNG": (b"IEND", "PNG IEND chunk")}
 
 
 def read_rgb(path: str) -> np.ndarray:
@@ -19,12 +26,20 @@ def read_rgb(path: str) -> np.ndarray:
 
   Raises:
     FileNotFoundError: the file does not exist (named).
-    ValueError: OpenCV cannot decode it (named).
+    ValueError: the file is cut short (a JPEG without its end marker, a PNG
+      without IEND: decoders fill the missing part with grey and carry
+      on), or OpenCV cannot decode it (named).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Image file not found: {path}")
-  image = cv2.imread(path, cv2.IMREAD_COLOR_RGB)
+  data = np.fromfile(path, np.uint8)
+  head = data[:4].tobytes()
+  for magic, (end, name) in _END_MARKERS.items():
+    if head.startswith(magic) and end not in data[-1024:].tobytes():
+      raise ValueError(f"Image file {path} is truncated ({data.size} bytes, "
+                       f"no {name}): copy it again from the source.")
+  image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB) if data.size else None
   if image is None:
     raise ValueError(f"Cannot decode image file {path} (corrupt or not an "
                      "image format OpenCV reads).")
@@ -56,7 +71,9 @@ def write_png_atomic(path: str, image: np.ndarray) -> None:
     raise ValueError(f"PNG encoding failed for {path}.")
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+  # Host and pid: processes of a multi-host job share the folder.
+  tmp = os.path.join(folder, f".{os.path.basename(path)}."
+                     f"{socket.gethostname()}.{os.getpid()}.tmp")
   with open(tmp, "wb") as f:
     f.write(data.tobytes())
   os.replace(tmp, path)
