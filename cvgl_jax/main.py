@@ -183,9 +183,21 @@ def _user_error(error: Exception) -> None:
   sys.exit(2)
 
 
+def repeated_overrides(args: list[str]) -> list[str]:
+  """The `--config.KEY` overrides given more than once. (absl appends a
+  repeated tuple-valued override to the first: (64, 256) then (32, 128)
+  became (64, 256, 32, 128).)"""
+  keys = [a[2:].partition("=")[0] for a in args if a.startswith("--config.")]
+  return sorted({k for k in keys if keys.count(k) > 1})
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  repeated = repeated_overrides(sys.argv[1:])
+  if repeated:
+    _user_error(f"{', '.join('--' + k for k in repeated)} given more than "
+                f"once; give each override once.")
   mode = _DISTRIBUTED.value
   if mode == "off" and (_COORDINATOR.value or _NUM_PROCESSES.value
                         is not None or _PROCESS_ID.value is not None):

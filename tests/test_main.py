@@ -109,6 +109,15 @@ def test_validation_names_every_bad_key(tmp_path):
   assert "config.train.batchsize (did you mean 'batch_size'?)" in str(e.value)
 
 
+def test_a_repeated_override_is_refused_not_concatenated():
+  assert main_lib.repeated_overrides([
+      "--config=c.py", "--config.data.ground_size=(64,256)",
+      "--workdir=w", "--config.data.ground_size=(32,128)",
+      "--config.train.lr=1e-3"]) == ["config.data.ground_size"]
+  assert main_lib.repeated_overrides(["--config.train.lr=1", "--config=x"]
+                                     ) == []
+
+
 def test_previous_training_stage():
   config = load_config("synthetic_unsup")
   assert stages.previous_training_stage(config, "cross_fake") == "intra"
