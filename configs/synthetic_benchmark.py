@@ -15,6 +15,8 @@ says:
   ours_10          the same with 10 % of the training pairs labelled
   supervised       the true pairs, 100 % labels, from the same stand-in,
                    as many epochs as the paradigm's three training stages
+  supervised_smooth  supervised with the label smoothing of our stage 3
+                   (0.5): is the supervised reference handicapped by 0.1?
   from_scratch     ours_0 without the stand-in (random init)
   source_pairs     ours_0 whose stand-in was trained WITH the source
                    world's ground-satellite pairs: an upper reference,
@@ -35,7 +37,8 @@ says:
 import importlib.util
 import os
 
-ROWS = ("ours_0", "ours_10", "supervised", "from_scratch", "source_pairs",
+ROWS = ("ours_0", "ours_10", "supervised", "supervised_smooth",
+        "from_scratch", "source_pairs",
         "authors_switch", "no_bev", "no_translation", "no_intra",
         "no_mutual", "no_threshold", "no_curriculum")
 
@@ -69,10 +72,12 @@ def get_config(arg="ours_0"):
   if percent:
     p.gt_ratio = float(percent) / 100
   stages = tuple(s for s in config.stages if s != "pretrain")
-  if arg == "supervised":
+  if arg in ("supervised", "supervised_smooth"):
     config.stages = ("pretrain", "supervised")
     config.supervised.epochs = (config.intra.epochs + config.cross_fake.epochs
                                 + p.epochs)
+    if arg == "supervised_smooth":
+      config.supervised.label_smoothing = p.label_smoothing
   elif arg == "ours_10":
     p.gt_ratio = 0.1
   elif arg == "from_scratch":
