@@ -88,6 +88,14 @@ def best_params(workdir):
   return trained.step, jax.tree.map(np.asarray, trained.params)
 
 
+def assert_same_best(workdir, reference):
+  """best/ holds the same step and bit-identical params in both runs."""
+  step, params = best_params(workdir)
+  ref_step, ref_params = best_params(reference)
+  assert step == ref_step
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+
+
 def record_keys(workdir):
   with open(run_dir.metrics_file(workdir, STAGE)) as f:
     return [(r["kind"], r["step"]) for r in map(json.loads, f)]
@@ -111,10 +119,7 @@ def test_a_kill_at_a_commit_boundary_loses_nothing(
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   resumed = run_main(world, workdir, compile_cache)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  step, params = best_params(workdir)
-  ref_step, ref_params = best_params(reference)
-  assert step == ref_step
-  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  assert_same_best(workdir, reference)
   assert record_keys(workdir) == record_keys(reference)
   selected = run_dir.read_done(workdir, STAGE)["selected"]
   assert selected == run_dir.read_done(reference, STAGE)["selected"]
@@ -137,10 +142,7 @@ def test_a_resume_keeps_a_label_free_selection(world, compile_cache,
   assert run_main(world, workdir, compile_cache, flag).returncode == 0
   assert (run_dir.read_done(workdir, STAGE)["selected"]
           == run_dir.read_done(reference_dir, STAGE)["selected"])
-  step, params = best_params(workdir)
-  ref_step, ref_params = best_params(reference_dir)
-  assert step == ref_step
-  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  assert_same_best(workdir, reference_dir)
 
 
 def test_a_full_disk_is_one_line_and_the_rerun_resumes(
@@ -156,10 +158,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(
   assert not os.path.exists(os.path.join(workdir, run_dir.LOCK))
   resumed = run_main(world, workdir, compile_cache)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  step, params = best_params(workdir)
-  ref_step, ref_params = best_params(reference)
-  assert step == ref_step
-  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  assert_same_best(workdir, reference)
 
 
 def test_a_second_run_on_the_workdir_is_refused(tmp_path):
