@@ -11,6 +11,7 @@ from cvgl_jax import config_lib
 from cvgl_jax import main as main_lib
 from cvgl_jax import run_dir
 from cvgl_jax import stages
+from cvgl_jax.data import derived
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
@@ -132,7 +133,7 @@ def test_demo_stages_run_end_to_end_and_a_rerun_skips_them(demo_run):
   train = stages.read_data(config, workdir)[0]
   for folder in ("g2a", "g2a_sat"):
     assert sorted(os.listdir(os.path.join(world, folder))) == sorted(
-        f"{i}.png" for i in train.ground_ids)
+        [f"{i}.png" for i in train.ground_ids] + [derived.STAMP])
   assert results["cfp"]["written"] == train.num_ground
   assert results["translate"]["written"] == train.num_ground
   for stage in ("intra", "cross_fake", "pseudo_label"):
@@ -206,6 +207,12 @@ def test_benchmark_rows_change_only_what_their_names_say():
       "supervised": {"stages": ("pretrain", "supervised"),
                      "supervised.epochs": demo.intra.epochs
                      + demo.cross_fake.epochs + demo.pseudo_label.epochs},
+      "supervised_smooth": {"stages": ("pretrain", "supervised"),
+                            "supervised.epochs": demo.intra.epochs
+                            + demo.cross_fake.epochs
+                            + demo.pseudo_label.epochs,
+                            "supervised.label_smoothing":
+                                demo.pseudo_label.label_smoothing},
   }
   assert set(expected) == set(load_config_module("synthetic_benchmark").ROWS)
   for row, changes in expected.items():
