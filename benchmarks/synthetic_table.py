@@ -61,12 +61,10 @@ SHARES = {
     "no_translation": ("ours_0", ("pretrain", "cfp"), ("g2a_sat",)),
     "no_bev": ("ours_0", ("pretrain",), ("g2a", "g2a_sat")),
     "supervised": ("ours_0", ("pretrain",), ("g2a", "g2a_sat")),
-    "supervised_smooth": ("ours_0", ("pretrain",), ("g2a", "g2a_sat")),
     "from_scratch": ("ours_0", ("cfp", "translate"), ()),
     "source_pairs": ("ours_0", ("cfp", "translate"), ()),
 }
-BASE_ROWS = ("ours_0", "supervised", "ours_10", "supervised_smooth",
-             "from_scratch",
+BASE_ROWS = ("ours_0", "supervised", "ours_10", "from_scratch",
              "source_pairs", "authors_switch", "no_bev", "no_translation",
              "no_intra", "no_mutual", "no_threshold", "no_curriculum")
 NCC = "ncc"

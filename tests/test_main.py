@@ -203,16 +203,13 @@ def test_benchmark_rows_change_only_what_their_names_say():
                          "stages": without("translate")},
       "no_bev": {"translate.source": "panorama", "stages": without("cfp")},
       "no_intra": {"stages": without("intra")},
-      # As many epochs as the paradigm's three training stages together.
+      # As many epochs as the paradigm's three training stages together,
+      # with stage 3's label smoothing.
       "supervised": {"stages": ("pretrain", "supervised"),
                      "supervised.epochs": demo.intra.epochs
-                     + demo.cross_fake.epochs + demo.pseudo_label.epochs},
-      "supervised_smooth": {"stages": ("pretrain", "supervised"),
-                            "supervised.epochs": demo.intra.epochs
-                            + demo.cross_fake.epochs
-                            + demo.pseudo_label.epochs,
-                            "supervised.label_smoothing":
-                                demo.pseudo_label.label_smoothing},
+                     + demo.cross_fake.epochs + demo.pseudo_label.epochs,
+                     "supervised.label_smoothing":
+                         demo.pseudo_label.label_smoothing},
   }
   assert set(expected) == set(load_config_module("synthetic_benchmark").ROWS)
   for row, changes in expected.items():
