@@ -26,16 +26,3 @@ def demo_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("demo") / "run")
   return config, workdir, main_lib.run(config, workdir)
 
-
-# The suite runs on two xdist workers (pyproject: -n 2 --dist loadgroup).
-# A test file's tests stay on one worker, so its module fixtures are built
-# once; the files sharing the session's `demo_run` share one worker too.
-_DEMO_FILES = ("test_main.py", "test_export.py", "test_paradigm.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  for item in items:
-    name = item.path.name
-    group = "demo" if name in _DEMO_FILES else name
-    item.add_marker(pytest.mark.xdist_group(group))
