@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+from cvgl_jax import run_dir
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CONFIG = os.path.join(ROOT, "configs", "synthetic_benchmark.py")
@@ -97,14 +99,6 @@ def _seed_suffix(row: str) -> str:
   return sep + seed
 
 
-def _done(workdir: str, stage: str):
-  path = os.path.join(workdir, stage, "DONE")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def _stages(row: str) -> list[str]:
   spec = importlib.util.spec_from_file_location("synthetic_benchmark", CONFIG)
   module = importlib.util.module_from_spec(spec)
@@ -134,7 +128,7 @@ def _copy_prefix(out: str, row: str) -> None:
     return
   source, stages, leave_out = share
   src = os.path.join(out, source)
-  if not all(_done(src, s) for s in stages) or not os.path.isdir(
+  if not all(run_dir.read_done(src, s) for s in stages) or not os.path.isdir(
       os.path.join(src, WORLD)):
     return
   partial = workdir + ".partial"
@@ -164,7 +158,7 @@ def is_finished(out: str, row: str) -> bool:
   if row == NCC:
     return os.path.exists(os.path.join(out, "ours_0", "baseline_ncc.json"))
   workdir = os.path.join(out, row)
-  return all(_done(workdir, s) for s in _stages(row))
+  return all(run_dir.read_done(workdir, s) for s in _stages(row))
 
 
 def run_row(out: str, row: str) -> float:
@@ -192,14 +186,14 @@ def row_result(out: str, row: str) -> dict:
     return {"final": e["R@1"]}
   workdir = os.path.join(out, row)
   stages = _stages(row)
-  final = _done(workdir, stages[-1])
+  final = run_dir.read_done(workdir, stages[-1])
   result = {"final": final["eval"]["R@1"],
             "best": (final.get("best") or {}).get("R@1"),
             "handed_on": ((final.get("selected") or {}).get("eval") or {}
                           ).get("R@1"),
-            "minutes": sum(_done(workdir, s).get("seconds", 0.0)
+            "minutes": sum(run_dir.read_done(workdir, s).get("seconds", 0.0)
                            for s in stages) / 60}
-  cold = _done(workdir, "cross_fake")
+  cold = run_dir.read_done(workdir, "cross_fake")
   if cold:
     result["cold"] = cold["eval"]["R@1"]
   rounds = [r for r in final.get("rounds", []) if r.get("warmup") == 0.0]

@@ -189,17 +189,6 @@ def truncate_records(workdir: str, stage: str, last_step: Optional[int],
 # ------------------------------------------------------ selected checkpoint --
 
 
-def read_selected(workdir: str, stage: str,
-                  best_step: Optional[int]) -> Optional[dict]:
-  """The record of the params in best/ ({"step", "metric", "eval"}), if it
-  describes `best_step` (a kill between saving the params and the record
-  leaves an older record, which is then ignored)."""
-  record = _read_json(os.path.join(workdir, stage, SELECTED))
-  if best_step is None or record is None:
-    return None
-  return record if record.get("step") == best_step else None
-
-
 def write_selected(workdir: str, stage: str, record: Mapping) -> None:
   write_json(os.path.join(workdir, stage, SELECTED), dict(record))
 
