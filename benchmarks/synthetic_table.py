@@ -4,11 +4,13 @@ r"""The synthetic benchmark's results table: the rows of
   python benchmarks/synthetic_table.py --out=runs/bench            # all rows
   python benchmarks/synthetic_table.py --out=runs/bench --rows=ours_0,ncc
   python benchmarks/synthetic_table.py --out=runs/bench --table_only
+  python benchmarks/synthetic_table.py --out=runs/bench_dense --world=dense
 
 Each row is `python -m cvgl_jax.main
 --config=configs/synthetic_benchmark.py:<row> --workdir=<out>/<row>`, run
 here in a subprocess; `ROW#S` is the row with training seed S. The `ncc`
-row is `python -m cvgl_jax.baseline` on ours_0's world. Rows already
+row is `python -m cvgl_jax.baseline` on ours_0's world. `--world=W` runs
+the rows on the config's second world W (`ROW+W`); give it its own --out. Rows already
 finished in `--out` are not rerun, and an interrupted row resumes (the
 project's own resume), so the table can be built over several sittings.
 
@@ -99,11 +101,26 @@ def _seed_suffix(row: str) -> str:
   return sep + seed
 
 
-def _stages(row: str) -> list[str]:
+# The config's second world the rows run on ("" for the benchmark's own):
+# set once by main from --world.
+_world = ""
+
+
+def _config_arg(row: str) -> str:
+  """The config argument of `row`: `ROW[#S][+WORLD]`."""
+  return f"{row}+{_world}" if _world else row
+
+
+def _benchmark_config():
+  """The module `configs/synthetic_benchmark.py`."""
   spec = importlib.util.spec_from_file_location("synthetic_benchmark", CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return list(module.get_config(row).stages)
+  return module
+
+
+def _stages(row: str) -> list[str]:
+  return list(_benchmark_config().get_config(_config_arg(row)).stages)
 
 
 def _source(row: str):
@@ -148,9 +165,10 @@ def _copy_prefix(out: str, row: str) -> None:
 def _command(out: str, row: str) -> list[str]:
   if row == NCC:
     return [sys.executable, "-m", "cvgl_jax.baseline",
-            f"--config={CONFIG}:ours_0",
+            f"--config={CONFIG}:{_config_arg('ours_0')}",
             f"--workdir={os.path.join(out, 'ours_0')}"]
-  return [sys.executable, "-m", "cvgl_jax.main", f"--config={CONFIG}:{row}",
+  return [sys.executable, "-m", "cvgl_jax.main",
+          f"--config={CONFIG}:{_config_arg(row)}",
           f"--workdir={os.path.join(out, row)}"]
 
 
@@ -238,11 +256,13 @@ def table(out: str, rows) -> str:
     first = (f"{_stat(get('admitted0'), 0)} / {_stat(get('correct0'), 0)}"
              if results[0].get("admitted0") is not None else "-")
     paper, paper_cold = PAPER.get(base, (None, None))
-    command = ("python -m cvgl_jax.baseline --config=configs/"
-               "synthetic_benchmark.py:ours_0 --workdir=runs/bench/ours_0"
+    folder = f"runs/bench_{_world}" if _world else "runs/bench"
+    command = (f"python -m cvgl_jax.baseline --config=configs/"
+               f"synthetic_benchmark.py:{_config_arg('ours_0')} "
+               f"--workdir={folder}/ours_0"
                if base == NCC else
                f"python -m cvgl_jax.main --config=configs/synthetic_benchmark"
-               f".py:{base} --workdir=runs/bench/{base}")
+               f".py:{_config_arg(base)} --workdir={folder}/{base}")
     lines.append(
         f"| {base} | {len(results)} | {_stat(get('final'))} | "
         f"{_stat(get('best'))} | {_stat(get('handed_on'))} | {ratio} | "
@@ -259,7 +279,15 @@ def main():
                       help="comma-separated rows (default: all)")
   parser.add_argument("--table_only", action="store_true",
                       help="tabulate the finished rows, run nothing")
+  parser.add_argument("--world", default="",
+                      help="run the rows on this second world of the config "
+                      "(its WORLDS), e.g. dense; default: the benchmark's")
   args = parser.parse_args()
+  global _world
+  _world = args.world
+  if _world and _world not in _benchmark_config().WORLDS:
+    parser.error(f"unknown --world {_world!r}; worlds are "
+                 f"{tuple(_benchmark_config().WORLDS)}")
   rows = [r for r in args.rows.split(",") if r]
   unknown = sorted(r for r in rows if base_row(r) not in BASE_ROWS + (NCC,))
   if unknown:

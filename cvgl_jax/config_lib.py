@@ -17,6 +17,7 @@ import ml_collections
 
 from cvgl_jax import pretrain as pretrain_lib
 from cvgl_jax.cfp import translate as translate_lib
+from cvgl_jax.data.synthetic import config as synthetic_config
 from cvgl_jax.models import convnext
 from cvgl_jax.models import depthwise_cpu
 
@@ -60,6 +61,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.synthetic.sat_px = 128
   c.synthetic.pano_width = 256
   c.synthetic.cvusa_width = 308
+  # Generator settings of the target world (the pretraining stand-in's
+  # source world keeps these defaults, as ImageNet does not follow the
+  # target): block side (min, max) in metres, the city's density; the
+  # strength of the satellite tiles' own colour field (capture change).
+  c.synthetic.block_m = (45.0, 95.0)
+  c.synthetic.sat_appearance = 0.3
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "base"        # atto ... large, or "custom"
@@ -292,6 +299,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.synthetic.layout not in DATASETS:
       errors.append(f"config.synthetic.layout={config.synthetic.layout!r}; "
                     f"choose one of {DATASETS}")
+    try:
+      synthetic_config.SyntheticConfig.from_run_config(
+          config.synthetic).validate()
+    except (ValueError, TypeError) as e:
+      errors.append(f"config.synthetic: {e}")
   elif not d.root:
     errors.append("config.data.root is empty: set it to the unpacked "
                   "dataset (--config.data.root=/path), or enable "

@@ -37,6 +37,9 @@ from cvgl_jax.models import depthwise_cpu
 OBJECTIVES = ("instance", "pairs")
 AUGMENT = ("paper", "run")
 STANDIN_FILE = "standin.safetensors"
+# The source world's generator settings (`config.synthetic` keys): the
+# defaults of the target world's, fixed.
+SOURCE_WORLD_STYLE = {"block_m": (45.0, 95.0), "sat_appearance": 0.3}
 
 
 def source_config(config: ml_collections.ConfigDict
@@ -59,6 +62,10 @@ def source_config(config: ml_collections.ConfigDict
   c.synthetic.enabled = True
   c.synthetic.seed = p.world_seed
   c.synthetic.num_pairs = p.num_pairs
+  # The source world keeps the default generator settings whatever the
+  # target's: a stand-in, like ImageNet, does not follow the target world.
+  for key, value in SOURCE_WORLD_STYLE.items():
+    c.synthetic[key] = value
   if p.augment == "paper":
     from cvgl_jax import config_lib  # pylint: disable=g-import-not-at-top
     c.augment = config_lib.default_config().augment
@@ -78,6 +85,8 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
       "synthetic", "model", "augment", "train", "intra", "supervised",
       "data", "pretrain")}
   shaping["pretrain"].pop("cache_dir")
+  for key in SOURCE_WORLD_STYLE:  # Constant: the hash predates these keys.
+    shaping["synthetic"].pop(key, None)
   shaping.update(seed=c.seed, stages=list(c.stages))
   for key in ("root", "num_threads", "dataset", "train_split",
               "eval_split"):

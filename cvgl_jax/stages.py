@@ -76,10 +76,7 @@ def synthetic_root(config: ml_collections.ConfigDict, workdir: str) -> str:
   """
   s = config.synthetic
   root = os.path.join(workdir, run_dir.SYNTHETIC_WORLD)
-  cfg = synthetic.SyntheticConfig(
-      map_cells=s.map_cells, pairs_per_world=s.pairs_per_world,
-      sat_px=s.sat_px, pano_width=s.pano_width,
-      cvusa_width=s.cvusa_width).validate()
+  cfg = synthetic.SyntheticConfig.from_run_config(s).validate()
   # Only process 0 looks and writes; every process passes the barrier, so
   # none can read before the rename, whatever each saw on the disk.
   if parallel.is_main_process() and not os.path.isdir(root):

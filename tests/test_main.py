@@ -9,6 +9,7 @@ import pytest
 
 from cvgl_jax import config_lib
 from cvgl_jax import main as main_lib
+from cvgl_jax import pretrain as pretrain_lib
 from cvgl_jax import run_dir
 from cvgl_jax import stages
 from cvgl_jax.data import derived
@@ -108,6 +109,11 @@ def test_validation_names_every_bad_key(tmp_path):
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(config)
   assert "config.train.batchsize (did you mean 'batch_size'?)" in str(e.value)
+  config = load_config("synthetic_unsup")
+  config.synthetic.block_m = (60.0, 30.0)
+  with pytest.raises(config_lib.ConfigError, match=r"config.synthetic: "
+                     r"SyntheticConfig.block_m=\(60.0, 30.0\)"):
+    config_lib.validate(config)
 
 
 def test_a_repeated_override_is_refused_not_concatenated():
@@ -223,6 +229,18 @@ def test_benchmark_rows_change_only_what_their_names_say():
       "pseudo_label.mutual": False, "pseudo_label.gt_ratio": 0.1, "seed": 2}
   with pytest.raises(ValueError, match="unknown row 'no_gan'"):
     load_config("synthetic_benchmark", "no_gan")
+  # A second world changes the world's generator settings only, and shares
+  # the pretraining stand-in (its source world does not follow).
+  dense = load_config("synthetic_benchmark", "ours_10#1+dense")
+  config_lib.validate(dense)
+  got = flat(dense)
+  assert {k: got[k] for k in got if got[k] != base[k]} == {
+      "pseudo_label.gt_ratio": 0.1, "seed": 1, "synthetic.seed": 1,
+      "synthetic.block_m": (30.0, 60.0), "synthetic.sat_appearance": 0.5}
+  assert pretrain_lib.fingerprint(dense) == pretrain_lib.fingerprint(
+      load_config("synthetic_benchmark", "ours_0"))
+  with pytest.raises(ValueError, match="unknown world 'sparse'"):
+    load_config("synthetic_benchmark", "ours_0+sparse")
 
 
 def _flatten(tree, prefix=""):

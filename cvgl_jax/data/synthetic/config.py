@@ -93,6 +93,15 @@ class SyntheticConfig:
   vigor_panos_per_tile: float = 1.5
   vigor_test_fraction: float = 0.5
 
+  @classmethod
+  def from_run_config(cls, s) -> SyntheticConfig:
+    """The world of a run's `config.synthetic` (an ml_collections dict):
+    its sizes and generator settings; the rest keeps the defaults."""
+    return cls(map_cells=s.map_cells, pairs_per_world=s.pairs_per_world,
+               sat_px=s.sat_px, pano_width=s.pano_width,
+               cvusa_width=s.cvusa_width, block_m=tuple(s.block_m),
+               sat_appearance=s.sat_appearance)
+
   def without_nuisances(self, cam_height_m: float = 2.0) -> SyntheticConfig:
     """The same world with exact poses and appearance: for geometry checks."""
     return dataclasses.replace(
