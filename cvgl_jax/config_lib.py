@@ -112,6 +112,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 128
   c.train.checkpoint_every_steps = 1000
   c.train.log_every_steps = 50
+  # Steps in a row skipped for a non-finite loss that end a stage as
+  # diverged (a single bad batch is skipped and the run goes on).
+  c.train.max_skipped_steps = 10
   # Which checkpoint a stage hands on (to the next stage, the report and
   # the export): "final" -- the last evaluation; "label_free" -- the one
   # with the most mutual nearest pairs above the margin `pseudo_label.tau`
@@ -343,7 +346,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.weight_decay < 0:
     errors.append(f"config.train.weight_decay={t.weight_decay} must be >= 0")
   for key in ("batch_size", "eval_batch_size", "eval_every_epochs",
-              "checkpoint_every_steps", "log_every_steps"):
+              "checkpoint_every_steps", "log_every_steps",
+              "max_skipped_steps"):
     if t[key] < 1:
       errors.append(f"config.train.{key}={t[key]} must be >= 1")
   for stage in TRAINING_STAGES:

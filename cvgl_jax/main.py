@@ -45,6 +45,7 @@ from cvgl_jax import records
 from cvgl_jax import report
 from cvgl_jax import run_dir
 from cvgl_jax import stages
+from cvgl_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).",
@@ -222,6 +223,12 @@ def main(argv):
                   force_config_change=_FORCE_CONFIG_CHANGE.value)
   except (run_dir.RunDirError, config_lib.ConfigError) as e:
     _user_error(e)
+  except loop.DivergedError as e:
+    # Not a bug and not a mistake: the message says what was kept and what
+    # to change; the traceback is in the log (--verbosity=1).
+    logging.debug("Diverged.", exc_info=True)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   except Exception as e:  # pylint: disable=broad-except
     full = run_dir.disk_full_error(e)
     if full is None:

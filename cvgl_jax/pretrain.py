@@ -92,7 +92,8 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
               "eval_split"):
     shaping["data"].pop(key, None)
   for key in ("eval_every_epochs", "eval_batch_size",
-              "checkpoint_every_steps", "log_every_steps"):
+              "checkpoint_every_steps", "log_every_steps",
+              "max_skipped_steps"):
     shaping["train"].pop(key, None)
   text = json.dumps(shaping, sort_keys=True, default=list)
   return hashlib.sha256(text.encode()).hexdigest()[:16]

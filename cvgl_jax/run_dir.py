@@ -53,6 +53,7 @@ RESUME_SAFE_KEYS = (
     "train.log_every_steps", "train.checkpoint_every_steps",
     "translate.log_every_steps", "translate.ckpt_every_steps",
     "data.num_threads", "pretrain.cache_dir", "stages",
+    "train.max_skipped_steps",
 )
 
 
@@ -385,6 +386,17 @@ def disk_full_message(error: OSError, workdir: str) -> str:
 FAULT_ENV = "CVGL_JAX_FAULT"
 
 
+def fault_requested(name: str, step: Optional[int] = None) -> bool:
+  """Whether CVGL_JAX_FAULT asks for fault `name` here (`name`, or
+  `name@step` at that step): the fault-injection tests' switch, e.g. a
+  kill (`fault_point`) or a NaN fed to the training step (the loop)."""
+  spec = os.environ.get(FAULT_ENV)
+  if not spec:
+    return False
+  point, _, at = spec.partition("@")
+  return point == name and (not at or (step is not None and int(at) == step))
+
+
 def fault_point(name: str, step: Optional[int] = None,
                 before: Optional[Callable[[], Any]] = None) -> None:
   """A commit boundary the fault-injection tests kill the run at.
@@ -394,11 +406,7 @@ def fault_point(name: str, step: Optional[int] = None,
   and then SIGKILLs itself: no `finally`, no flush, as a pre-emption or an
   out-of-memory kill. Costs one environment lookup otherwise.
   """
-  spec = os.environ.get(FAULT_ENV)
-  if not spec:
-    return
-  point, _, at = spec.partition("@")
-  if point != name or (at and (step is None or int(at) != step)):
+  if not fault_requested(name, step):
     return
   if before is not None:
     before()

@@ -304,6 +304,7 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
       log_every_steps=c.train.log_every_steps, eval_fn=eval_fn,
       eval_every_epochs=c.train.eval_every_epochs,
       select_metric=select[c.train.select],
+      max_skipped_steps=c.train.max_skipped_steps,
       epoch_start_fn=epoch_start_fn, progress=parallel.is_main_process())
   return summary
 

@@ -21,6 +21,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from cvgl_jax import parallel
+from cvgl_jax import run_dir
 from cvgl_jax.data import augment
 from cvgl_jax.data import pipeline
 from cvgl_jax.data.index import PairIndex
@@ -194,24 +195,26 @@ def test_cross_step_reduces_the_loss(engine, world):
 
 
 class _Recorder:
-  """Wraps a step: records each batch's panorama indices, and can raise
-  (a crash) or poison the params with NaN before a given call."""
+  """Wraps a step: records each batch's panorama indices (and, asked, the
+  state after each call), and can raise (a crash) before a given call."""
 
-  def __init__(self, step, crash_at=None, nan_at=None):
-    self.step, self.crash_at, self.nan_at = step, crash_at, nan_at
+  def __init__(self, step, crash_at=None, keep_states=False):
+    self.step, self.crash_at = step, crash_at
     self.order, self.calls = [], 0
+    self.states = {} if keep_states else None
 
   def __call__(self, state, batch):
     self.calls += 1
     if self.calls == self.crash_at:
       raise RuntimeError("simulated crash")
-    if self.calls == self.nan_at:
-      state = state.replace(params=jax.tree.map(lambda x: x * np.nan,
-                                                state.params))
     self.order.append(tuple(np.asarray(jax.device_get(batch[k]))
                             for k in ("ground_index", "satellite_index",
                                       "labeled") if k in batch))
-    return self.step(state, batch)
+    state, metrics = self.step(state, batch)
+    if self.states is not None:  # Host copies: the next step donates it.
+      self.states[self.calls] = jax.tree.map(np.asarray,
+                                             jax.device_get(state))
+    return state, metrics
 
 
 def _train(engine, world, workdir, step_fn, seed=0, **kw):
@@ -302,20 +305,61 @@ def test_resume_after_crash_equals_straight_run(engine, world, tmp_path):
   assert ("eval/R_1", 2 * SPE, 30.0) in events
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(engine, world,
-                                                       tmp_path):
-  poisoned = _Recorder(engine.step, nan_at=3)
-  with pytest.raises(FloatingPointError,
-                     match=r"diverged.*step 3.*last good checkpoint is "
-                           r"step 2"):
-    _train(engine, world, tmp_path, poisoned)
-  ckpt_dir = tmp_path / "cross" / "checkpoints"
-  assert sorted(int(p.name) for p in ckpt_dir.iterdir()
-                if p.name.isdigit()) == [2]
-  params = loop.restore_params(str(ckpt_dir), engine.state().params)
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_host(params)))
+def test_a_nan_batch_is_skipped_and_the_run_goes_on(engine, world, tmp_path,
+                                                   monkeypatch):
+  monkeypatch.setenv(run_dir.FAULT_ENV, "nan_batch@3")
+  recorder = _Recorder(engine.step, keep_states=True)
+  state, summary, _ = _train(engine, world, tmp_path, recorder)
+  assert summary["finished"] and summary["skipped_steps"] == 1
   lines = [json.loads(l) for l in open(tmp_path / "cross" / "metrics.jsonl")]
-  assert [l["step"] for l in lines if l["kind"] == "train"] == [1, 2]
+  train = {l["step"]: l for l in lines if l["kind"] == "train"}
+  assert [train[s]["skipped"] for s in sorted(train)] == [0, 0, 1, 0]
+  assert math.isnan(train[3]["loss"]) and math.isfinite(train[4]["loss"])
+  # Step 3 left the params and the optimizer state as they were.
+  before, after = recorder.states[2], recorder.states[3]
+  for x, y in zip(jax.tree.leaves(_host((before.params, before.opt_state))),
+                  jax.tree.leaves(_host((after.params, after.opt_state)))):
+    np.testing.assert_array_equal(x, y)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_host(
+      state.params)))
+
+
+def test_divergence_sets_aside_its_checkpoints_and_the_rerun_resumes_before_it(
+    engine, world, tmp_path, monkeypatch):
+  """Params gone non-finite at step 4 (as a diverged run's): the stage
+  stops, the checkpoints from the onset on go to diverged/, and the rerun
+  resumes from the last one before it and ends as a straight run does."""
+  straight, _, _ = _train(engine, world, tmp_path / "straight", engine.step,
+                          ckpt_every_steps=1)
+  monkeypatch.setenv(run_dir.FAULT_ENV, "nan_params@4")
+  with pytest.raises(loop.DivergedError,
+                     match=r"diverged: 1 step\(s\) in a row .*not finite.*"
+                           r"began at step 4 \(loss nan.*checkpoints 3 "
+                           r"were moved to .*diverged; a rerun resumes from "
+                           r"checkpoint 2.*lower learning rate"):
+    _train(engine, world, tmp_path / "a", engine.step, ckpt_every_steps=1)
+  stage = tmp_path / "a" / "cross"
+  assert sorted(p.name for p in (stage / "diverged").iterdir()) == ["3"]
+  monkeypatch.delenv(run_dir.FAULT_ENV)
+  resumed, summary, _ = _train(engine, world, tmp_path / "a", engine.step,
+                               ckpt_every_steps=1)
+  assert summary["finished"]
+  _assert_trees_close(_host(resumed.params), _host(straight.params), 0, 0)
+
+
+def test_divergence_onset_is_where_the_blow_up_began():
+  ok = [(s, 2.0 + 0.01 * (s % 3), 1.0 + 0.1 * (s % 2)) for s in range(1, 41)]
+  # A bump that recovered, then a blow-up of the gradient norm from step
+  # 46 and of the loss from 48, then NaN.
+  bump = [(41, 2.0, 50.0), (42, 2.0, 1.0), (43, 2.0, 1.0), (44, 2.0, 1.1),
+          (45, 2.1, 1.0)]
+  ramp = [(46, 2.2, 30.0), (47, 3.0, 300.0), (48, 9.0, 3e4),
+          (49, math.inf, math.nan), (50, math.nan, math.nan)]
+  onset, why = loop.divergence_onset(ok + bump + ramp)
+  assert onset == 46 and "gradient norm 30" in why
+  onset, why = loop.divergence_onset(ok + [(41, math.nan, math.nan)])
+  assert onset == 41 and "loss nan" in why
+  assert loop.divergence_onset([(7, math.nan, 1.0)])[0] == 7
 
 
 def test_train_rejects_a_started_state_without_checkpoint(engine, world,

@@ -19,11 +19,19 @@
 
 A rerun resumes from the latest checkpoint: state, data position and
 pairing come back; an epoch that starts after the resume point calls the
-epoch-start hook again. NaN or Inf in the loss or the gradient norm stops
-the run with `FloatingPointError` before the bad state is saved, so the
-last checkpoint stays the last good one. Metrics are fetched from the
-device only every `log_every_steps` steps (and before saving), so steps
-dispatch asynchronously in between; every step's loss is still checked.
+epoch-start hook again. Metrics are fetched from the device only every
+`log_every_steps` steps (and before saving), so steps dispatch
+asynchronously in between; every step's loss is still checked.
+
+Non-finite losses: the step skips an update whose loss or gradient norm is
+not finite (`steps._update`), so one bad batch costs one batch. A run that
+skips `max_skipped_steps` steps in a row has diverged: the loop finds where
+the divergence began (`divergence_onset`: the loss or the gradient norm
+blowing up before the first NaN), moves every checkpoint saved from then on
+to workdir/<stage>/diverged/ (kept, never resumed from) and raises
+`DivergedError`; the rerun resumes from the last checkpoint before the
+onset -- with a lower learning rate, as the message says, not into the same
+divergence.
 
 Only process 0 writes metrics and shows the progress bar; every process
 takes part in orbax saves and restores, as orbax requires.
@@ -37,8 +45,12 @@ import os
 import time
 from typing import Any, Callable, Mapping, Optional
 
+import collections
+
+from absl import logging
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
@@ -48,6 +60,10 @@ from cvgl_jax import run_dir
 from cvgl_jax.data import pipeline as pipeline_lib
 from cvgl_jax.train import state as state_lib
 
+
+DIVERGED = "diverged"  # <stage>/diverged/<step>: checkpoints set aside.
+# Steps whose (step, loss, grad_norm) a run keeps for `divergence_onset`.
+_HISTORY = 20_000
 
 EpochStartFn = Callable[[state_lib.TrainState, int], Optional[Mapping]]
 EvalFn = Callable[[state_lib.TrainState], Mapping[str, float]]
@@ -182,23 +198,119 @@ def _resumed_records(workdir: str, stage: str, latest: Optional[int]
           strip(trains[-1]) if trains else {})
 
 
-def _check_finite(stage, fetched, ckpt_dir, last_saved):
-  for step, metrics in fetched:
-    bad = {k: float(metrics[k]) for k in ("loss", "grad_norm")
-           if k in metrics and not math.isfinite(float(metrics[k]))}
-    if bad:
-      kept = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}"
-              if last_saved is not None else "no checkpoint was saved yet")
-      raise FloatingPointError(
-          f"Stage {stage!r} diverged: {bad} at step {step}. Training "
-          f"stopped and this state was not saved; {kept}. Lower the "
-          f"learning rate or check the input data, then rerun (it resumes "
-          f"from that checkpoint).")
+class DivergedError(FloatingPointError):
+  """A stage kept producing non-finite losses. The message names the
+  steps, where the divergence began, the checkpoints set aside and what to
+  change for the rerun."""
+
+
+def divergence_onset(history: list[tuple[int, float, float]],
+                     loss_factor: float = 2.0,
+                     norm_factor: float = 10.0) -> tuple[int, str]:
+  """Where the divergence that ends `history` began, and the sign seen.
+
+  Args:
+    history: (step, loss, grad_norm) of consecutive steps, the last one
+      non-finite; `step` is the state's step after that update (the loss
+      was computed on the state of step - 1).
+    loss_factor, norm_factor: a step is abnormal when its loss or norm is
+      not finite, or exceeds this factor times the median of the finite
+      losses (norms) of the history.
+
+  Returns:
+    (step, sign): the first step of the run of abnormal steps that ends
+    the history, and why its first step counts as abnormal.
+  """
+  finite = [(l, g) for _, l, g in history
+            if math.isfinite(l) and math.isfinite(g)]
+  ref_loss = float(np.median([l for l, _ in finite])) if finite else math.inf
+  ref_norm = float(np.median([g for _, g in finite])) if finite else math.inf
+
+  def sign(loss, norm):
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+      return f"loss {loss:g}, gradient norm {norm:g}"
+    if abs(loss) > loss_factor * abs(ref_loss):
+      return f"loss {loss:.4g}, {loss / ref_loss:.1f}x its median"
+    if norm > norm_factor * ref_norm:
+      return f"gradient norm {norm:.4g}, {norm / ref_norm:.1f}x its median"
+    return ""
+
+  first = len(history)
+  while first > 0 and sign(*history[first - 1][1:]):
+    first -= 1
+  first = min(first, len(history) - 1)
+  return history[first][0], sign(*history[first][1:])
 
 
 def _mean(fetched):
+  """Means over the steps that were applied (all of them if none was)."""
+  applied = [m for _, m in fetched if not float(m.get("skipped", 0.0))]
   keys = fetched[-1][1].keys()
-  return {k: float(np.mean([float(m[k]) for _, m in fetched])) for k in keys}
+  out = {k: float(np.mean([float(m[k]) for m in applied or
+                           [m for _, m in fetched]])) for k in keys}
+  out["skipped"] = float(sum(float(m.get("skipped", 0.0))
+                             for _, m in fetched))
+  return out
+
+
+def _set_aside(mngr: ocp.CheckpointManager, ckpt_dir: str,
+               first: int) -> list[int]:
+  """Moves checkpoints at or after step `first` to <stage>/diverged/;
+  returns their steps (process 0 moves; every process returns them)."""
+  mngr.wait_until_finished()
+  moved = [s for s in mngr.all_steps() if s >= first]
+  if parallel.is_main_process() and moved:
+    aside = os.path.join(os.path.dirname(ckpt_dir), DIVERGED)
+    os.makedirs(aside, exist_ok=True)
+    for s in moved:
+      target = os.path.join(aside, str(s))
+      if os.path.exists(target):  # Set aside by an earlier divergence.
+        target += f".{int(time.time())}"
+      os.replace(os.path.join(ckpt_dir, str(s)), target)
+  parallel.sync("loop:set_aside")
+  return sorted(moved)
+
+
+def _diverged(stage, mngr, ckpt_dir, history, skipped_run, step,
+              finite) -> DivergedError:
+  """Sets aside the checkpoints of a diverged run; the error to raise."""
+  history = history or [(step, math.nan, math.nan)]
+  state_of = "finite" if finite else "not finite"
+  onset, why = divergence_onset(history)
+  # The loss at `onset` was computed on the state of onset - 1.
+  moved = _set_aside(mngr, ckpt_dir, onset - 1)
+  kept = [s for s in mngr.all_steps() if s not in moved]
+  where = (f"a rerun resumes from checkpoint {max(kept)}" if kept else
+           "no checkpoint before it is left: a rerun starts the stage over")
+  aside = (f"checkpoints {', '.join(map(str, moved))} were moved to "
+           f"{os.path.join(os.path.dirname(ckpt_dir), DIVERGED)}; "
+           if moved else "")
+  return DivergedError(
+      f"Stage {stage!r} diverged: {skipped_run} step(s) in a row (to step "
+      f"{history[-1][0]}) had a non-finite loss or gradient norm and were "
+      f"skipped, and its parameters are {state_of}. The divergence began at step {onset} ({why}); {aside}"
+      f"{where}. Rerun with a lower learning rate (e.g. half: "
+      f"--config.train.lr, or --config.pseudo_label.lr for stage 3) and "
+      f"--force_config_change, which records the change; or check the "
+      f"input data.")
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all()
+                            for x in jax.tree.leaves(params)]))
+
+
+def _check_restored(stage, mngr, ckpt_dir, step, params):
+  """Refuses a checkpoint whose params are not finite, setting it aside."""
+  if not bool(_all_finite(params)):
+    _set_aside(mngr, ckpt_dir, step)
+    raise DivergedError(
+        f"Checkpoint {step} of stage {stage!r} holds non-finite parameters "
+        f"(saved by a run that diverged); it was moved to "
+        f"{os.path.join(os.path.dirname(ckpt_dir), DIVERGED)}. Rerun: it "
+        f"resumes from the checkpoint before it, if any, else starts the "
+        f"stage over.")
 
 
 def train(state: state_lib.TrainState,
@@ -217,6 +329,7 @@ def train(state: state_lib.TrainState,
           select_metric: Optional[str] = None,
           epoch_start_fn: Optional[EpochStartFn] = None,
           keep_checkpoints: int = 2,
+          max_skipped_steps: int = 10,
           max_steps: Optional[int] = None,
           progress: bool = True) -> tuple[state_lib.TrainState, dict]:
   """Trains one stage for `num_epochs` epochs, resuming from `workdir`.
@@ -249,6 +362,8 @@ def train(state: state_lib.TrainState,
       of every epoch this run starts (not for an epoch resumed mid-way,
       whose pairing the checkpoint holds).
     keep_checkpoints: how many of the latest checkpoints to keep.
+    max_skipped_steps: this many steps in a row skipped for a non-finite
+      loss or gradient norm end the stage as diverged (`DivergedError`).
     max_steps: stop (with a checkpoint) once the stage's step count reaches
       this, e.g. a time-boxed job; None trains every epoch.
     progress: show a tqdm bar (process 0).
@@ -258,10 +373,12 @@ def train(state: state_lib.TrainState,
     "stage", "step", "epochs_done", "finished" (all epochs trained),
     "train" (last logged train metrics), "eval" (last eval metrics),
     "selected" ({"step", "metric", "eval"}: the checkpoint in best/, or
-    None), "best" ({"step", "R@1"}: the highest R@1 seen, telemetry)}.
+    None), "best" ({"step", "R@1"}: the highest R@1 seen, telemetry),
+    "skipped_steps" (steps this run skipped for a non-finite loss)}.
 
   Raises:
-    FloatingPointError: non-finite loss or gradient norm.
+    DivergedError: `max_skipped_steps` non-finite steps in a row, or a
+      checkpoint with non-finite params (both set aside for the rerun).
     ValueError: bad arguments, or an epoch whose length differs from
       `steps_per_epoch`.
   """
@@ -269,7 +386,8 @@ def train(state: state_lib.TrainState,
                       ("steps_per_epoch", steps_per_epoch),
                       ("ckpt_every_steps", ckpt_every_steps),
                       ("log_every_steps", log_every_steps),
-                      ("keep_checkpoints", keep_checkpoints)):
+                      ("keep_checkpoints", keep_checkpoints),
+                      ("max_skipped_steps", max_skipped_steps)):
     if int(value) <= 0:
       raise ValueError(f"train({stage!r}): {name} must be > 0, got {value}.")
   if eval_every_epochs < 0:
@@ -300,6 +418,7 @@ def train(state: state_lib.TrainState,
             state_lib.abstract_state(_split(state)["train"])),
         data=grain.checkpoint.CheckpointRestore(it),
         selected=ocp.args.JsonRestore()))
+    _check_restored(stage, mngr, ckpt_dir, latest, restored["params"])
     state = state.replace(params=restored["params"], **restored["train"])
   # The checkpoint holds the selection (which evaluation best/ must hold);
   # best/ is saved after it, so a kill in between is repaired here.
@@ -322,24 +441,43 @@ def train(state: state_lib.TrainState,
         f"schedule) and copy the earlier stage's params into it.")
   last_saved = latest
   summary = {"stage": stage, "train": last_train, "eval": last_eval,
-             "best": best, "selected": selected}
+             "best": best, "selected": selected, "skipped_steps": 0}
+  history = collections.deque(maxlen=_HISTORY)
+  skipped_run = 0
   bar = tqdm.tqdm(total=total, initial=step, desc=stage, unit="step",
                   disable=not (progress and main))
   pending = []
   t0, n0, images = time.perf_counter(), step, 0
 
   def flush(epoch):
-    nonlocal pending, t0, n0
+    nonlocal pending, t0, n0, skipped_run
     if not pending:
       return
     fetched = jax.device_get(pending)
     pending = []
-    _check_finite(stage, fetched, ckpt_dir, last_saved)
+    for at, m in fetched:
+      history.append((at, float(m.get("loss", 0.0)),
+                      float(m.get("grad_norm", 0.0))))
+      skipped_run = skipped_run + 1 if float(m.get("skipped", 0.0)) else 0
+      if skipped_run >= max_skipped_steps:
+        raise _diverged(stage, mngr, ckpt_dir, list(history), skipped_run,
+                        at, bool(_all_finite(state.params)))
+    # Params never become non-finite through a step (it skips such an
+    # update), but a state that is so would be evaluated and saved next.
+    if skipped_run and not bool(_all_finite(state.params)):
+      raise _diverged(stage, mngr, ckpt_dir, list(history), skipped_run,
+                      step, False)
     now = time.perf_counter()
     metrics = _mean(fetched)
     metrics["images_per_s"] = images * (step - n0) / max(now - t0, 1e-9)
     t0, n0 = now, step
     summary["train"] = metrics
+    if metrics["skipped"]:
+      summary["skipped_steps"] += int(metrics["skipped"])
+      logging.warning(
+          "Stage %s: %d of the steps to %d had a non-finite loss or gradient "
+          "norm and were skipped (%d so far).", stage, metrics["skipped"],
+          step, summary["skipped_steps"])
     writer.write(step, epoch, "train", metrics)
     bar.set_postfix({"img/s": f"{metrics['images_per_s']:.1f}",
                      "loss": f"{metrics['loss']:.4f}"})
@@ -381,6 +519,12 @@ def train(state: state_lib.TrainState,
       epoch_end = (epoch + 1) * steps_per_epoch
       while step < min(epoch_end, stop):
         batch = next(it)
+        if run_dir.fault_requested("nan_batch", step + 1):
+          batch = dict(batch, ground=np.full_like(batch["ground"], np.nan,
+                                                  np.float32))
+        if run_dir.fault_requested("nan_params", step + 1):
+          state = state.replace(params=jax.tree.map(lambda x: x * np.nan,
+                                                    state.params))
         images = sum(v.shape[0] for v in batch.values()
                      if np.ndim(v) == 4) * jax.process_count()
         state, metrics = step_fn(state, parallel.to_global(batch, mesh))

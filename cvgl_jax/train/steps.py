@@ -20,7 +20,8 @@ on 8 devices computes what it computes on 1 (up to the order of float
 sums).
 
 Metrics (float32 scalars, replicated): loss, lr (the rate of this update),
-logit_scale (exp(t)), grad_norm (global L2 norm of the gradients), and the
+logit_scale (exp(t)), grad_norm (global L2 norm of the gradients), skipped
+(1 when a non-finite loss or gradient norm left the state unchanged), and the
 loss's own terms (loss_q2r, accuracy_q2r, ... ; for the intra-view step
 prefixed "ground/" and "satellite/").
 
@@ -57,13 +58,27 @@ def _keys(st: state_lib.TrainState, n: int):
 
 
 def _update(st, tx, grads, metrics):
-  """Applies the gradients; returns the new state and the full metrics."""
+  """Applies the gradients; returns the new state and the full metrics.
+
+  A step whose loss or gradient norm is not finite is skipped: params and
+  optimizer state stay as they were (`skipped` = 1), so one bad batch
+  cannot poison the state; the step counter still advances, keeping the
+  data position. (Not `optax.apply_if_finite`: it lets the update through
+  after `max_consecutive_errors`, and its state would change the optimizer
+  tree every checkpoint holds. The loop stops a run that keeps skipping.)
+  """
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, st.opt_state, st.params)
   params = optax.apply_updates(st.params, updates)
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+  keep = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  metrics = dict(metrics, grad_norm=grad_norm,
+                 skipped=1.0 - finite.astype(jnp.float32),
                  lr=jnp.asarray(state_lib.learning_rate(opt_state),
                                 jnp.float32))
-  new = st.replace(params=params, opt_state=opt_state, step=st.step + 1)
+  new = st.replace(params=keep(params, st.params),
+                   opt_state=keep(opt_state, st.opt_state), step=st.step + 1)
   return new, metrics
 
 

@@ -130,6 +130,39 @@ def test_a_kill_at_a_commit_boundary_loses_nothing(
   assert not leftovers
 
 
+def test_a_divergence_is_set_aside_and_the_rerun_resumes_before_it(
+    world, compile_cache, reference, tmp_path):
+  """Params gone NaN at step 4 (a diverged run's): one line naming the
+  onset and the remedy, the checkpoints from it on set aside, and the
+  rerun ends where an uninterrupted run ends."""
+  workdir = str(tmp_path / "run")
+  diverged = run_main(world, workdir, compile_cache, fault="nan_params@4")
+  assert diverged.returncode == 1, diverged.stderr[-3000:]
+  assert "Traceback" not in diverged.stderr
+  last = diverged.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: Stage '{STAGE}' diverged") and (
+      "began at step 4" in last and "resumes from checkpoint 2" in last
+      and "--force_config_change" in last), last
+  assert os.listdir(os.path.join(workdir, STAGE, "diverged")) == ["3"]
+  resumed = run_main(world, workdir, compile_cache)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert_same_best(workdir, reference)
+  assert record_keys(workdir) == record_keys(reference)
+
+
+@pytest.mark.slow
+def test_a_nan_batch_costs_one_step(world, compile_cache, tmp_path):
+  workdir = str(tmp_path / "run")
+  done = run_main(world, workdir, compile_cache, fault="nan_batch@3")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert run_dir.read_done(workdir, STAGE)["skipped_steps"] == 1
+  records = run_dir.read_records(workdir, STAGE)
+  assert [r["skipped"] for r in records if r["kind"] == "train"
+          and r["step"] == 3] == [1.0]
+  _, params = best_params(workdir)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
 @pytest.mark.slow
 def test_a_resume_keeps_a_label_free_selection(world, compile_cache,
                                                tmp_path):
