@@ -150,8 +150,9 @@ def read_manifest(folder: str) -> dict:
 
 
 def verify_files(folder: str, manifest: dict) -> None:
-  """Every file the manifest lists exists with its size and SHA-256, and
-  the bundle has the files a bundle needs."""
+  """Every file the manifest lists exists with its size and SHA-256, the
+  bundle has the files a bundle needs, and holds no file the manifest
+  does not list."""
   files = manifest["files"]
   needed = [export.PARAMS, export.EMBEDDINGS, export.REFERENCES,
             export.QUERIES]
@@ -161,6 +162,14 @@ def verify_files(folder: str, manifest: dict) -> None:
   if not any(r.startswith(export.INDEX_DIR + "/") for r in files):
     raise BundleError(f"Bundle {folder}: the manifest lists no ScaNN "
                       f"index files ({export.INDEX_DIR}/).")
+  # A file the loader reads but the manifest omits would go unchecked.
+  unlisted = sorted(set(export.bundle_files(folder)) - set(files))
+  if unlisted:
+    raise BundleError(
+        f"Bundle {folder}: {', '.join(unlisted)} "
+        f"{'is' if len(unlisted) == 1 else 'are'} not in the manifest, so "
+        f"nothing vouches for {'it' if len(unlisted) == 1 else 'them'}: "
+        f"the bundle was changed after export. Re-export the bundle.")
   for rel, expected in sorted(files.items()):
     path = _require(folder, rel)
     size = os.path.getsize(path)

@@ -183,6 +183,14 @@ def test_refuses_missing_truncated_and_corrupt_files(run, tmp_path):
                      match="scann/dataset.npy has SHA-256.*corrupt"):
     retrieve.load_bundle(bad)
 
+  # An entry removed from the manifest does not switch off its file's check.
+  bad = copy_bundle(bundle_dir, tmp_path, "unlisted")
+  index_file = os.path.join(export.INDEX_DIR, "dataset.npy")
+  _edit_manifest(bad, lambda m: m["files"].pop(index_file))
+  with pytest.raises(retrieve.BundleError,
+                     match="scann/dataset.npy is not in the manifest"):
+    retrieve.load_bundle(bad)
+
   bad = copy_bundle(bundle_dir, tmp_path, "version")
   _edit_manifest(bad, lambda m: m.update(version=99))
   with pytest.raises(retrieve.BundleError, match="version 99"):
