@@ -45,6 +45,7 @@ from cvgl_jax import records
 from cvgl_jax import report
 from cvgl_jax import run_dir
 from cvgl_jax import stages
+from cvgl_jax.data import readers
 from cvgl_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -221,7 +222,8 @@ def main(argv):
   try:
     results = run(_CONFIG.value, _WORKDIR.value,
                   force_config_change=_FORCE_CONFIG_CHANGE.value)
-  except (run_dir.RunDirError, config_lib.ConfigError) as e:
+  except (run_dir.RunDirError, config_lib.ConfigError,
+          readers.DatasetError) as e:
     _user_error(e)
   except loop.DivergedError as e:
     # Not a bug and not a mistake: the message says what was kept and what

@@ -241,6 +241,14 @@ def test_cvact_missing_train_image(cvact_root):
      r"in \[1, 7\]"),
     ({"valSet": {"valNum": 1, "valInd": np.array([[1.5], [4.0]])}}, ValueError,
      "1-based integer indices"),
+    # Damage that loads: a flipped exponent byte, a repeated id, an index
+    # that moved into the other split.
+    ({"utm": np.stack([6.09e6 + np.arange(7), [6.9e5] * 6 + [6.9e35]], 1)},
+     ValueError, r"'utm' has 1 rows that are not UTM metres.*row 6"),
+    ({"panoIds": np.array(_ACT_IDS[:6] + _ACT_IDS[:1])}, ValueError,
+     "'panoIds' repeats 1 ids"),
+    ({"valSet": {"valNum": 2, "valInd": np.array([[7], [5]], np.int32)}},
+     ValueError, "trainSet and valSet share 1 panoramas"),
 ])
 def test_cvact_bad_mat(cvact_root, drop, error, expected):
   path = os.path.join(cvact_root, "ACT_data.mat")

@@ -39,6 +39,7 @@ MAT_FILE = "ACT_data.mat"
 GROUND_SUFFIX = "_grdView.jpg"
 SATELLITE_SUFFIX = "_satView_polish.jpg"
 _SETS = {"train": "trainSet", "val": "valSet"}
+_UTM_MAX_M = 1e7
 
 
 def read(root: str, split: str, *,
@@ -120,6 +121,22 @@ def _load_mat(path: str) -> dict:
     raise ValueError(f"{path}: field 'utm' must be a numeric "
                      f"[{len(ids)}, 2] array (one row per panoId), got "
                      f"{utm.dtype} {utm.shape}.")
+  # A damaged file can load without error: values out of any UTM zone's
+  # range (northing < 10,000 km, easting < 1,000 km) or repeated ids say so.
+  bad = ~np.isfinite(utm) | (np.abs(utm) > _UTM_MAX_M)
+  if bad.any():
+    row = int(np.flatnonzero(bad.any(axis=1))[0])
+    raise ValueError(f"{path}: field 'utm' has {int(bad.any(axis=1).sum())} "
+                     f"rows that are not UTM metres (non-finite or beyond "
+                     f"{_UTM_MAX_M:.0e} m), first row {row} "
+                     f"({ids[row]}): {utm[row].tolist()}. The file is "
+                     f"damaged; copy it again.")
+  unique, counts = np.unique(ids, return_counts=True)
+  if (counts > 1).any():
+    raise ValueError(f"{path}: field 'panoIds' repeats "
+                     f"{int((counts > 1).sum())} ids, e.g. "
+                     f"{unique[counts > 1][0]!r}. The file is damaged; copy "
+                     f"it again.")
   mat["panoIds"] = ids
   mat["utm"] = utm.astype(np.float64)
   return mat
@@ -150,6 +167,21 @@ def _mat_split(root: str, split: str) -> tuple[list[str], np.ndarray]:
   if field not in mat:
     raise KeyError(f"{path} has no field {field!r}. Expected layout:\n"
                    f"{LAYOUT}")
+  idx = _set_indices(mat, field, path)
+  other = _SETS["val" if split == "train" else "train"]
+  if other in mat:
+    shared = np.intersect1d(idx, _set_indices(mat, other, path))
+    if len(shared):
+      raise ValueError(f"{path}: trainSet and valSet share {len(shared)} "
+                       f"panoramas (e.g. {mat['panoIds'][shared[0]]}); they "
+                       f"must be disjoint. The file is damaged; copy it "
+                       f"again.")
+  ids = [mat["panoIds"][i] for i in idx]
+  return ids, mat["utm"][idx]
+
+
+def _set_indices(mat: dict, field: str, path: str) -> np.ndarray:
+  """0-based indices into panoIds of the struct `field` (trainSet, valSet)."""
   struct = mat[field]
   if (struct.dtype.names is None or len(struct.dtype.names) < 2
       or struct.size < 1):
@@ -165,9 +197,7 @@ def _mat_split(root: str, split: str) -> tuple[list[str], np.ndarray]:
                      f"{raw.dtype} {raw.shape}"
                      + (f" in [{raw.min()}, {raw.max()}]."
                         if raw.size and raw.dtype.kind in "iuf" else "."))
-  idx = raw.astype(np.int64).ravel() - 1
-  ids = [mat["panoIds"][i] for i in idx]
-  return ids, mat["utm"][idx]
+  return raw.astype(np.int64).ravel() - 1
 
 
 def _test_ids(root: str

@@ -44,6 +44,12 @@ _READERS = {
 }
 
 
+class DatasetError(ValueError):
+  """The files on disk do not make the split the config names (layout,
+  index files, missing images): the message names the file and what was
+  expected. A user's situation, not a bug: `main` prints it, exit 2."""
+
+
 def read_split(dataset: str, root: str, split: str,
                **options) -> index.PairIndex:
   """Reads one split of a dataset named in a config.
@@ -58,13 +64,22 @@ def read_split(dataset: str, root: str, split: str,
 
   Returns:
     The split's PairIndex.
+
+  Raises:
+    DatasetError: what the reader found wrong (its FileNotFoundError,
+      ValueError or KeyError, with the same message).
   """
   if dataset not in _READERS:
-    raise ValueError(f"Unknown dataset {dataset!r}; expected one of "
-                     f"{sorted(_READERS)}.")
+    raise DatasetError(f"Unknown dataset {dataset!r}; expected one of "
+                       f"{sorted(_READERS)}.")
   # Imported here because the readers import the helpers of this module.
   module = importlib.import_module(_READERS[dataset])
-  return module.read(root, split, **options)
+  try:
+    return module.read(root, split, **options)
+  except (OSError, ValueError, KeyError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    raise DatasetError(f"{dataset} {split!r} split under {root}: "
+                       f"{message}") from e
 
 
 def check_fraction(max_missing_fraction: float) -> None:
@@ -73,18 +88,36 @@ def check_fraction(max_missing_fraction: float) -> None:
                      f"{max_missing_fraction}.")
 
 
+def _found_near(path: str) -> str:
+  """What the nearest existing folder above `path` holds, for messages."""
+  folder = os.path.dirname(os.path.abspath(path))
+  while folder and not os.path.isdir(folder):
+    parent = os.path.dirname(folder)
+    if parent == folder:
+      return ""
+    folder = parent
+  try:
+    names = sorted(os.listdir(folder))
+  except OSError:
+    return ""
+  shown = ", ".join(n + ("/" if os.path.isdir(os.path.join(folder, n))
+                         else "") for n in names[:_NUM_LISTED])
+  more = f", ... ({len(names)} entries)" if len(names) > _NUM_LISTED else ""
+  return f"\nFound in {folder}: {shown or '(nothing)'}{more}"
+
+
 def require_dir(path: str, what: str, layout: str) -> None:
   """Raises FileNotFoundError unless `path` is a directory."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{what} {path} is not a directory. Expected "
-                            f"layout:\n{layout}")
+                            f"layout:\n{layout}{_found_near(path)}")
 
 
 def require_file(path: str, what: str, layout: str) -> None:
   """Raises FileNotFoundError unless `path` is a file."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{what} {path} does not exist. Expected "
-                            f"layout:\n{layout}")
+                            f"layout:\n{layout}{_found_near(path)}")
 
 
 def read_lines(path: str) -> Iterator[tuple[int, str]]:

@@ -263,6 +263,20 @@ def test_refusals_are_one_line_and_exit_2(world, compile_cache, tmp_path):
   assert not (workdir / STAGE).exists()
 
 
+def test_a_dataset_of_another_layout_is_named_in_one_error_exit_2(
+    compile_cache, tmp_path):
+  root = tmp_path / "cvusa"
+  (root / "streetview").mkdir(parents=True)  # Not CVUSA's folder names.
+  (root / "train.csv").write_text("")
+  refused = run_main(str(root), str(tmp_path / "run"), compile_cache)
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  assert "Traceback" not in refused.stderr
+  message = refused.stderr[refused.stderr.index("error:"):]
+  assert "splits/train-19zl.csv does not exist" in message
+  assert f"Found in {root}: streetview/, train.csv" in message
+  assert not (tmp_path / "run" / STAGE).exists()
+
+
 def test_records_are_truncated_to_the_resumed_step(tmp_path):
   (tmp_path / "s").mkdir()
   lines = [{"step": 2, "epoch": 1, "kind": "epoch_start"},
