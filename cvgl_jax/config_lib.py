@@ -17,6 +17,7 @@ import ml_collections
 
 from cvgl_jax import pretrain as pretrain_lib
 from cvgl_jax.cfp import translate as translate_lib
+from cvgl_jax.data import image_check
 from cvgl_jax.data.synthetic import config as synthetic_config
 from cvgl_jax.models import convnext
 from cvgl_jax.models import depthwise_cpu
@@ -45,6 +46,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.eval_split = "val"       # cvact: val | test; vigor: test
   c.data.vigor_mode = "same_area"  # same_area | cross_area
   c.data.max_missing_fraction = 0.01
+  # Image files found unusable before any stage (truncated, unreadable, or
+  # of another size than the rest of their side): "error" | "skip" them.
+  c.data.on_bad_image = "error"
+  # A file of another size than most: "error" (counted as bad) | "resize".
+  c.data.odd_image_size = "error"
   c.data.ground_size = (384, 384)   # (H, W) after resizing; VIGOR 384x768
   c.data.satellite_size = (384, 384)
   c.data.num_threads = 8            # host decode threads per process
@@ -313,6 +319,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   "config.synthetic")
   elif not os.path.isdir(d.root):
     errors.append(f"config.data.root={d.root!r} is not a directory")
+  for key, choices in (("on_bad_image", image_check.ON_BAD),
+                       ("odd_image_size", image_check.ODD_SIZE)):
+    if d[key] not in choices:
+      errors.append(f"config.data.{key}={d[key]!r}; choose one of "
+                    f"{choices}")
   for key in ("ground_size", "satellite_size"):
     size = d[key]
     if len(size) != 2 or min(size) < 32:

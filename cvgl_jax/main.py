@@ -114,6 +114,8 @@ def _run_stages(config, workdir: str) -> dict:
   if not pending:
     return results
   ctx = stages.setup(config, workdir)
+  if ctx.skipped_images:
+    results["skipped_images"] = list(ctx.skipped_images)
   for stage in pending:
     logging.info("Stage %s: starting.", stage)
     start = time.time()
@@ -172,6 +174,11 @@ def recall_table(results: dict) -> str:
   if chance:
     lines.append(f"\nChance R@1: {100 / chance:.2f} % ({chance:.0f} "
                  "references).")
+  skipped = results.get("skipped_images")
+  if skipped:
+    lines.append(f"\nLeft out {len(skipped)} unusable image files "
+                 f"(config.data.on_bad_image='skip'); results.json lists "
+                 f"them.")
   if rounds:
     lines.append("\nPseudo-label rounds (precision and correct pairs read "
                  "the truth: telemetry, never training):\n"

@@ -89,7 +89,7 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
     shaping["synthetic"].pop(key, None)
   shaping.update(seed=c.seed, stages=list(c.stages))
   for key in ("root", "num_threads", "dataset", "train_split",
-              "eval_split"):
+              "eval_split", "on_bad_image", "odd_image_size"):
     shaping["data"].pop(key, None)
   for key in ("eval_every_epochs", "eval_batch_size",
               "checkpoint_every_steps", "log_every_steps",

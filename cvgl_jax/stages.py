@@ -43,6 +43,7 @@ from cvgl_jax.cfp import project
 from cvgl_jax.cfp import translate_stage
 from cvgl_jax.data import augment
 from cvgl_jax.data import derived
+from cvgl_jax.data import image_check
 from cvgl_jax.data import pipeline
 from cvgl_jax.data import readers
 from cvgl_jax.data import synthetic
@@ -63,6 +64,8 @@ class Run:
   train: PairIndex
   eval: PairIndex
   mesh: jax.sharding.Mesh
+  # "file: problem" of the image files left out (data.on_bad_image="skip").
+  skipped_images: tuple[str, ...] = ()
 
   def stage_dir(self, stage: str) -> str:
     return run_dir.stage_dir(self.workdir, stage)
@@ -90,9 +93,31 @@ def synthetic_root(config: ml_collections.ConfigDict, workdir: str) -> str:
   return root
 
 
-def read_data(config: ml_collections.ConfigDict,
-              workdir: str) -> tuple[PairIndex, PairIndex]:
-  """(train split, evaluation split) named by `config.data`."""
+def _usable_images(split: PairIndex, d: ml_collections.ConfigDict,
+                   dropped: list[str]) -> PairIndex:
+  """`split` without the image files no stage could use (`image_check`):
+  process 0 probes them, every process drops the same ones, and `dropped`
+  gets what was left out and why."""
+  ground = np.zeros(split.num_ground, bool)
+  satellite = np.zeros(split.num_satellite, bool)
+  problems = []
+  if parallel.is_main_process():
+    ground, satellite, problems = image_check.bad_masks(
+        split, odd_size=d.odd_image_size, num_threads=d.num_threads)
+  ground, satellite = parallel.from_main_process((ground, satellite))
+  kept, problems = image_check.drop_bad(split, ground, satellite, problems,
+                                        on_bad=d.on_bad_image)
+  dropped += problems
+  return kept
+
+
+def read_data(config: ml_collections.ConfigDict, workdir: str, *,
+              dropped: Optional[list[str]] = None
+              ) -> tuple[PairIndex, PairIndex]:
+  """(train split, evaluation split) named by `config.data`, without the
+  image files that cannot be used (`config.data.on_bad_image`); `dropped`,
+  when given, receives what was left out and why."""
+  dropped = [] if dropped is None else dropped
   d = config.data
   if config.synthetic.enabled:
     dataset, root = config.synthetic.layout, synthetic_root(config, workdir)
@@ -101,8 +126,10 @@ def read_data(config: ml_collections.ConfigDict,
   options = {"max_missing_fraction": d.max_missing_fraction}
   if dataset == "vigor":
     options["mode"] = d.vigor_mode
-  train = readers.read_split(dataset, root, d.train_split, **options)
-  evaluation = readers.read_split(dataset, root, d.eval_split, **options)
+  train, evaluation = (
+      _usable_images(readers.read_split(dataset, root, split, **options), d,
+                     dropped)
+      for split in (d.train_split, d.eval_split))
   logging.info("Data: %s train %d ground / %d satellite, %s eval %d / %d",
                train.name, train.num_ground, train.num_satellite,
                evaluation.name, evaluation.num_ground,
@@ -150,8 +177,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   config_lib.validate(config)
   mesh = parallel.make_mesh()
   preflight(config, mesh)
-  train, evaluation = read_data(config, workdir)
-  return Run(config, workdir, train, evaluation, mesh)
+  dropped = []
+  train, evaluation = read_data(config, workdir, dropped=dropped)
+  return Run(config, workdir, train, evaluation, mesh, tuple(dropped))
 
 
 def run_pretrain(run: Run) -> dict:

@@ -13,12 +13,52 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+import PIL.Image
 
 
 # What a complete file of these formats ends with (within its last KB:
 # some writers append a trailer after the end marker).
 _END_MARKERS = {b"\xff\xd8": (b"\xff\xd9", "JPEG end-of-image marker"),
                 b"\x89PNG": (b"IEND", "PNG IEND chunk")}
+
+
+def _truncation(path: str, data_head: bytes, data_tail: bytes,
+                size: int) -> str:
+  """Why a JPEG/PNG file (its first 4 and last 1024 bytes) is cut short,
+  or "" when it is not."""
+  for magic, (end, name) in _END_MARKERS.items():
+    if data_head.startswith(magic) and end not in data_tail:
+      return (f"Image file {path} is truncated ({size} bytes, no {name}): "
+              f"copy it again from the source.")
+  return ""
+
+
+def probe(path: str) -> tuple[str, tuple[int, int]]:
+  """(format, (height, width)) of an image file from its header and tail,
+  without decoding the pixels: what a split's check reads of every file.
+
+  Raises:
+    FileNotFoundError: the file does not exist (named).
+    ValueError: the file is cut short, or its header is not an image
+      format Pillow recognises (named).
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Image file not found: {path}")
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(4)
+    f.seek(max(0, size - 1024))
+    tail = f.read()
+  problem = _truncation(path, head, tail, size)
+  if problem:
+    raise ValueError(problem)
+  try:
+    with PIL.Image.open(path) as image:
+      return image.format, (image.height, image.width)
+  except (PIL.UnidentifiedImageError, OSError, SyntaxError) as e:
+    raise ValueError(f"Image file {path} has no image header a decoder "
+                     f"recognises ({e}).") from None
 
 
 def read_rgb(path: str) -> np.ndarray:
@@ -34,11 +74,10 @@ def read_rgb(path: str) -> np.ndarray:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Image file not found: {path}")
   data = np.fromfile(path, np.uint8)
-  head = data[:4].tobytes()
-  for magic, (end, name) in _END_MARKERS.items():
-    if head.startswith(magic) and end not in data[-1024:].tobytes():
-      raise ValueError(f"Image file {path} is truncated ({data.size} bytes, "
-                       f"no {name}): copy it again from the source.")
+  problem = _truncation(path, data[:4].tobytes(), data[-1024:].tobytes(),
+                        data.size)
+  if problem:
+    raise ValueError(problem)
   image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB) if data.size else None
   if image is None:
     raise ValueError(f"Cannot decode image file {path} (corrupt or not an "

@@ -89,6 +89,32 @@ class PairIndex:
   def has_labels(self) -> bool:
     return bool(np.all(np.asarray(self.positive) >= 0))
 
+  def without(self, ground: np.ndarray, satellite: np.ndarray) -> PairIndex:
+    """This split without the panoramas where `ground` [Q] bool is set and
+    the tiles where `satellite` [R] bool is; a panorama whose true tile goes
+    goes too, and dropped semi-positives become -1."""
+    ground = np.asarray(ground, bool)
+    satellite = np.asarray(satellite, bool)
+    new_tile = np.cumsum(~satellite) - 1
+    new_tile[satellite] = -1
+    positive = np.asarray(self.positive, np.int64)
+    moved = np.where(positive >= 0, new_tile[np.maximum(positive, 0)], -1)
+    keep = ~ground & ((positive < 0) | (moved >= 0))
+    semi = self.semi_positives
+    if semi is not None:
+      semi = np.where(semi >= 0, new_tile[np.maximum(semi, 0)], -1)[keep]
+    pick = lambda a, m: None if a is None else np.asarray(a)[m]
+    return dataclasses.replace(
+        self,
+        ground_paths=pick(self.ground_paths, keep),
+        ground_ids=pick(self.ground_ids, keep),
+        satellite_paths=pick(self.satellite_paths, ~satellite),
+        satellite_ids=pick(self.satellite_ids, ~satellite),
+        positive=moved[keep], semi_positives=semi,
+        offsets=pick(self.offsets, keep),
+        ground_coords=pick(self.ground_coords, keep),
+        satellite_coords=pick(self.satellite_coords, ~satellite))
+
   def derived_paths(self, folder: str, suffix: str = ".png") -> np.ndarray:
     """[Q] paths `root/folder/<ground id><suffix>`: where CFP writes the BEV
     (`g2a`) and fake-satellite (`g2a_sat`) image of each panorama."""

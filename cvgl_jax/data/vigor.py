@@ -149,26 +149,21 @@ def read(root: str, split: str, mode: str, *,
       [p for p, m in zip(sat_paths, sat_missing) if m],
       len(ground_paths) + len(sat_paths), max_missing_fraction)
 
-  # New index of each kept tile, -1 for a missing one.
-  new_tile = np.cumsum(~sat_missing) - 1
-  new_tile[sat_missing] = -1
-  tiles = new_tile[np.array(tiles, dtype=np.int64)]
-  keep = ~ground_missing & (tiles[:, 0] >= 0)
+  tiles = np.array(tiles, dtype=np.int64)
   return index.PairIndex(
       name=name,
       root=root,
-      ground_paths=np.array(ground_paths)[keep],
-      ground_ids=np.array(ground_ids)[keep],
-      satellite_paths=np.array(sat_paths)[~sat_missing],
-      satellite_ids=np.array(sat_ids)[~sat_missing],
-      positive=tiles[keep, 0],
-      semi_positives=tiles[keep, 1:],
-      offsets=np.array(offsets, dtype=np.float32)[keep],
-      ground_coords=np.array(ground_coords, dtype=np.float64)[keep],
-      satellite_coords=np.array(sat_coords,
-                                dtype=np.float64)[~sat_missing],
+      ground_paths=np.array(ground_paths),
+      ground_ids=np.array(ground_ids),
+      satellite_paths=np.array(sat_paths),
+      satellite_ids=np.array(sat_ids),
+      positive=tiles[:, 0],
+      semi_positives=tiles[:, 1:],
+      offsets=np.array(offsets, dtype=np.float32),
+      ground_coords=np.array(ground_coords, dtype=np.float64),
+      satellite_coords=np.array(sat_coords, dtype=np.float64),
       coord_kind="latlon",
-  )
+  ).without(ground_missing, sat_missing)
 
 
 def _tile_latlon(file_name: str, where: str) -> tuple[float, float]:

@@ -12,9 +12,11 @@ CI runs the cases not marked `slow`; every case:
   .venv/bin/python -m pytest tests/faults -m "slow or not slow"
 """
 
+import glob
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,6 +277,29 @@ def test_a_dataset_of_another_layout_is_named_in_one_error_exit_2(
   assert "splits/train-19zl.csv does not exist" in message
   assert f"Found in {root}: streetview/, train.csv" in message
   assert not (tmp_path / "run" / STAGE).exists()
+
+
+def test_a_corrupt_image_is_named_before_training_or_left_out(
+    world, compile_cache, tmp_path):
+  damaged = str(tmp_path / "world")
+  shutil.copytree(world, damaged)
+  tile = sorted(glob.glob(os.path.join(damaged, "bingmap", "**", "*.jpg"),
+                          recursive=True))[3]
+  data = open(tile, "rb").read()
+  open(tile, "wb").write(data[:len(data) // 2])
+  refused = run_main(damaged, str(tmp_path / "run"), compile_cache)
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  assert "Traceback" not in refused.stderr
+  lines = [l for l in refused.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and f"{tile} is truncated" in lines[0], lines
+  assert not (tmp_path / "run" / STAGE).exists()
+  done = run_main(damaged, str(tmp_path / "skip"), compile_cache,
+                  "--config.data.on_bad_image=skip")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "Left out 1 unusable image files" in done.stdout
+  with open(tmp_path / "skip" / run_dir.RESULTS) as f:
+    skipped = json.load(f)["skipped_images"]
+  assert len(skipped) == 1 and tile in skipped[0]
 
 
 def test_records_are_truncated_to_the_resumed_step(tmp_path):
