@@ -62,7 +62,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import safetensors.numpy
 
 from cvgl_jax import config_lib
@@ -87,7 +86,6 @@ REFERENCES = "references.npz"
 QUERIES = "queries.npz"
 INDEX_DIR = "scann"
 
-CHECKPOINTS = {"best": run_dir.BEST, "latest": run_dir.CHECKPOINTS}
 REFERENCE_SETS = ("eval", "train", "all")
 MODEL_KEYS = ("variant", "depths", "dims", "head", "share_weights",
               "num_safa_heads", "dtype", "depthwise_impl")
@@ -206,51 +204,6 @@ class Trained:
   mesh: jax.sharding.Mesh
 
 
-def checkpoint_step(directory: str) -> Optional[int]:
-  """The latest finalized step of an orbax checkpoint folder, or None."""
-  if not os.path.isdir(directory):
-    return None
-  found = ocp.utils.checkpoint_steps(os.path.abspath(directory))
-  return max(found) if found else None
-
-
-def stage_checkpoint(workdir: str, stage: str,
-                     checkpoint: str = "best") -> tuple[str, str, int]:
-  """(kind, folder, step) of a stage's checkpoint.
-
-  "best" falls back to "latest" when the stage saved no best params (it
-  never evaluated); "latest" is the last saved training state.
-
-  Raises:
-    ExportError: unknown kind, or the stage has no checkpoint.
-  """
-  if checkpoint not in CHECKPOINTS:
-    raise ExportError(f"checkpoint={checkpoint!r}; choose one of "
-                      f"{sorted(CHECKPOINTS)}.")
-  kinds = ["best", "latest"] if checkpoint == "best" else ["latest"]
-  for kind in kinds:
-    folder = os.path.join(workdir, stage, CHECKPOINTS[kind])
-    step = checkpoint_step(folder)
-    if step is not None:
-      if kind != checkpoint:
-        logging.warning("Stage %s has no best checkpoint (it never "
-                        "evaluated); using its latest, step %d.", stage, step)
-      return kind, folder, step
-  raise ExportError(f"Stage {stage!r} has no checkpoint under "
-                    f"{os.path.join(workdir, stage)}: train it first.")
-
-
-def find_stage(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """The last training stage of `config.stages` that saved a checkpoint."""
-  trained = [s for s in config.stages if s in config_lib.TRAINING_STAGES]
-  for stage in reversed(trained):
-    for kind in CHECKPOINTS.values():
-      if checkpoint_step(os.path.join(workdir, stage, kind)) is not None:
-        return stage
-  raise ExportError(f"No training stage of {tuple(config.stages)} has a "
-                    f"checkpoint under {workdir}: run training first.")
-
-
 def load_trained(workdir: str, *, stage: Optional[str] = None,
                  checkpoint: str = "best",
                  mesh: Optional[jax.sharding.Mesh] = None) -> Trained:
@@ -258,17 +211,27 @@ def load_trained(workdir: str, *, stage: Optional[str] = None,
 
   Args:
     workdir: the run's folder.
-    stage: a training stage of the run; None picks `find_stage`.
+    stage: a training stage of the run; None picks the last one that
+      saved a checkpoint.
     checkpoint: "best" (falls back to "latest") or "latest".
     mesh: where the params go, replicated; default all devices.
   """
   config = read_config(workdir)
   if stage is None:
-    stage = find_stage(workdir, config)
+    try:
+      stage = run_dir.last_trained_stage(
+          workdir, [s for s in config.stages
+                    if s in config_lib.TRAINING_STAGES])
+    except run_dir.RunDirError as e:
+      raise ExportError(str(e)) from e
   elif stage not in config_lib.TRAINING_STAGES:
     raise ExportError(f"stage={stage!r} is not a training stage; choose "
                       f"one of {config_lib.TRAINING_STAGES}.")
-  kind, folder, step = stage_checkpoint(workdir, stage, checkpoint)
+  try:
+    kind, folder, step = run_dir.trained_checkpoint(workdir, stage,
+                                                    checkpoint)
+  except run_dir.RunDirError as e:
+    raise ExportError(str(e)) from e
   mesh = parallel.make_mesh() if mesh is None else mesh
   spec = model_spec(config)
   model = build_model(spec)
@@ -511,7 +474,7 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "The bundle folder to write.")
   flags.DEFINE_string("stage", None, "Training stage to export (default: "
                       "the last one trained).")
-  flags.DEFINE_enum("checkpoint", "best", sorted(CHECKPOINTS),
+  flags.DEFINE_enum("checkpoint", "best", sorted(run_dir.CHECKPOINT_KINDS),
                     "best: the stage's best evaluation (else its latest "
                     "state); latest: its last saved state.")
   flags.DEFINE_enum("references", "eval", REFERENCE_SETS,

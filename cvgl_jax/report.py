@@ -281,10 +281,11 @@ def write_report(workdir: str, *, num_examples: int = 6,
     written["pseudo_labels"] = os.path.join(folder, "pseudo_labels.png")
     if main:
       plot_pseudo_labels(rounds, written["pseudo_labels"])
-  has_checkpoint = any(
-      export.checkpoint_step(os.path.join(workdir, s, kind)) is not None
-      for s in training_stages(config)
-      for kind in export.CHECKPOINTS.values())
+  try:
+    run_dir.last_trained_stage(workdir, training_stages(config))
+    has_checkpoint = True
+  except run_dir.RunDirError:
+    has_checkpoint = False
   if has_checkpoint and num_examples > 0:
     panels, title = example_panels(workdir, config, num_examples, mesh)
     written["retrieval_examples"] = os.path.join(folder,

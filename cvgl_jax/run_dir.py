@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from absl import logging
 import ml_collections
+import orbax.checkpoint as ocp
 
 CONFIG = "config.json"
 CONFIG_CHANGES = "config_changes.jsonl"
@@ -60,6 +61,10 @@ RESUME_SAFE_KEYS = (
 class RunDirError(RuntimeError):
   """The workdir cannot be used as asked; the message says why and what to
   do. A user's situation, not a bug: `main` prints it as one line."""
+
+
+# The checkpoint folders of a training stage, by the name users give them.
+CHECKPOINT_KINDS = {"best": BEST, "latest": CHECKPOINTS}
 
 
 # ------------------------------------------------------------------ paths --
@@ -412,3 +417,55 @@ def fault_point(name: str, step: Optional[int] = None,
     before()
   logging.flush()
   os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------ trained stages --
+
+
+def checkpoint_step(directory: str) -> Optional[int]:
+  """The latest finalized step of an orbax checkpoint folder, or None."""
+  if not os.path.isdir(directory):
+    return None
+  found = ocp.utils.checkpoint_steps(os.path.abspath(directory))
+  return max(found) if found else None
+
+
+def trained_checkpoint(workdir: str, stage: str,
+                       kind: str = "best") -> tuple[str, str, int]:
+  """(kind, folder, step) of a training stage's checkpoint.
+
+  "best" (what the stage hands on) falls back to "latest" when the stage
+  saved no best params (it never evaluated); "latest" is the last saved
+  training state.
+
+  Raises:
+    RunDirError: unknown kind, or the stage has no checkpoint.
+  """
+  if kind not in CHECKPOINT_KINDS:
+    raise RunDirError(f"checkpoint={kind!r}; choose one of "
+                      f"{sorted(CHECKPOINT_KINDS)}.")
+  for found in (["best", "latest"] if kind == "best" else ["latest"]):
+    folder = os.path.join(stage_dir(workdir, stage), CHECKPOINT_KINDS[found])
+    step = checkpoint_step(folder)
+    if step is not None:
+      if found != kind:
+        logging.warning("Stage %s has no best checkpoint (it never "
+                        "evaluated); using its latest, step %d.", stage, step)
+      return found, folder, step
+  raise RunDirError(f"Stage {stage!r} has no checkpoint under "
+                    f"{stage_dir(workdir, stage)}: train it first.")
+
+
+def last_trained_stage(workdir: str, stages: Sequence[str]) -> str:
+  """The last of `stages` (training stages, in run order) that saved a
+  checkpoint.
+
+  Raises:
+    RunDirError: none did.
+  """
+  for stage in reversed(list(stages)):
+    if any(checkpoint_step(os.path.join(stage_dir(workdir, stage), folder))
+           is not None for folder in CHECKPOINT_KINDS.values()):
+      return stage
+  raise RunDirError(f"No training stage of {tuple(stages)} has a "
+                    f"checkpoint under {workdir}: run training first.")

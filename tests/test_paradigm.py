@@ -197,7 +197,7 @@ def test_a_stage_hands_on_the_checkpoint_chosen_without_labels(demo_run):
     # The first evaluation with the highest label-free score, whatever R@1.
     assert chosen["step"] == evals[int(np.argmax(scores))]["step"]
     assert chosen["metric"] == evaluate.LABEL_FREE
-    assert export.checkpoint_step(
+    assert run_dir.checkpoint_step(
         os.path.join(workdir, stage, run_dir.BEST)) == chosen["step"]
     with open(os.path.join(workdir, stage, run_dir.SELECTED)) as f:
       assert json.load(f)["step"] == chosen["step"]
