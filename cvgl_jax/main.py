@@ -91,7 +91,8 @@ def run(config, workdir: str, *, force_config_change: bool = False) -> dict:
     if main:
       try:
         stack.enter_context(run_dir.locked(workdir))
-        run_dir.save_config(workdir, config, force=force_config_change)
+        run_dir.save_config(workdir, config, force=force_config_change,
+                            defaults=config_lib.default_config())
       except run_dir.RunDirError as e:
         refused = str(e)
     # Every process stops when process 0 (the lock's holder) refuses.

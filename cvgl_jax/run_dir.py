@@ -289,11 +289,19 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def config_changes(saved: Mapping, config: Mapping) -> dict[str, tuple]:
-  """{key: (saved value, new value)} for every key whose value differs."""
+def config_changes(saved: Mapping, config: Mapping,
+                   defaults: Optional[Mapping] = None) -> dict[str, tuple]:
+  """{key: (saved value, new value)} for every key whose value differs.
+
+  A key the saved config lacks (written by a version without it) is no
+  change when its new value is its value in `defaults`: a key is added
+  with a default that keeps what the code did before.
+  """
   a, b = _flatten(saved), _flatten(json.loads(json.dumps(config)))
+  d = _flatten(json.loads(json.dumps(defaults))) if defaults else {}
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-          if a.get(k) != b.get(k)}
+          if a.get(k) != b.get(k)
+          and not (k not in a and k in d and b.get(k) == d[k])}
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -308,21 +316,24 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 def save_config(workdir: str, config: ml_collections.ConfigDict, *,
                 force: bool = False,
-                safe_keys: Sequence[str] = RESUME_SAFE_KEYS) -> dict:
+                safe_keys: Sequence[str] = RESUME_SAFE_KEYS,
+                defaults: Optional[ml_collections.ConfigDict] = None) -> dict:
   """Writes config.json, or checks a rerun's config against it.
 
   A first run writes it. A rerun whose config differs only in
   `safe_keys` rewrites it. Other differences are refused (RunDirError
   listing them) unless `force`, which rewrites it and appends the change
-  to config_changes.jsonl. Returns the changes found {key: (old, new)}.
-  Call on process 0 only.
+  to config_changes.jsonl. Keys the saved config lacks count only when
+  they differ from `defaults` (`config_changes`). Returns the changes
+  found {key: (old, new)}. Call on process 0 only.
   """
   new = json.loads(config.to_json())
   saved = _read_json(config_file(workdir))
   if saved is None:
     write_json(config_file(workdir), new)
     return {}
-  changes = config_changes(saved, new)
+  changes = config_changes(saved, new,
+                           defaults and json.loads(defaults.to_json()))
   unsafe = {k: v for k, v in changes.items() if k not in safe_keys}
   if unsafe and not force:
     listed = "; ".join(f"{k}: {old!r} -> {value!r}"

@@ -250,6 +250,17 @@ def test_a_changed_config_is_refused_unless_forced(tmp_path):
   with open(os.path.join(workdir, run_dir.CONFIG_CHANGES)) as f:
     change = json.loads(f.readline())
   assert change["changes"]["train.lr"] == [1e-3, 5e-4]
+  # A workdir written before a key existed resumes when the key keeps its
+  # default (the behaviour before it), and not when it is set otherwise.
+  saved = run_dir.read_config(workdir).to_dict()
+  del saved["train"]["max_skipped_steps"]
+  run_dir.write_json(run_dir.config_file(workdir), saved)
+  defaults = config_lib.default_config()
+  assert run_dir.save_config(workdir, config, defaults=defaults) == {}
+  config.train.max_skipped_steps = 3
+  with pytest.raises(run_dir.RunDirError, match="max_skipped_steps"):
+    run_dir.save_config(workdir, config, defaults=defaults,
+                        safe_keys=())
 
 
 def test_refusals_are_one_line_and_exit_2(world, compile_cache, tmp_path):
