@@ -199,6 +199,7 @@ def test_benchmark_rows_change_only_what_their_names_say():
   expected = {
       "ours_0": {},
       "ours_10": {"pseudo_label.gt_ratio": 0.1},
+      "ours_100": {"pseudo_label.gt_ratio": 1.0},
       "from_scratch": {"stages": without("pretrain")},
       "source_pairs": {"pretrain.objective": "pairs"},
       "authors_switch": {"pseudo_label.labeled_ratio": 0.4},
