@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from cvgl_jax import parallel
+from cvgl_jax import run_dir
 from cvgl_jax.cfp import translate as tr
 from cvgl_jax.data import derived
 from cvgl_jax.data import image_io
@@ -256,9 +257,14 @@ def train_translation(bev_paths: Sequence[str],
       os.path.abspath(os.path.join(workdir, "checkpoints")),
       options=ocp.CheckpointManagerOptions(
           preservation_policy=ocp.checkpoint_managers.LatestN(
-              config.keep_checkpoints)))
+              config.keep_checkpoints),
+          cleanup_tmp_directories=True))
   key = jax.random.PRNGKey(config.seed)
   latest = mngr.latest_step()
+  if main:  # A resumed run writes the records after its checkpoint again.
+    run_dir.truncate_records(os.path.dirname(os.path.abspath(workdir)),
+                             os.path.basename(os.path.abspath(workdir)),
+                             latest)
   if latest is None:
     state = model.init(key, spe)
   else:
@@ -287,8 +293,9 @@ def train_translation(bev_paths: Sequence[str],
                   else None)
   bar = tqdm.tqdm(total=stop, initial=step, disable=not (progress and main),
                   desc="translate: train", unit="step")
-  # Logged at the first step of a run too, to show the starting losses.
-  t0, n0, first = time.perf_counter(), step, step + 1
+  # Step 1 is logged too, to show the starting losses (not a resumed run's
+  # first step: its records must be those of an uninterrupted run).
+  t0, n0 = time.perf_counter(), step
   try:
     while step < stop:
       epoch, pos = divmod(step, spe)
@@ -300,7 +307,7 @@ def train_translation(bev_paths: Sequence[str],
         bar.update(1)
         save = (step % config.ckpt_every_steps == 0 or step % spe == 0
                 or step == stop)
-        log = step % config.log_every_steps == 0 or step == first
+        log = step % config.log_every_steps == 0 or step == 1
         if save or log:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           check_finite(metrics, step)
@@ -319,6 +326,8 @@ def train_translation(bev_paths: Sequence[str],
         if save:
           mngr.save(step, args=ocp.args.StandardSave(
               parallel.replicate_local(state, mesh)))
+          run_dir.fault_point("translate.checkpoint", step,
+                              mngr.wait_until_finished)
         if step >= stop or step % spe == 0:
           break
   finally:

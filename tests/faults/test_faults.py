@@ -35,6 +35,8 @@ from cvgl_jax.models import encoder
 from cvgl_jax.models import weights
 
 CONFIG = os.path.join(os.path.dirname(__file__), "tiny_supervised.py")
+TRANSLATE_CONFIG = os.path.join(os.path.dirname(__file__),
+                                "tiny_translate.py")
 STAGE = "supervised"
 # 2 steps per epoch (38 pairs, batch 16), 3 epochs, a checkpoint every
 # step: odd steps are mid-epoch checkpoints, even ones epoch ends (each
@@ -61,12 +63,13 @@ def compile_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-def main_command(world, workdir, *flags):
-  return [sys.executable, "-m", "cvgl_jax.main", f"--config={CONFIG}:{world}",
+def main_command(world, workdir, *flags, config=CONFIG):
+  return [sys.executable, "-m", "cvgl_jax.main", f"--config={config}:{world}",
           f"--workdir={workdir}", *flags]
 
 
-def run_main(world, workdir, cache, *flags, fault=None, max_file_bytes=None):
+def run_main(world, workdir, cache, *flags, fault=None, max_file_bytes=None,
+             config=CONFIG):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
              JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -79,7 +82,8 @@ def run_main(world, workdir, cache, *flags, fault=None, max_file_bytes=None):
     # A full disk, as a per-file size limit: writes past it fail (EFBIG).
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
                                        (max_file_bytes, max_file_bytes))
-  return subprocess.run(main_command(world, workdir, *flags), env=env,
+  return subprocess.run(main_command(world, workdir, *flags, config=config),
+                        env=env,
                         capture_output=True, text=True, timeout=600,
                         preexec_fn=limit)
 
@@ -163,6 +167,33 @@ def test_a_nan_batch_costs_one_step(world, compile_cache, tmp_path):
           and r["step"] == 3] == [1.0]
   _, params = best_params(workdir)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_a_kill_in_the_translation_loses_nothing(world, compile_cache,
+                                                 tmp_path):
+  """CFP and the CycleGAN write into the dataset root: each run its own."""
+  runs = {}
+  for name, fault in (("reference", None), ("killed", "translate.checkpoint@16")):
+    root = str(tmp_path / name / "world")
+    shutil.copytree(world, root)
+    workdir = str(tmp_path / name / "run")
+    first = run_main(root, workdir, compile_cache, fault=fault,
+                     config=TRANSLATE_CONFIG)
+    if fault:
+      assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+      first = run_main(root, workdir, compile_cache, config=TRANSLATE_CONFIG)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs[name] = root, workdir
+  (ref_root, ref_dir), (root, workdir) = runs["reference"], runs["killed"]
+  fakes = sorted(os.listdir(os.path.join(ref_root, "g2a_sat")))
+  assert fakes == sorted(os.listdir(os.path.join(root, "g2a_sat")))
+  for name in fakes:
+    with open(os.path.join(ref_root, "g2a_sat", name), "rb") as a, open(
+        os.path.join(root, "g2a_sat", name), "rb") as b:
+      assert a.read() == b.read(), name
+  steps = lambda d: [r["step"] for r in map(json.loads, open(
+      run_dir.metrics_file(d, "translate")))]
+  assert steps(workdir) == steps(ref_dir)
 
 
 @pytest.mark.slow
