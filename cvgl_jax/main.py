@@ -227,12 +227,16 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   logging.info("JAX process %d of %d, devices %s", jax.process_index(),
                jax.process_count(), jax.devices())
+  parallel.watch_for_preemption()
   try:
     results = run(_CONFIG.value, _WORKDIR.value,
                   force_config_change=_FORCE_CONFIG_CHANGE.value)
   except (run_dir.RunDirError, config_lib.ConfigError,
           readers.DatasetError) as e:
     _user_error(e)
+  except parallel.Preempted as e:
+    print(f"Pre-empted: {e}", file=sys.stderr, flush=True)
+    sys.exit(0)
   except loop.DivergedError as e:
     # Not a bug and not a mistake: the message says what was kept and what
     # to change; the traceback is in the log (--verbosity=1).

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 from typing import Any, Mapping, Optional, Sequence
 
 from absl import logging
@@ -143,6 +144,43 @@ def initialize(coordinator_address: Optional[str] = None,
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True
+
+
+class Preempted(Exception):
+  """A SIGTERM (a scheduler's time limit, scancel, pre-emption, TPU
+  maintenance) was answered with a checkpoint; the run stopped there and
+  the same command resumes it."""
+
+
+_preemption = {"calls": 0, "requested": False}
+
+
+def watch_for_preemption() -> None:
+  """Makes SIGTERM a request to checkpoint and stop at the next step.
+
+  One process: a handler that sets a flag. Several: JAX's preemption
+  service (started by `jax.distributed.initialize`) already catches
+  SIGTERM and agrees with the other processes on the step to stop at;
+  installing a handler here would take the signal from it.
+  """
+  if jax.distributed.is_initialized():
+    return
+
+  def request(signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM: checkpointing at the next training step.")
+    _preemption["requested"] = True
+  signal.signal(signal.SIGTERM, request)
+
+
+def preemption_point() -> bool:
+  """Whether to checkpoint and stop now; call once after every training
+  step of every stage, on every process (the count of calls is the step
+  id the processes agree on, so it must be the same everywhere)."""
+  _preemption["calls"] += 1
+  if jax.distributed.is_initialized():
+    return multihost_utils.reached_preemption_sync_point(
+        _preemption["calls"])
+  return _preemption["requested"]
 
 
 def sync(name: str) -> None:

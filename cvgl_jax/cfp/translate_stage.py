@@ -305,8 +305,9 @@ def train_translation(bev_paths: Sequence[str],
             state, batch, jax.random.fold_in(state.rng, step))
         step += 1
         bar.update(1)
+        preempted = parallel.preemption_point()
         save = (step % config.ckpt_every_steps == 0 or step % spe == 0
-                or step == stop)
+                or step == stop or preempted)
         log = step % config.log_every_steps == 0 or step == 1
         if save or log:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -328,6 +329,11 @@ def train_translation(bev_paths: Sequence[str],
               parallel.replicate_local(state, mesh)))
           run_dir.fault_point("translate.checkpoint", step,
                               mngr.wait_until_finished)
+        if preempted:
+          raise parallel.Preempted(
+              f"The translation stopped at step {step} on SIGTERM, "
+              f"checkpointed in {mngr.directory}; rerun the same command "
+              f"to resume.")
         if step >= stop or step % spe == 0:
           break
   finally:

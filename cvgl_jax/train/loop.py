@@ -39,13 +39,13 @@ takes part in orbax saves and restores, as orbax requires.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
+import signal
 import time
 from typing import Any, Callable, Mapping, Optional
-
-import collections
 
 from absl import logging
 import grain
@@ -531,6 +531,14 @@ def train(state: state_lib.TrainState,
         step += 1
         pending.append((step, metrics))
         bar.update(1)
+        if run_dir.fault_requested("sigterm", step):
+          os.kill(os.getpid(), signal.SIGTERM)
+        if parallel.preemption_point():
+          save(epoch)
+          raise parallel.Preempted(
+              f"Stage {stage!r} stopped at step {step} on SIGTERM, "
+              f"checkpointed in {ckpt_dir}; rerun the same command to "
+              f"resume.")
         if step % log_every_steps == 0:
           flush(epoch)
         if step % ckpt_every_steps == 0 and step != epoch_end:

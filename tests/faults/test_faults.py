@@ -18,6 +18,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -194,6 +195,73 @@ def test_a_kill_in_the_translation_loses_nothing(world, compile_cache,
   steps = lambda d: [r["step"] for r in map(json.loads, open(
       run_dir.metrics_file(d, "translate")))]
   assert steps(workdir) == steps(ref_dir)
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_exits_0(
+    world, compile_cache, reference, tmp_path):
+  """As a scheduler's time limit: checkpoints only at epoch ends (2, 4,
+  6), SIGTERM after step 3 -> a checkpoint at step 3, exit 0; the rerun
+  ends where an uninterrupted run ends."""
+  workdir = str(tmp_path / "run")
+  sparse = "--config.train.checkpoint_every_steps=100"
+  stopped = run_main(world, workdir, compile_cache, sparse,
+                     fault="sigterm@3")
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+  assert "Pre-empted: Stage 'supervised' stopped at step 3" in stopped.stderr
+  assert run_dir.checkpoint_step(
+      run_dir.checkpoints_dir(workdir, STAGE)) == 3
+  assert not run_dir.read_done(workdir, STAGE)
+  resumed = run_main(world, workdir, compile_cache, sparse)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert_same_best(workdir, reference)
+  assert record_keys(workdir) == record_keys(reference)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
+    world, compile_cache, tmp_path):
+  """JAX's preemption service: process 1 gets SIGTERM after step 3; both
+  processes checkpoint at the step they agree on (at most one later),
+  exit 0, and the rerun finishes."""
+  workdir = str(tmp_path / "run")
+
+  def launch(fault):
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    procs = []
+    for i in range(2):
+      env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+                 JAX_COMPILATION_CACHE_DIR=compile_cache + f"_{i}",
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
+      env.pop(run_dir.FAULT_ENV, None)
+      if fault and i == 1:
+        env[run_dir.FAULT_ENV] = fault
+      command = main_command(world, workdir, "--config.train."
+                             "checkpoint_every_steps=100",
+                             f"--coordinator_address=127.0.0.1:{port}",
+                             "--num_processes=2", f"--process_id={i}")
+      procs.append(subprocess.Popen(command, env=env, text=True,
+                                    stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE))
+    out = []
+    for p in procs:
+      try:
+        out.append(p.communicate(timeout=420))
+      except subprocess.TimeoutExpired:
+        for q in procs:
+          q.kill()
+        raise
+    return [(p.returncode, err) for p, (_, err) in zip(procs, out)]
+
+  for code, err in launch("sigterm@3"):
+    assert code == 0 and "Pre-empted: Stage 'supervised' stopped at step" \
+        in err, err[-3000:]
+  saved = run_dir.checkpoint_step(run_dir.checkpoints_dir(workdir, STAGE))
+  assert saved in (3, 4)
+  for code, err in launch(None):
+    assert code == 0, err[-3000:]
+  assert run_dir.read_done(workdir, STAGE)["step"] == 6
 
 
 @pytest.mark.slow
