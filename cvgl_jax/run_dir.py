@@ -404,13 +404,14 @@ FAULT_ENV = "CVGL_JAX_FAULT"
 
 def fault_requested(name: str, step: Optional[int] = None) -> bool:
   """Whether CVGL_JAX_FAULT asks for fault `name` here (`name`, or
-  `name@step` at that step): the fault-injection tests' switch, e.g. a
-  kill (`fault_point`) or a NaN fed to the training step (the loop)."""
-  spec = os.environ.get(FAULT_ENV)
-  if not spec:
-    return False
-  point, _, at = spec.partition("@")
-  return point == name and (not at or (step is not None and int(at) == step))
+  `name@step` at that step; several comma-separated): the fault-injection
+  tests' switch, e.g. a kill (`fault_point`) or a NaN fed to the training
+  step (the loop)."""
+  for spec in os.environ.get(FAULT_ENV, "").split(","):
+    point, _, at = spec.partition("@")
+    if point == name and (not at or (step is not None and int(at) == step)):
+      return True
+  return False
 
 
 def fault_point(name: str, step: Optional[int] = None,

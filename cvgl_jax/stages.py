@@ -421,12 +421,24 @@ def run_pseudo_label(run: Run) -> dict:
           size=c.data.satellite_size, **embed_options)
       result = refine_lib.refine(ground, satellite, epoch, settings,
                                  true_positive=truth)
-      rows, labeled, info = pairing.epoch_rows(
-          result.pairs, gt_pairs, index.num_ground, index.num_satellite,
-          p.labeled_ratio, rng)
-      # Every process refined the same embeddings; process 0's pairing is
-      # made everyone's so that the shards of an epoch always fit together.
-      rows, labeled = parallel.from_main_process((rows, labeled))
+      # Every process refined the same embeddings, but process 0 alone
+      # decides the pairing (and whether there is any), so that the shards
+      # of an epoch fit together and no process raises alone.
+      rows = np.zeros((index.num_ground, 2), np.int64)
+      labeled = np.zeros(index.num_ground, bool)
+      info, problem = {}, ""
+      if parallel.is_main_process():
+        try:
+          rows, labeled, info = pairing.epoch_rows(
+              result.pairs, gt_pairs, index.num_ground, index.num_satellite,
+              p.labeled_ratio, rng)
+        except ValueError as e:
+          problem = str(e)
+      failed, rows, labeled = parallel.from_main_process(
+          (np.bool_(bool(problem)), rows, labeled))
+      if failed:
+        raise ValueError(problem or "Process 0 found no pseudo or "
+                         "ground-truth labels this epoch; its log says more.")
       metrics = dict(result.stats, **info, warmup=0.0,
                      schedule_epoch=float(epoch))
       logging.info("Pseudo labels, epoch %d: %s", epoch, metrics)

@@ -552,6 +552,8 @@ def train(state: state_lib.TrainState,
           epoch == num_epochs
           or (eval_every_epochs and epoch % eval_every_epochs == 0)):
         result = {k: float(v) for k, v in eval_fn(state).items()}
+        if run_dir.fault_requested("disagree"):  # This process's own view.
+          result = {k: -v for k, v in result.items()}
         summary["eval"] = result
         writer.write(step, epoch, "eval", result)
         if select_metric is not None and select_metric not in result:

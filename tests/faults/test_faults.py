@@ -221,7 +221,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
     world, compile_cache, tmp_path):
   """JAX's preemption service: process 1 gets SIGTERM after step 3; both
   processes checkpoint at the step they agree on (at most one later),
-  exit 0, and the rerun finishes."""
+  exit 0, and the rerun finishes. Process 1 also sees every evaluation's
+  label-free score negated: were "save the selected params" its own
+  decision, it would skip the collective save process 0 makes and hang."""
   workdir = str(tmp_path / "run")
 
   def launch(fault):
@@ -235,10 +237,11 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                  GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
       env.pop(run_dir.FAULT_ENV, None)
-      if fault and i == 1:
-        env[run_dir.FAULT_ENV] = fault
+      if i == 1:
+        env[run_dir.FAULT_ENV] = ",".join(["disagree"] + [fault] * bool(fault))
       command = main_command(world, workdir, "--config.train."
                              "checkpoint_every_steps=100",
+                             "--config.train.select=label_free",
                              f"--coordinator_address=127.0.0.1:{port}",
                              "--num_processes=2", f"--process_id={i}")
       procs.append(subprocess.Popen(command, env=env, text=True,
@@ -261,7 +264,11 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
   assert saved in (3, 4)
   for code, err in launch(None):
     assert code == 0, err[-3000:]
-  assert run_dir.read_done(workdir, STAGE)["step"] == 6
+  done = run_dir.read_done(workdir, STAGE)
+  assert done["step"] == 6
+  # Process 0's choice (the highest score) is in best/.
+  assert run_dir.checkpoint_step(os.path.join(
+      workdir, STAGE, run_dir.BEST)) == done["selected"]["step"]
 
 
 @pytest.mark.slow
