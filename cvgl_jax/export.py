@@ -362,7 +362,10 @@ def save_params(path: str, params: Any) -> None:
 
 def index_settings(num_references: int) -> dict:
   """How `knn.scann_searcher` builds the index for this many references
-  with the default `ScannOptions` (what a search may override)."""
+  with the default `ScannOptions` (what a search may override); where
+  ScaNN is not installed, the bundle is searched exactly (no index)."""
+  if not knn.scann_available():
+    return {"backend": "exact", "distance": "dot_product"}
   o = knn.ScannOptions()
   brute = num_references < o.brute_force_max
   return {"backend": "scann", "distance": "dot_product",
@@ -424,7 +427,7 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None,
 
   partial = out.rstrip(os.sep) + ".partial"
   shutil.rmtree(partial, ignore_errors=True)
-  os.makedirs(os.path.join(partial, INDEX_DIR))
+  os.makedirs(partial)
   save_params(os.path.join(partial, PARAMS), trained.params)
   params_sha = file_digest(os.path.join(partial, PARAMS))["sha256"]
   model_fp = fingerprint(spec, trained.params)
@@ -434,9 +437,12 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None,
            world=refs["world"], model_fingerprint=np.array(model_fp),
            params_sha256=np.array(params_sha))
   np.savez(os.path.join(partial, QUERIES), **queries)
-  searcher = knn.scann_searcher(embeddings, INDEX_NEIGHBOURS,
-                                knn.ScannOptions())
-  searcher.serialize(os.path.join(partial, INDEX_DIR), relative_path=True)
+  index = index_settings(len(refs["ids"]))
+  if index["backend"] == "scann":
+    os.makedirs(os.path.join(partial, INDEX_DIR))
+    searcher = knn.scann_searcher(embeddings, INDEX_NEIGHBOURS,
+                                  knn.ScannOptions())
+    searcher.serialize(os.path.join(partial, INDEX_DIR), relative_path=True)
 
   manifest = {
       "format": FORMAT, "version": VERSION,
@@ -455,7 +461,7 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None,
                   "num_references": int(len(refs["ids"])),
                   "coord_kind": refs["coord_kind"],
                   "coord_labels": list(COORD_LABELS[refs["coord_kind"]])},
-      "index": index_settings(len(refs["ids"])),
+      "index": index,
   }
   manifest = write_manifest(partial, manifest)
   if os.path.exists(out):

@@ -49,6 +49,7 @@ from cvgl_jax import export
 from cvgl_jax import parallel
 from cvgl_jax.data import augment
 from cvgl_jax.data import image_io
+from cvgl_jax.pseudo import knn
 from cvgl_jax.train import steps
 
 PICTURE_TILES = 5
@@ -159,7 +160,8 @@ def verify_files(folder: str, manifest: dict) -> None:
   for rel in needed:
     if rel not in files:
       raise BundleError(f"Bundle {folder}: the manifest lists no {rel}.")
-  if not any(r.startswith(export.INDEX_DIR + "/") for r in files):
+  if manifest["index"].get("backend", "scann") == "scann" and not any(
+      r.startswith(export.INDEX_DIR + "/") for r in files):
     raise BundleError(f"Bundle {folder}: the manifest lists no ScaNN "
                       f"index files ({export.INDEX_DIR}/).")
   # A file the loader reads but the manifest omits would go unchecked.
@@ -242,7 +244,8 @@ class Bundle:
     embeddings: [R, D] float32 reference embeddings.
     references: {"ids", "paths", "coordinates", "world"} arrays [R].
     queries: {"paths", "ids", "reference_row"}: the dataset's grounds.
-    searcher: the ScaNN searcher.
+    searcher: the ScaNN searcher (`knn.ExactSearcher` where the bundle was
+      exported without ScaNN).
   """
 
   def __init__(self, folder, manifest, spec, model, params, embeddings,
@@ -399,7 +402,6 @@ def load_bundle(folder: str, *, verify: bool = True) -> Bundle:
   Raises:
     BundleError: naming the file and what is wrong with it.
   """
-  from scann import scann_ops_pybind  # pylint: disable=g-import-not-at-top
   manifest = read_manifest(folder)
   if verify:
     verify_files(folder, manifest)
@@ -456,12 +458,22 @@ def load_bundle(folder: str, *, verify: bool = True) -> Bundle:
         f"references of the model's {dim}-d embeddings.")
   queries = _load_npz(folder, export.QUERIES,
                       ("paths", "ids", "reference_row"))
-  index_dir = os.path.join(folder, export.INDEX_DIR)
-  try:
-    searcher = scann_ops_pybind.load_searcher(index_dir)
-  except Exception as e:  # ScaNN raises bare RuntimeErrors from C++.
-    raise BundleError(f"Bundle {folder}: cannot load the ScaNN index in "
-                      f"{index_dir} ({e}).") from e
+  backend = manifest["index"].get("backend", "scann")
+  if backend == "exact":
+    searcher = knn.ExactSearcher(embeddings)
+  elif not knn.scann_available():
+    raise BundleError(f"Bundle {folder} has a ScaNN index but the scann "
+                      f"package is not installed here (x86-64 Linux wheels "
+                      f"only); export the bundle again on this machine, "
+                      f"which writes one searched exactly.")
+  else:
+    from scann import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+    index_dir = os.path.join(folder, export.INDEX_DIR)
+    try:
+      searcher = scann_ops_pybind.load_searcher(index_dir)
+    except Exception as e:  # ScaNN raises bare RuntimeErrors from C++.
+      raise BundleError(f"Bundle {folder}: cannot load the ScaNN index in "
+                        f"{index_dir} ({e}).") from e
   return Bundle(folder, manifest, spec, model, params, embeddings,
                 references, queries, searcher)
 

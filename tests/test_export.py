@@ -25,6 +25,7 @@ from cvgl_jax import run_dir
 from cvgl_jax import report
 from cvgl_jax import retrieve
 from cvgl_jax import stages
+from cvgl_jax.pseudo import knn
 
 MARK = (0x1a, 0x9e, 0x3f)  # retrieve's true-tile frame colour, RGB.
 
@@ -236,6 +237,30 @@ def test_refuses_a_bundle_of_another_model(run, tmp_path):
   with pytest.raises(retrieve.BundleError,
                      match="embeddings.npy was computed with other weights"):
     retrieve.load_bundle(bad)
+
+
+def test_without_scann_the_bundle_is_searched_exactly(run, tmp_path,
+                                                      monkeypatch):
+  """Where scann has no wheel (aarch64): the same retrieval, no index."""
+  _, workdir, _, bundle_dir = run
+  with_index = retrieve.load_bundle(bundle_dir)
+  monkeypatch.setattr(knn, "scann_available", lambda: False)
+  out = str(tmp_path / "exact")
+  manifest = export.export(workdir, out)
+  assert manifest["index"] == {"backend": "exact", "distance": "dot_product"}
+  assert not os.path.exists(os.path.join(out, export.INDEX_DIR))
+  exact = retrieve.load_bundle(out)
+  queries = with_index.embeddings[:5] + 0.01
+  scores_a, rows_a = with_index.search_embeddings(queries, 3)
+  scores_b, rows_b = exact.search_embeddings(queries, 3)
+  np.testing.assert_array_equal(rows_a, rows_b)
+  np.testing.assert_allclose(scores_a, scores_b, rtol=1e-5)
+  with pytest.raises(retrieve.BundleError, match="scann package is not "
+                     "installed"):
+    retrieve.load_bundle(bundle_dir)
+  with pytest.raises(ValueError, match="scann package is not installed"):
+    knn.knn(queries, with_index.embeddings, 2, backend="scann")
+  assert knn._backend("auto", 10**6, 10**6) == "exact"  # pylint: disable=protected-access
 
 
 def test_export_refuses_bad_requests_before_embedding(run, tmp_path):

@@ -30,9 +30,11 @@ Backends:
          1024 with identical mutual pairs (benchmarks/refine.py). Every knob
          is a keyword override. `cross_topk` builds two indexes.
   auto   exact when Nq * Nd is at most `AUTO_EXACT_MAX_PRODUCT` (below it
-         ScaNN is brute force anyway), or whenever an accelerator is
-         present; ScaNN otherwise (at 35k x 35k x 1024 on the 2-core CPU:
-         exact 66 s, ScaNN 31 s).
+         ScaNN is brute force anyway), whenever an accelerator is present,
+         or where ScaNN is not installed (it ships x86-64 Linux wheels
+         only: aarch64 nodes such as GH200 run without it); ScaNN
+         otherwise (at 35k x 35k x 1024 on the 2-core CPU: exact 66 s,
+         ScaNN 31 s).
 
 Inputs are float32 [N, D]; for cosine similarity L2-normalise them first.
 Scores are inner products (larger is closer); indices are int64.
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 from typing import Any, Mapping, NamedTuple
 
@@ -131,14 +134,41 @@ def scann_options(overrides: Mapping[str, Any]) -> ScannOptions:
   return ScannOptions(**overrides)
 
 
+@functools.cache
+def scann_available() -> bool:
+  """Whether the optional `scann` package is installed."""
+  return importlib.util.find_spec("scann") is not None
+
+
 def _backend(backend: str, nq: int, nd: int) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}, expected one of {BACKENDS}")
+  if backend == "scann" and not scann_available():
+    raise ValueError("backend='scann' but the scann package is not "
+                     "installed (its wheels are x86-64 Linux only): use "
+                     "'exact' or 'auto'.")
   if backend != "auto":
     return backend
-  if jax.default_backend() != "cpu" or nq * nd <= AUTO_EXACT_MAX_PRODUCT:
+  if (jax.default_backend() != "cpu" or nq * nd <= AUTO_EXACT_MAX_PRODUCT
+      or not scann_available()):
     return "exact"
   return "scann"
+
+
+class ExactSearcher:
+  """Exact top-k over a fixed database [N, D], with the `search_batched`
+  of a ScaNN searcher: what a retrieval bundle searches with where ScaNN
+  is not installed."""
+
+  def __init__(self, database: np.ndarray):
+    self.database = np.ascontiguousarray(database, np.float32)
+
+  def search_batched(self, queries, final_num_neighbors: int,
+                     pre_reorder_num_neighbors: int = 0):
+    del pre_reorder_num_neighbors  # Exact: nothing to re-order.
+    scores, rows = knn(queries, self.database, final_num_neighbors,
+                       backend="exact")
+    return rows, scores
 
 
 # ---------------------------------------------------------------- exact ----
