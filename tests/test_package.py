@@ -48,3 +48,22 @@ def test_wheel_ships_the_native_kernel_source(tmp_path):
   names = zipfile.ZipFile(wheel).namelist()
   assert "cvgl_jax/models/depthwise_cpu.cc" in names
   assert "cvgl_jax/models/depthwise_cpu.py" in names
+
+
+def test_scann_is_required_only_where_its_wheels_exist():
+  # pip evaluates these markers: on aarch64 (GH200) or macOS nothing asks
+  # for scann, and the exact search takes over (cvgl_jax.pseudo.knn).
+  import tomllib  # pylint: disable=g-import-not-at-top
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).parents[1]
+  with open(root / "pyproject.toml", "rb") as f:
+    deps = [Requirement(d) for d in
+            tomllib.load(f)["project"]["dependencies"]]
+
+  def needed(machine, platform):
+    env = {"platform_machine": machine, "sys_platform": platform}
+    return {r.name for r in deps if r.marker is None or r.marker.evaluate(env)}
+  assert "scann" in needed("x86_64", "linux")
+  assert "scann" not in needed("aarch64", "linux")
+  assert "scann" not in needed("arm64", "darwin")
+  assert needed("aarch64", "linux") == needed("x86_64", "linux") - {"scann"}
