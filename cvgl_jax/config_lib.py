@@ -33,11 +33,35 @@ class ConfigError(ValueError):
   """The config cannot drive a run; the message names the key."""
 
 
+PLATFORMS = ("any", "accelerator", "gpu", "tpu", "cpu")
+
+
+def platform_problem(platform: str, backend: str) -> str:
+  """Why JAX's default backend `backend` ("cpu", "gpu", "tpu") does not
+  give what `config.platform` asks, or ""."""
+  if platform == "any" or platform == backend or (
+      platform == "accelerator" and backend in ("gpu", "tpu")):
+    return ""
+  want = "a GPU or TPU" if platform == "accelerator" else f"a {platform}"
+  return (f"config.platform={platform!r} but JAX found only {backend} "
+          f"devices. Install JAX for {want} (pip install 'cvgl_jax[cuda12]' "
+          f"or 'cvgl_jax[tpu]'), check JAX_PLATFORMS and the device "
+          f"drivers, or pass --config.platform=any to run here anyway.")
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every key a run reads, with the paper's values (METHOD.md)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stages = ("cfp", "translate", "intra", "cross_fake", "pseudo_label")
+  # What the run needs JAX to find: "any", "accelerator" (GPU or TPU),
+  # "gpu", "tpu" or "cpu". A run that needs an accelerator and finds only
+  # the CPU (jax without its cuda12 / tpu extra) stops before any work.
+  c.platform = "any"
+  # JAX's persistent compilation cache: "auto" ($JAX_COMPILATION_CACHE_DIR,
+  # else <cvgl_jax cache>/jax), a folder, or "" for none. A resumed or
+  # repeated run then skips most compiles.
+  c.compilation_cache_dir = "auto"
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "cvusa"        # cvusa | cvact | vigor
@@ -222,6 +246,7 @@ def paradigm(dataset: str, gt_percent: float = 0.0
   config = for_dataset(dataset)
   config.stages = ("cfp", "translate", "intra", "cross_fake", "pseudo_label")
   config.pseudo_label.gt_ratio = gt_percent / 100
+  config.platform = "accelerator"  # Days on a CPU: say so at once.
   return config
 
 
@@ -243,6 +268,7 @@ def supervised(dataset: str, model: str = "paper") -> ml_collections.ConfigDict:
                       f"{SUPERVISED_MODELS}, got {model!r}.")
   config = for_dataset(dataset)
   config.stages = ("supervised",)
+  config.platform = "accelerator"
   if model == "sample4geo":
     config.model.head = "gap"
     config.model.share_weights = True
@@ -295,6 +321,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.pseudo_label.lr < 0:
     errors.append(f"config.pseudo_label.lr={config.pseudo_label.lr} must be "
                   ">= 0 (0: config.train.lr)")
+  if config.platform not in PLATFORMS:
+    errors.append(f"config.platform={config.platform!r}; choose one of "
+                  f"{PLATFORMS}")
   for stage in config.stages:
     if stage not in STAGES:
       errors.append(f"config.stages names {stage!r}; stages are {STAGES}")

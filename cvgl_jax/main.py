@@ -46,6 +46,7 @@ from cvgl_jax import report
 from cvgl_jax import run_dir
 from cvgl_jax import stages
 from cvgl_jax.data import readers
+from cvgl_jax.models import depthwise_cpu
 from cvgl_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -201,6 +202,17 @@ def repeated_overrides(args: list[str]) -> list[str]:
   return sorted({k for k in keys if keys.count(k) > 1})
 
 
+def _use_compilation_cache(setting: str) -> None:
+  """JAX's persistent compilation cache per `config.compilation_cache_dir`."""
+  if not setting:
+    return
+  folder = setting
+  if setting == "auto":
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
+        depthwise_cpu.cache_dirs()[0] / "jax")
+  jax.config.update("jax_compilation_cache_dir", folder)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -227,6 +239,11 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   logging.info("JAX process %d of %d, devices %s", jax.process_index(),
                jax.process_count(), jax.devices())
+  problem = config_lib.platform_problem(_CONFIG.value.platform,
+                                        jax.default_backend())
+  if problem:
+    _user_error(problem)
+  _use_compilation_cache(_CONFIG.value.compilation_cache_dir)
   parallel.watch_for_preemption()
   try:
     results = run(_CONFIG.value, _WORKDIR.value,

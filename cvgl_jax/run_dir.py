@@ -54,7 +54,7 @@ RESUME_SAFE_KEYS = (
     "train.log_every_steps", "train.checkpoint_every_steps",
     "translate.log_every_steps", "translate.ckpt_every_steps",
     "data.num_threads", "pretrain.cache_dir", "stages",
-    "train.max_skipped_steps",
+    "train.max_skipped_steps", "platform", "compilation_cache_dir",
 )
 
 

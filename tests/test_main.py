@@ -5,6 +5,7 @@ import json
 import os
 import tempfile
 
+import jax
 import pytest
 
 from cvgl_jax import config_lib
@@ -270,3 +271,19 @@ def test_the_run_ends_with_a_recall_table_and_pictures(demo_run):
   assert f"Chance R@1: {100 / n:.2f} %" in text
   for name in ("recall.png", "pseudo_labels.png", "retrieval_examples.png"):
     assert os.path.getsize(os.path.join(workdir, "report", name)) > 1000
+
+
+def test_the_compilation_cache_follows_the_config(tmp_path, monkeypatch):
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("CVGL_JAX_CACHE_DIR", str(tmp_path))
+    main_lib._use_compilation_cache("auto")  # pylint: disable=protected-access
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+    main_lib._use_compilation_cache("auto")  # pylint: disable=protected-access
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
+    main_lib._use_compilation_cache("")  # pylint: disable=protected-access
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)

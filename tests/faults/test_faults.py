@@ -419,6 +419,23 @@ def test_a_corrupt_image_is_named_before_training_or_left_out(
   assert len(skipped) == 1 and tile in skipped[0]
 
 
+def test_a_gpu_config_on_a_cpu_only_jax_stops_before_any_work(
+    world, compile_cache, tmp_path):
+  assert config_lib.platform_problem("accelerator", "gpu") == ""
+  assert config_lib.platform_problem("any", "cpu") == ""
+  assert "found only cpu" in config_lib.platform_problem("tpu", "cpu")
+  refused = run_main(world, str(tmp_path / "run"), compile_cache,
+                     "--config.platform=accelerator")
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  lines = [l for l in refused.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "config.platform='accelerator' but JAX found " \
+      "only cpu devices" in lines[0], lines
+  assert not os.path.exists(tmp_path / "run")
+  # The real-data configs ask for an accelerator.
+  assert config_lib.paradigm("cvusa").platform == "accelerator"
+  assert config_lib.supervised("vigor").platform == "accelerator"
+
+
 def test_records_are_truncated_to_the_resumed_step(tmp_path):
   (tmp_path / "s").mkdir()
   lines = [{"step": 2, "epoch": 1, "kind": "epoch_start"},
