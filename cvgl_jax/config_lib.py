@@ -77,7 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.odd_image_size = "error"
   c.data.ground_size = (384, 384)   # (H, W) after resizing; VIGOR 384x768
   c.data.satellite_size = (384, 384)
-  c.data.num_threads = 8            # host decode threads per process
+  # Host decode threads per process; 0: from the cores this process may
+  # use and its local devices (`pipeline.decode_threads`).
+  c.data.num_threads = 0
 
   # A synthetic world generated under the workdir when `enabled`; then
   # data.root is ignored (the demo and the tests need nothing else).
@@ -348,6 +350,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   "config.synthetic")
   elif not os.path.isdir(d.root):
     errors.append(f"config.data.root={d.root!r} is not a directory")
+  if d.num_threads < 0:
+    errors.append(f"config.data.num_threads={d.num_threads} must be >= 0 "
+                  "(0: from the cores and devices)")
   for key, choices in (("on_bad_image", image_check.ON_BAD),
                        ("odd_image_size", image_check.ODD_SIZE)):
     if d[key] not in choices:

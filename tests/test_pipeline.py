@@ -10,6 +10,7 @@ import os
 
 import cv2
 import grain
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -268,3 +269,13 @@ def test_state_set_and_checked_directly(index):
   with pytest.raises(ValueError, match="pairing"):
     _pseudo(index).iterator(0, np.stack([np.arange(Q)] * 2, 1) % R)\
         .set_state({**state, "seed": 3})
+
+
+def test_decode_threads_follow_the_cores_this_process_may_use(monkeypatch):
+  assert pipeline.decode_threads(3) == 3
+  devices = jax.local_device_count()
+  for cores, expected in ((1, 1), (2, 1), (12, 11),
+                          (1000, 16 * devices)):
+    monkeypatch.setattr(os, "sched_getaffinity",
+                        lambda pid, n=cores: set(range(n)))
+    assert pipeline.decode_threads(0) == min(expected, 16 * devices)

@@ -31,6 +31,7 @@ import numpy as np
 
 from cvgl_jax.data import image_io
 from cvgl_jax.data import index as index_lib
+from cvgl_jax.data import pipeline
 from cvgl_jax.data import readers
 
 ON_BAD = ("error", "skip")
@@ -54,9 +55,11 @@ def bad_files(paths, *, odd_size: str = "error",
     paths: [N] image files of one side of a split.
     odd_size: "error" counts a file whose (height, width) differs from the
       most common one as bad; "resize" accepts it.
-    num_threads: probing threads (the work is file reads).
+    num_threads: probing threads (the work is file reads); 0 as
+      `pipeline.decode_threads`.
   """
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+  with concurrent.futures.ThreadPoolExecutor(
+      pipeline.decode_threads(num_threads)) as pool:
     found = list(pool.map(_probe, [str(p) for p in paths]))
   bad = {i: r for i, r in enumerate(found) if isinstance(r, str)}
   sizes = collections.Counter(r for r in found if isinstance(r, tuple))

@@ -50,12 +50,44 @@ import os
 import zlib
 from typing import Callable, Optional, Sequence
 
+import cv2
 import grain
 import jax
 import numpy as np
 
 from cvgl_jax.data import image_io
 from cvgl_jax.data.index import PairIndex
+
+
+# Decode threads per local device that `decode_threads` allows at most: a
+# device step takes longer than 16 images' decode (BUILD_NOTES.md).
+_MAX_THREADS_PER_DEVICE = 16
+
+
+def decode_threads(requested: int = 0) -> int:
+  """Host threads that read and decode images in this process.
+
+  `requested` > 0 is taken as is; 0 (`config.data.num_threads`'s default)
+  gives the cores this process may run on (`os.sched_getaffinity`: what
+  SLURM's --cpus-per-task or taskset leave it, not the node's count) less
+  one for the training loop, at most 16 per local device, at least 1.
+  """
+  if requested > 0:
+    return int(requested)
+  cores = len(os.sched_getaffinity(0)) if hasattr(
+      os, "sched_getaffinity") else (os.cpu_count() or 1)
+  return max(1, min(cores - 1,
+                    _MAX_THREADS_PER_DEVICE * jax.local_device_count()))
+
+
+def _read_options(num_threads: int, prefetch_buffer_size: int):
+  threads = decode_threads(num_threads)
+  if threads > 1:
+    # OpenCV's own thread pool inside every decode thread oversubscribes
+    # the cores; the parallelism is the decode threads'.
+    cv2.setNumThreads(1)
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=prefetch_buffer_size)
 
 
 def decode(path: str, size: Sequence[int]) -> np.ndarray:
@@ -204,8 +236,7 @@ class TrainPipeline:
     self.needs_pairs = num_rows is None
     self.process_index, self.process_count = _process(process_index,
                                                       process_count)
-    self._read = grain.ReadOptions(num_threads=num_threads,
-                                   prefetch_buffer_size=prefetch_buffer_size)
+    self._read = _read_options(num_threads, prefetch_buffer_size)
 
   # Validation of the per-epoch pairing.
 
@@ -430,8 +461,7 @@ class EvalPipeline:
     self.num_batches = max(1, -(-per // self.batch_size))
     self.indices = np.full(self.num_batches * self.batch_size, -1, np.int32)
     self.indices[:len(mine)] = mine
-    self._read = grain.ReadOptions(num_threads=num_threads,
-                                   prefetch_buffer_size=prefetch_buffer_size)
+    self._read = _read_options(num_threads, prefetch_buffer_size)
 
   def _load(self, i) -> dict[str, np.ndarray]:
     i = int(i)
