@@ -104,9 +104,11 @@ class ExportError(ValueError):
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's config (`run_dir.read_config`), or FileNotFoundError."""
+  """The run's config (`run_dir.read_config`, keys added since the run at
+  their defaults), or FileNotFoundError."""
   try:
-    return run_dir.read_config(workdir)
+    return run_dir.read_config(workdir,
+                               config_lib.default_config().to_dict())
   except run_dir.RunDirError as e:
     raise FileNotFoundError(str(e)) from None
 

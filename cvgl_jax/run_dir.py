@@ -304,14 +304,29 @@ def config_changes(saved: Mapping, config: Mapping,
           and not (k not in a and k in d and b.get(k) == d[k])}
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's config from `workdir/config.json`."""
+def read_config(workdir: str, defaults: Optional[Mapping] = None
+                ) -> ml_collections.ConfigDict:
+  """The run's config from `workdir/config.json`.
+
+  With `defaults` (e.g. `config_lib.default_config().to_dict()`), keys the
+  saved config lacks -- a run made before they existed -- take their
+  default, which keeps what the code did then.
+  """
   saved = _read_json(config_file(workdir))
   if saved is None:
     raise RunDirError(
         f"{config_file(workdir)} not found: {workdir!r} is not a cvgl_jax "
         f"run folder (python -m cvgl_jax.main --workdir=... writes it).")
-  return ml_collections.ConfigDict(saved)
+
+  def merged(default, value):
+    if isinstance(default, Mapping) and isinstance(value, Mapping):
+      out = {k: json.loads(json.dumps(v)) for k, v in default.items()}
+      for k, v in value.items():
+        out[k] = merged(default.get(k), v)
+      return out
+    return value
+  return ml_collections.ConfigDict(merged(defaults, saved) if defaults
+                                   else saved)
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict, *,

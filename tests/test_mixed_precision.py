@@ -107,11 +107,17 @@ def test_bf16_computes_activations_in_bfloat16(runs):
                             mutable=["intermediates"]), start)
   acts = {jax.tree_util.keystr(path): x.dtype for path, x in
           jax.tree_util.tree_leaves_with_path(variables["intermediates"])}
-  # What flows from block to block (the memory of large batches).
+  # Inside the blocks (the memory of large batches): bfloat16.
+  branches = {k: v for k, v in acts.items()
+              if re.search(r"_block\d+'\]\['conv_dw'\]\['__call__'\]", k)}
+  assert len(branches) == 4, sorted(acts)  # 2 towers x 2 stages x 1 block.
+  assert set(branches.values()) == {jnp.dtype(jnp.bfloat16)}, branches
+  # What flows from block to block, the residual stream: float32, as
+  # PyTorch AMP keeps it (a bfloat16 sum rounds each block's contribution).
   blocks = {k: v for k, v in acts.items()
             if re.search(r"\['stage\d+_block\d+'\]\['__call__'\]\[0\]$", k)}
-  assert len(blocks) == 4, sorted(acts)  # 2 towers x 2 stages x 1 block.
-  assert set(blocks.values()) == {jnp.dtype(jnp.bfloat16)}, blocks
+  assert len(blocks) == 4, sorted(acts)
+  assert set(blocks.values()) == {jnp.dtype(jnp.float32)}, blocks
   # The unit embeddings (and so the loss) come back in float32.
   assert zq.dtype == zr.dtype == jnp.float32
 

@@ -377,7 +377,8 @@ class Block(nn.Module):
     x = gelu(x.reshape(-1, c) @ w1 + b1)
     x = (x @ w2 + b2).reshape(shape)
     x = DropPath(self.drop_path)(x, deterministic=not train)
-    return shortcut + x
+    # The residual stream keeps its own dtype (float32, see ConvNeXt).
+    return shortcut + x.astype(shortcut.dtype)
 
 
 class ConvNeXt(nn.Module):
@@ -420,11 +421,16 @@ class ConvNeXt(nn.Module):
                          name=f"stage{i}_downsample_norm")(x)
         x = PatchConv(dim, 2, self.dtype,
                       name=f"stage{i}_downsample_conv")(x)
+      # The residual stream is accumulated in float32 whatever `dtype`, as
+      # PyTorch AMP does: a bf16 sum over a stage's blocks rounds every
+      # branch's contribution to 8 bits of the stream's magnitude. The
+      # branches compute in `dtype` (each casts its input).
+      x = x.astype(jnp.float32)
       for j in range(depth):
         x = block_cls(dim, float(rates[k]), self.ls_init_value, self.dtype,
                       self.depthwise_impl, name=f"stage{i}_block{j}")(x, train)
         k += 1
-    return x
+    return x.astype(self.dtype)
 
 
 def convnext(variant: str | Variant, **kwargs) -> ConvNeXt:

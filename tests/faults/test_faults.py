@@ -363,6 +363,11 @@ def test_a_changed_config_is_refused_unless_forced(tmp_path):
   run_dir.write_json(run_dir.config_file(workdir), saved)
   defaults = config_lib.default_config()
   assert run_dir.save_config(workdir, config, defaults=defaults) == {}
+  # Read back (export, report) with the key at its default.
+  assert "max_skipped_steps" not in run_dir.read_config(workdir).train
+  assert run_dir.read_config(workdir, defaults.to_dict()
+                             ).train.max_skipped_steps == 10
+  assert run_dir.read_config(workdir, defaults.to_dict()).train.lr == 5e-4
   config.train.max_skipped_steps = 3
   with pytest.raises(run_dir.RunDirError, match="max_skipped_steps"):
     run_dir.save_config(workdir, config, defaults=defaults,
