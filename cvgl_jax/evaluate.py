@@ -81,15 +81,27 @@ def embed_split(embed_fn: EmbedFn, params, paths: Sequence[str], *,
   out, seen = None, np.zeros(n, np.int64)
   bar = tqdm.tqdm(total=pipe.num_batches, desc=desc, unit="batch",
                   disable=not (progress and parallel.is_main_process()))
-  for batch in pipe:
-    batch = parallel.to_global(batch, mesh)
-    emb = np.asarray(embed_fn(params, batch["image"]))
-    index, mask = parallel.gather((batch["index"], batch["mask"]), mesh)
+  def store(job):
+    nonlocal out
+    emb, index, mask = (np.asarray(x) for x in job)
     if out is None:
       out = np.zeros((n, emb.shape[1]), np.float32)
     out[index[mask]] = emb[mask]
     np.add.at(seen, index[mask], 1)
     bar.update(1)
+
+  # One batch in flight: a batch is dispatched before the previous one's
+  # embeddings are fetched, so the device never waits for the host's copy.
+  pending = None
+  for batch in pipe:
+    batch = parallel.to_global(batch, mesh)
+    job = (embed_fn(params, batch["image"]),
+           *parallel.replicate((batch["index"], batch["mask"]), mesh))
+    if pending is not None:
+      store(pending)
+    pending = job
+  if pending is not None:
+    store(pending)
   bar.close()
   if not (seen == 1).all():
     bad = np.flatnonzero(seen != 1)

@@ -134,7 +134,7 @@ def _check_inputs(query_emb, ref_emb, positive, ks, top_percent,
           f"{semi[tuple(bad[0])]} is neither -1 nor a reference index "
           f"< {num_r}.")
   for name, emb in (("query_emb", query_emb), ("ref_emb", ref_emb)):
-    finite = np.asarray(jnp.isfinite(jnp.asarray(emb)).all(axis=1))
+    finite = np.isfinite(np.asarray(emb)).all(axis=1)  # On the host.
     if not finite.all():
       raise ValueError(
           f"recall_at_k: {name} has NaN/Inf in {np.sum(~finite)} rows, "

@@ -310,7 +310,13 @@ def local_copy(tree: Any) -> Any:
 def gather(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """Global (e.g. batch-sharded) arrays -> numpy, the whole array on every
   process (an all-gather when the array spans processes)."""
-  return jax.tree.map(np.asarray, _replicate(mesh)(tree))
+  return jax.tree.map(np.asarray, replicate(tree, mesh))
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """`gather` without the wait: replicated jax arrays, dispatched
+  asynchronously (np.asarray on them waits)."""
+  return _replicate(mesh)(tree)
 
 
 @functools.lru_cache(maxsize=None)

@@ -419,15 +419,16 @@ def run_pseudo_label(run: Run) -> dict:
       satellite = evaluate.embed_split(
           embed_s, state.params, index.satellite_paths,
           size=c.data.satellite_size, **embed_options)
-      result = refine_lib.refine(ground, satellite, epoch, settings,
-                                 true_positive=truth)
-      # Every process refined the same embeddings, but process 0 alone
-      # decides the pairing (and whether there is any), so that the shards
-      # of an epoch fit together and no process raises alone.
+      # Process 0 alone refines and decides the pairing (and whether there
+      # is any): the shards of an epoch fit together, no process raises
+      # alone, and the others do not repeat the search.
       rows = np.zeros((index.num_ground, 2), np.int64)
       labeled = np.zeros(index.num_ground, bool)
-      info, problem = {}, ""
+      info, stats, problem = {}, {}, ""
       if parallel.is_main_process():
+        result = refine_lib.refine(ground, satellite, epoch, settings,
+                                   true_positive=truth)
+        stats = result.stats
         try:
           rows, labeled, info = pairing.epoch_rows(
               result.pairs, gt_pairs, index.num_ground, index.num_satellite,
@@ -439,8 +440,7 @@ def run_pseudo_label(run: Run) -> dict:
       if failed:
         raise ValueError(problem or "Process 0 found no pseudo or "
                          "ground-truth labels this epoch; its log says more.")
-      metrics = dict(result.stats, **info, warmup=0.0,
-                     schedule_epoch=float(epoch))
+      metrics = dict(stats, **info, warmup=0.0, schedule_epoch=float(epoch))
       logging.info("Pseudo labels, epoch %d: %s", epoch, metrics)
       return {"pairs": rows, "labeled": labeled, "metrics": metrics}
     return epoch_start
