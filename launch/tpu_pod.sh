@@ -17,15 +17,25 @@
 # The workdir (and a data root every host reads) must be one shared file
 # system mounted at the same path on all workers (e.g. Filestore over NFS):
 # process 0 writes the logs, metrics and generated files there and orbax
-# writes every host's share of the checkpoints there. Output of every
-# worker streams here, prefixed by gcloud with the worker number.
+# writes every host's share of the checkpoints there.
+#
+# The run is started detached on every worker (nohup, its own session): a
+# dropped ssh connection or a closed laptop does not end it. Each worker
+# logs to LOG_DIR/worker_<hostname>.log on that worker (default
+# ~/cvgl_jax_logs); watch one with
+#   gcloud compute tpus tpu-vm ssh TPU_NAME --zone=ZONE --worker=0 \
+#     --command='tail -f ~/cvgl_jax_logs/worker_*.log'
+# FOREGROUND=1 streams every worker's output here instead (the old way).
+# A maintenance event sends SIGTERM: every process checkpoints at the step
+# they agree on and exits 0; run this script again to resume.
 #
 # Environment: PROJECT (gcloud project; default the configured one),
-# REPO_DIR (on the workers, default ~/cvgl_jax), PYTHON (default python3).
+# REPO_DIR (on the workers, default ~/cvgl_jax), PYTHON (default python3),
+# LOG_DIR (on the workers, default ~/cvgl_jax_logs), FOREGROUND.
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 tpu=$1
@@ -36,6 +46,11 @@ python=${PYTHON:-python3}
 # Quote every argument for the remote shell.
 args=$(printf ' %q' "$@")
 
+logs=${LOG_DIR:-'~/cvgl_jax_logs'}
+run="cd $repo && $python -m cvgl_jax.main --distributed=on$args"
+if [[ -z "${FOREGROUND:-}" ]]; then
+  run="mkdir -p $logs && nohup setsid bash -c $(printf '%q' "$run") \
+> $logs/worker_\$(hostname).log 2>&1 < /dev/null & echo started on \$(hostname)"
+fi
 gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" \
-  ${PROJECT:+--project="$PROJECT"} --worker=all \
-  --command="cd $repo && $python -m cvgl_jax.main --distributed=on$args"
+  ${PROJECT:+--project="$PROJECT"} --worker=all --command="$run"
