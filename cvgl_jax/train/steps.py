@@ -95,6 +95,7 @@ def _jit(step, mesh, keys):
       raise KeyError(f"This training step needs batch entries {keys}; the "
                      f"batch has {sorted(batch)} (missing {missing}).")
     return jitted(st, {k: batch[k] for k in keys})
+  run.jitted = jitted  # For lowering without running (benchmarks/memory.py).
   return run
 
 
