@@ -30,6 +30,8 @@ def gt_subset(positive: np.ndarray, gt_ratio: float, seed: int) -> np.ndarray:
 
 def _fill(n: int, length: int, rng: np.random.Generator) -> np.ndarray:
   """`length` indices into [0, n): concatenated fresh permutations."""
+  if length == 0:  # Every ground image labelled (100 % GT): no fillers.
+    return np.zeros(0, np.int64)
   reps = -(-length // n)
   return np.concatenate([rng.permutation(n) for _ in range(reps)])[:length]
 
