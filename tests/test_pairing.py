@@ -56,3 +56,14 @@ def test_no_labels_is_a_clear_error():
   with pytest.raises(ValueError, match="pseudo_label.tau"):
     pairing.epoch_rows(np.zeros((0, 2)), np.zeros((0, 2)), 5, 5, 0.4,
                        np.random.default_rng(0))
+
+
+def test_every_ground_labelled_needs_no_fillers():
+  # gt_ratio=1 (the paper's 100 % GT row): every ground image has its true
+  # tile, so every row is labelled and no filler tile is drawn.
+  gt = np.stack([np.arange(6), (np.arange(6) + 2) % 6], 1)
+  for ratio in (0.4, 1.0):
+    pairs, labeled, info = pairing.epoch_rows(
+        np.zeros((0, 2)), gt, 6, 6, ratio, np.random.default_rng(0))
+    assert labeled.all() and info["labelled_fraction"] == 1.0
+    np.testing.assert_array_equal(pairs[np.argsort(pairs[:, 0])], gt)
