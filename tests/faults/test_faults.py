@@ -15,6 +15,7 @@ CI runs the cases not marked `slow`; every case:
 import glob
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -220,8 +221,9 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_0(
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
     world, compile_cache, tmp_path):
   """JAX's preemption service: process 1 gets SIGTERM after step 3; both
-  processes checkpoint at the step they agree on (at most one later),
-  exit 0, and the rerun finishes. Process 1 also sees every evaluation's
+  processes checkpoint at the step they agree on (a few later on a loaded
+  machine: the notice travels through the coordination service), exit 0,
+  and the rerun resumes there. Process 1 also sees every evaluation's
   label-free score negated: were "save the selected params" its own
   decision, it would skip the collective save process 0 makes and hang."""
   workdir = str(tmp_path / "run")
@@ -239,9 +241,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
       env.pop(run_dir.FAULT_ENV, None)
       if i == 1:
         env[run_dir.FAULT_ENV] = ",".join(["disagree"] + [fault] * bool(fault))
+      # 10 epochs of 2 steps: room for the notice to reach the other
+      # process, however loaded the machine, before the run would end.
       command = main_command(world, workdir, "--config.train."
                              "checkpoint_every_steps=100",
                              "--config.train.select=label_free",
+                             "--config.supervised.epochs=10",
                              f"--coordinator_address=127.0.0.1:{port}",
                              "--num_processes=2", f"--process_id={i}")
       procs.append(subprocess.Popen(command, env=env, text=True,
@@ -257,15 +262,22 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
         raise
     return [(p.returncode, err) for p, (_, err) in zip(procs, out)]
 
+  stopped = set()
   for code, err in launch("sigterm@3"):
-    assert code == 0 and "Pre-empted: Stage 'supervised' stopped at step" \
-        in err, err[-3000:]
-  saved = run_dir.checkpoint_step(run_dir.checkpoints_dir(workdir, STAGE))
-  assert saved in (3, 4)
+    found = re.search(r"Pre-empted: Stage 'supervised' stopped at step "
+                      r"(\d+)", err)
+    assert code == 0 and found, err[-3000:]
+    stopped.add(int(found[1]))
+  # Both at the one step they agreed on, after the signal, before the end;
+  # its checkpoint is where the rerun starts: no step is lost.
+  (step,) = stopped
+  assert 3 <= step < 20
+  assert run_dir.checkpoint_step(
+      run_dir.checkpoints_dir(workdir, STAGE)) == step
   for code, err in launch(None):
     assert code == 0, err[-3000:]
   done = run_dir.read_done(workdir, STAGE)
-  assert done["step"] == 6
+  assert done["step"] == 20
   # Process 0's choice (the highest score) is in best/.
   assert run_dir.checkpoint_step(os.path.join(
       workdir, STAGE, run_dir.BEST)) == done["selected"]["step"]
