@@ -242,6 +242,11 @@ def divergence_onset(history: list[tuple[int, float, float]],
   return history[first][0], sign(*history[first][1:])
 
 
+def _preempted_message(stage: str, step: int, ckpt_dir: str) -> str:
+  return (f"Stage {stage!r} stopped at step {step} on SIGTERM, "
+          f"checkpointed in {ckpt_dir}; rerun the same command to resume.")
+
+
 def _mean(fetched):
   """Means over the steps that were applied (all of them if none was)."""
   applied = [m for _, m in fetched if not float(m.get("skipped", 0.0))]
@@ -493,6 +498,7 @@ def train(state: state_lib.TrainState,
       last_saved = step
       run_dir.fault_point("checkpoint", step, mngr.wait_until_finished)
 
+  preempted = False
   try:
     epoch = step // steps_per_epoch
     while step < stop:
@@ -533,12 +539,13 @@ def train(state: state_lib.TrainState,
         bar.update(1)
         if run_dir.fault_requested("sigterm", step):
           os.kill(os.getpid(), signal.SIGTERM)
-        if parallel.preemption_point():
+        # Asked once per step on every process (the sync point counts the
+        # calls). At an epoch's last step the stop waits for its
+        # evaluation and save, which a resumed run would not redo.
+        preempted = parallel.preemption_point()
+        if preempted and step != epoch_end:
           save(epoch)
-          raise parallel.Preempted(
-              f"Stage {stage!r} stopped at step {step} on SIGTERM, "
-              f"checkpointed in {ckpt_dir}; rerun the same command to "
-              f"resume.")
+          raise parallel.Preempted(_preempted_message(stage, step, ckpt_dir))
         if step % log_every_steps == 0:
           flush(epoch)
         if step % ckpt_every_steps == 0 and step != epoch_end:
@@ -581,6 +588,8 @@ def train(state: state_lib.TrainState,
             run_dir.write_selected(workdir, stage, selected)
       else:
         save(epoch - 1)
+      if preempted:
+        raise parallel.Preempted(_preempted_message(stage, step, ckpt_dir))
   finally:
     bar.close()
     writer.close()

@@ -218,6 +218,10 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_0(
   assert record_keys(workdir) == record_keys(reference)
 
 
+# Slow, and open: it passed (both processes stopped at step 4 or 5, the
+# rerun finished), and once, under a load of ~4 on 2 cores, the processes
+# trained on past the signal and hung in a later save (BUILD_NOTES.md).
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
     world, compile_cache, tmp_path):
   """JAX's preemption service: process 1 gets SIGTERM after step 3; both
@@ -242,11 +246,13 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
       if i == 1:
         env[run_dir.FAULT_ENV] = ",".join(["disagree"] + [fault] * bool(fault))
       # 10 epochs of 2 steps: room for the notice to reach the other
-      # process, however loaded the machine, before the run would end.
+      # process, however loaded the machine, before the run would end;
+      # evaluated after epochs 5 and 10 (two decisions after the stop).
       command = main_command(world, workdir, "--config.train."
                              "checkpoint_every_steps=100",
                              "--config.train.select=label_free",
                              "--config.supervised.epochs=10",
+                             "--config.train.eval_every_epochs=5",
                              f"--coordinator_address=127.0.0.1:{port}",
                              "--num_processes=2", f"--process_id={i}")
       procs.append(subprocess.Popen(command, env=env, text=True,
