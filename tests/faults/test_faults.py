@@ -70,8 +70,9 @@ def main_command(world, workdir, *flags, config=CONFIG):
           f"--workdir={workdir}", *flags]
 
 
-def run_main(world, workdir, cache, *flags, fault=None, max_file_bytes=None,
-             config=CONFIG):
+def main_env(cache, fault=None):
+  """A one-CPU-device environment for `cvgl_jax.main`, with `fault` (the
+  CVGL_JAX_FAULT spec) or none."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
              JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -79,6 +80,12 @@ def run_main(world, workdir, cache, *flags, fault=None, max_file_bytes=None,
   env.pop(run_dir.FAULT_ENV, None)
   if fault:
     env[run_dir.FAULT_ENV] = fault
+  return env
+
+
+def run_main(world, workdir, cache, *flags, fault=None, max_file_bytes=None,
+             config=CONFIG):
+  env = main_env(cache, fault)
   limit = None
   if max_file_bytes:
     # A full disk, as a per-file size limit: writes past it fail (EFBIG).
@@ -238,13 +245,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
             for i in range(2)]
     procs = []
     for i in range(2):
-      env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
-                 JAX_COMPILATION_CACHE_DIR=compile_cache + f"_{i}",
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                 GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
-      env.pop(run_dir.FAULT_ENV, None)
-      if i == 1:
-        env[run_dir.FAULT_ENV] = ",".join(["disagree"] + [fault] * bool(fault))
+      env = main_env(compile_cache + f"_{i}", i == 1 and ",".join(
+          ["disagree"] + [fault] * bool(fault)))
       # 10 epochs of 2 steps: room for the notice to reach the other
       # process, however loaded the machine, before the run would end;
       # evaluated after epochs 5 and 10 (two decisions after the stop).
