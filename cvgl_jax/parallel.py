@@ -201,6 +201,14 @@ def sum_over_processes(count: int) -> int:
   return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
 
 
+def min_over_processes(value: int) -> int:
+  """The least of an integer (e.g. the index of the first bad file each
+  process found in its share) over all processes, on every process."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(np.min(multihost_utils.process_allgather(np.int64(value))))
+
+
 def from_main_process(tree: Any) -> Any:
   """Process 0's values of a pytree of host arrays, on every process.
 
@@ -224,6 +232,34 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None
   return jax.make_mesh((len(devices),), (DATA_AXIS,),
                        axis_types=(jax.sharding.AxisType.Auto,),
                        devices=devices)
+
+
+def devices_for_batch(global_batch: int, name: str = "batch_size"
+                      ) -> list[jax.Device]:
+  """The devices a global batch too small for all of them is split over.
+
+  The same number k of devices on every process (the first k local ones),
+  k the largest that divides the process's share of the batch: all
+  devices when the batch is a multiple of the device count, one device per
+  process for a batch of one per process. For models trained with small
+  batches (the CycleGAN's official batch is 1), where splitting a batch of
+  one is impossible and training the same model on every device is waste.
+
+  Raises:
+    ValueError naming `name` when the batch does not split over the
+    processes (each must hold the same number of rows).
+  """
+  n_proc = jax.process_count()
+  if global_batch <= 0 or global_batch % n_proc:
+    raise ValueError(
+        f"{name}: the global batch {global_batch} must be a positive "
+        f"multiple of the {n_proc} processes; choose e.g. "
+        f"{n_proc * jax.local_device_count()} (one image per device).")
+  share = global_batch // n_proc
+  k = max(d for d in range(1, jax.local_device_count() + 1) if share % d == 0)
+  by_process = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return [d for p in range(n_proc)
+          for d in [d for d in by_process if d.process_index == p][:k]]
 
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:

@@ -429,6 +429,11 @@ def fault_requested(name: str, step: Optional[int] = None) -> bool:
   return False
 
 
+# The `list_late` fault: this process lists a file stage's outputs this
+# many seconds after the others (which have written theirs by then).
+LIST_LATE_S = 5.0
+
+
 def fault_point(name: str, step: Optional[int] = None,
                 before: Optional[Callable[[], Any]] = None) -> None:
   """A commit boundary the fault-injection tests kill the run at.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from typing import Callable, Optional
 
 from absl import logging
@@ -154,6 +155,12 @@ def preflight(config: ml_collections.ConfigDict,
         parallel.check_batch_size(config.train[key], mesh, f"train.{key}")
       except ValueError as e:
         errors.append(f"config.{e}")
+  if "translate" in config.stages:
+    try:
+      parallel.devices_for_batch(config.translate.batch_size,
+                                 "translate.batch_size")
+    except ValueError as e:
+      errors.append(f"config.{e}")
   path = config.model.pretrained
   if path:
     model = encoder.from_config(config.model)
@@ -236,6 +243,8 @@ def run_cfp(run: Run) -> dict:
                    "fov_deg": c.fov_deg, "placement": c.placement,
                    "wrap": c.wrap})
   parallel.sync("cfp:claimed")
+  if run_dir.fault_requested("list_late"):
+    time.sleep(run_dir.LIST_LATE_S)
   stats = project.project_split(
       run.train, out_size=c.out_size, fov_deg=c.fov_deg,
       placement=c.placement, batch_size=c.batch_size, wrap=c.wrap,
@@ -244,6 +253,8 @@ def run_cfp(run: Run) -> dict:
   # Each process wrote its share.
   for key in ("written", "skipped"):
     stats[key] = parallel.sum_over_processes(stats[key])
+  derived.check_all_written(list(run.train.derived_paths("g2a")),
+                            "BEV images")
   return stats
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cvgl_jax import parallel
 from cvgl_jax.cfp import project
 from cvgl_jax.cfp import translate as tr
 from cvgl_jax.cfp import translate_stage as ts
@@ -222,6 +223,59 @@ def test_resume_continues_exactly(tmp_path):
     ts.train_translation(a[:3], b[:3], parts, config, progress=False)
   with pytest.raises(ValueError, match="does not fit this config"):
     ts.train_translation(a, b, parts, tiny_config(ngf=4), progress=False)
+
+
+def test_devices_for_batch_takes_the_most_that_divide_it():
+  n = jax.device_count()  # 8 simulated CPU devices (conftest)
+  assert n == 8
+  assert parallel.devices_for_batch(1) == jax.devices()[:1]
+  assert parallel.devices_for_batch(8) == jax.devices()
+  assert parallel.devices_for_batch(16) == jax.devices()
+  assert len(parallel.devices_for_batch(12)) == 6
+  with pytest.raises(ValueError, match="translate.batch_size: the global "
+                     "batch 0"):
+    parallel.devices_for_batch(0, "translate.batch_size")
+
+
+def test_a_batch_split_over_devices_trains_as_on_one(tmp_path, monkeypatch):
+  """Batch 8 over 8 devices against the same batch on one device: the same
+  losses at every step and the same parameters, to float rounding (the
+  cross-device sums add in another order). A split that normalised, pooled
+  or averaged per device would differ by orders of magnitude more."""
+  a = _noise_images(str(tmp_path / "a"), 16, 5)
+  b = _noise_images(str(tmp_path / "b"), 12, 6)
+  config = tiny_config(batch_size=8, log_every_steps=1, pool_size=4)
+  split = ts.train_translation(a, b, str(tmp_path / "split"), config,
+                               progress=False)
+  assert len(split.params_g["g_ab"]["Conv_0"]["kernel"].sharding.device_set
+             ) == 8
+  monkeypatch.setattr(parallel, "devices_for_batch",
+                      lambda batch, name: jax.devices()[:1])
+  one = ts.train_translation(a, b, str(tmp_path / "one"), config,
+                             progress=False)
+  assert int(split.step) == int(one.step) == 4
+  losses = lambda d: [json.loads(line) for line in open(
+      os.path.join(d, "metrics.jsonl"))]
+  for x, y in zip(losses(str(tmp_path / "split")),
+                  losses(str(tmp_path / "one")), strict=True):
+    for key in ("g_total", "g_gan_ab", "cycle_a", "d_a", "d_b"):
+      np.testing.assert_allclose(x[key], y[key], rtol=2e-5, err_msg=key)
+  # Parameters agree to a small fraction of the 4 steps' movement (lr 2e-4
+  # each) -- except the biases of convolutions followed by instance
+  # normalisation, which subtracts them: their true gradient is 0, and
+  # Adam scales its rounding noise to steps of +-lr in either run.
+  # (Here the last convolution of either network is Conv_3, and the
+  # discriminator's Conv_0 has no normalisation after it.)
+  params = lambda s: {"g": s.params_g, "d": s.params_d}
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params(split)),
+                          jax.tree.leaves(params(one))):
+    name = jax.tree_util.keystr(path)
+    normalised = "Conv_3" not in name and not (
+        name.startswith("['d']") and "['Conv_0']" in name)
+    if name.endswith("['bias']") and normalised:
+      continue
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-4,
+                               err_msg=name)
 
 
 def test_translate_split_is_atomic_and_skips_done(tmp_path):

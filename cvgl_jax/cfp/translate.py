@@ -457,8 +457,14 @@ class CycleGAN:
 
   @functools.cached_property
   def jit_train_step(self):
-    """`train_step` jitted with the state donated."""
-    return jax.jit(self.train_step, donate_argnums=(0,))
+    """(state, batch) -> `train_step` with the key fold_in(state.rng,
+    state.step), jitted with the state donated. The key is made on the
+    devices, so the step takes only global arrays (a multi-process mesh
+    accepts no host key)."""
+    return jax.jit(
+        lambda state, batch: self.train_step(
+            state, batch, jax.random.fold_in(state.rng, state.step)),
+        donate_argnums=(0,))
 
   @functools.cached_property
   def jit_translate(self):

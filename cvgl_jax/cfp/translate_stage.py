@@ -12,13 +12,18 @@ writes PNGs atomically, skipping those already written; `translate` chains
 the two for a dataset split, writing `root/g2a_sat/<id>.png` for every
 `root/g2a/<id>.png`.
 
-Several processes: the CycleGAN is small and trained with batch 1 (the
-official setting), so every process trains the same model on its first
-device from the same data and keys rather than splitting batches; orbax
-checkpoints it as a replicated global array, which every process joins,
-and only process 0 writes the metrics and the config. Process 0's
-generator is handed to all for translation, and each process translates
-its own share of the images.
+Several devices and processes: the CycleGAN trains data-parallel, as the
+encoders do: the state replicated, each global batch of
+`config.batch_size` split over the devices (`parallel.devices_for_batch`:
+all of them when the batch is a multiple of the device count, fewer when
+it is smaller; the official batch 1 trains on one device of a one-process
+job and is refused for several processes). Every loss is a per-image mean
+and instance normalisation is per image, so the split step is the one-
+device step of the same global batch (tests/test_translate.py). Each
+process loads only its rows of each batch; orbax checkpoints the
+replicated state, and only process 0 writes the metrics and the config.
+Each process then translates its own share of the images with process 0's
+generator.
 
 Host images are uint8 RGB (cv2 decodes BGR; we convert at once), resized
 to `load_size` squared as the official `resize_and_crop` does (PIL bicubic
@@ -35,6 +40,7 @@ import os
 import time
 from typing import Optional, Sequence
 
+from absl import logging
 import cv2
 import grain
 import jax
@@ -110,8 +116,22 @@ def _decodable(path: str) -> bool:
   return cv2.imread(os.fspath(path), cv2.IMREAD_REDUCED_GRAYSCALE_8) is not None
 
 
+def _image_problem(path: str, what: str, decode: bool) -> str:
+  """Why `path` cannot be read as an image ("" if it can)."""
+  if not os.path.isfile(path):
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+      return (f"{what} folder {folder} does not exist (first missing file: "
+              f"{path}).")
+    return f"{what} {path} does not exist."
+  if decode and not _decodable(path):
+    return f"{what} {path} is not a readable image."
+  return ""
+
+
 def check_images(paths: Sequence[str], what: str, num_threads: int = 4,
-                 decode: bool = True) -> None:
+                 decode: bool = True, same_on_every_process: bool = True
+                 ) -> None:
   """Raises ValueError naming the first missing or unreadable image.
 
   Args:
@@ -119,21 +139,25 @@ def check_images(paths: Sequence[str], what: str, num_threads: int = 4,
     what: what they are, for the message (e.g. "BEV image").
     num_threads: decoding threads (cv2 releases the GIL).
     decode: also decode each file (at 1/8 scale), not only stat it.
+    same_on_every_process: `paths` is the same list on every process:
+      each checks every process_count-th file and all raise the same
+      error (one host need not read a pod's dataset alone). False: each
+      checks its own list.
   """
   if not len(paths):
     raise ValueError(f"No {what}s given.")
-  for p in paths:
-    if not os.path.isfile(p):
-      folder = os.path.dirname(p)
-      if not os.path.isdir(folder):
-        raise ValueError(f"{what} folder {folder} does not exist (first "
-                         f"missing file: {p}).")
-      raise ValueError(f"{what} {p} does not exist.")
-  if decode:
+  share = (range(jax.process_index(), len(paths), jax.process_count())
+           if same_on_every_process else range(len(paths)))
+  missing = [i for i in share if not os.path.isfile(paths[i])]
+  first = missing[0] if missing else len(paths)
+  if decode and not missing:
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-      for p, ok in zip(paths, pool.map(_decodable, paths)):
-        if not ok:
-          raise ValueError(f"{what} {p} is not a readable image.")
+      ok = pool.map(_decodable, [paths[i] for i in share])
+      first = next((i for i, good in zip(share, ok) if not good), first)
+  if same_on_every_process:
+    first = parallel.min_over_processes(first)
+  if first < len(paths):
+    raise ValueError(_image_problem(paths[first], what, decode))
 
 
 # ----------------------------------------------------------------------------
@@ -181,16 +205,21 @@ def load_train_pair(record, config) -> dict:
 
 
 def epoch_batches(a_paths, b_paths, config, epoch: int, start_step: int,
-                  spe: int):
-  """Iterator over the batches of `epoch` from step `start_step` on."""
+                  spe: int, process_index: int = 0, process_count: int = 1):
+  """Iterator over this process's shares of the global batches of `epoch`
+  from step `start_step` on: {"a", "b": [batch_size / process_count, S, S,
+  3] uint8}, rows process_index * share ... of each global batch."""
   bs = config.batch_size
+  share = bs // process_count
   a, b, seeds = epoch_plan(config.seed, epoch, len(a_paths), len(b_paths),
                            spe * bs)
   records = [(a_paths[i], b_paths[j], int(s))
-             for i, j, s in zip(a, b, seeds)][start_step * bs:]
+             for n, (i, j, s) in enumerate(zip(a, b, seeds))
+             if n // share % process_count == process_index][
+                 start_step * share:]
   ds = (grain.MapDataset.source(records)
         .map(lambda r: load_train_pair(r, config))
-        .batch(bs, drop_remainder=True)
+        .batch(share, drop_remainder=True)
         .to_iter_dataset(grain.ReadOptions(
             num_threads=config.num_threads,
             prefetch_buffer_size=4 * config.num_threads)))
@@ -248,7 +277,13 @@ def train_translation(bev_paths: Sequence[str],
 
   model = tr.get_model(config)
   main = parallel.is_main_process()
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(parallel.devices_for_batch(
+      config.batch_size, "translate.batch_size"))
+  logging.info("translate: the CycleGAN trains on %d of %d devices (global "
+               "batch %d%s).", mesh.size, jax.device_count(),
+               config.batch_size,
+               "" if mesh.size == jax.device_count() else
+               f"; a multiple of {jax.device_count()} uses them all")
   os.makedirs(workdir, exist_ok=True)
   if main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -266,15 +301,14 @@ def train_translation(bev_paths: Sequence[str],
                              os.path.basename(os.path.abspath(workdir)),
                              latest)
   if latest is None:
-    state = model.init(key, spe)
+    state = parallel.replicate_local(model.init(key, spe), mesh)
   else:
     repl = parallel.replicated(mesh)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
         jax.eval_shape(lambda k: model.init(k, spe), key))
     try:
-      state = parallel.local_copy(
-          mngr.restore(latest, args=ocp.args.StandardRestore(abstract)))
+      state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
     except (ValueError, KeyError, TypeError) as err:
       mngr.close()
       raise ValueError(
@@ -300,9 +334,10 @@ def train_translation(bev_paths: Sequence[str],
     while step < stop:
       epoch, pos = divmod(step, spe)
       for batch in epoch_batches(bev_paths, satellite_paths, config, epoch,
-                                 pos, spe):
+                                 pos, spe, jax.process_index(),
+                                 jax.process_count()):
         state, metrics = model.jit_train_step(
-            state, batch, jax.random.fold_in(state.rng, step))
+            state, parallel.to_global(batch, mesh))
         step += 1
         bar.update(1)
         preempted = parallel.preemption_point()
@@ -325,8 +360,7 @@ def train_translation(bev_paths: Sequence[str],
                            "D_A": f"{metrics['d_a']:.3f}",
                            "D_B": f"{metrics['d_b']:.3f}"})
         if save:
-          mngr.save(step, args=ocp.args.StandardSave(
-              parallel.replicate_local(state, mesh)))
+          mngr.save(step, args=ocp.args.StandardSave(state))
           run_dir.fault_point("translate.checkpoint", step,
                               mngr.wait_until_finished)
         if preempted:
@@ -382,7 +416,7 @@ def translate_split(bev_paths: Sequence[str], out_paths: Sequence[str],
   if not todo:
     return 0
   check_images([i for i, _ in todo], "BEV image", config.num_threads,
-               decode=False)
+               decode=False, same_on_every_process=False)
   model = tr.get_model(config)
   bs = config.translate_batch_size
   load = lambda p: image_io.resize(image_io.read_rgb(p), (config.crop_size,) * 2)
@@ -436,9 +470,10 @@ def translate(index, workdir: str, config: ml_collections.ConfigDict, *,
   stage_dir = os.path.join(workdir, "translate")
   state = train_translation(bev_paths, list(index.satellite_paths), stage_dir,
                             config, progress=progress)
-  params = state.params_g["g_ab"]
-  if jax.process_count() > 1:
-    params = parallel.from_main_process(jax.device_get(params))
+  # Replicated, hence equal everywhere; process 0's copy makes the fakes
+  # of every process bit-identical to a one-process run's all the same.
+  params = parallel.from_main_process(
+      jax.device_get(state.params_g["g_ab"]))
   # Fakes of another generator (another run on this dataset) are replaced.
   if parallel.is_main_process() and out_paths:
     derived.claim(os.path.dirname(os.fspath(out_paths[0])),
@@ -446,10 +481,13 @@ def translate(index, workdir: str, config: ml_collections.ConfigDict, *,
                    "crop_size": int(config.crop_size),
                    "generator": derived.params_digest(params)})
   parallel.sync("translate:claimed")
+  if run_dir.fault_requested("list_late"):
+    time.sleep(run_dir.LIST_LATE_S)
   written = translate_split(
       bev_paths, out_paths, params, config,
       progress=progress and parallel.is_main_process(),
       process_index=jax.process_index(), process_count=jax.process_count())
   written = parallel.sum_over_processes(written)
+  derived.check_all_written(out_paths, "fake satellite images")
   return {"steps": int(state.step), "written": written,
           "total": len(bev_paths)}

@@ -21,6 +21,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from cvgl_jax import parallel
+
 STAMP = "MADE_BY.json"
 VERSION = 1
 
@@ -78,3 +80,21 @@ def params_digest(params: Any) -> str:
   for leaf in jax.tree.leaves(params):
     h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
   return h.hexdigest()[:16]
+
+
+def check_all_written(paths, what: str) -> None:
+  """Raises RuntimeError, on every process alike, unless every one of
+  `paths` exists: the last check of a file stage before its DONE marker
+  (each process wrote a share; a lost share must not pass as done).
+  Process 0 looks; call on every process after they have all written."""
+  first = len(paths)
+  if parallel.is_main_process():
+    first = next((i for i, p in enumerate(paths)
+                  if not os.path.exists(p)), len(paths))
+  first = int(parallel.from_main_process(np.int64(first)))
+  if first < len(paths):
+    missing = sum(not os.path.exists(p) for p in paths[first:])
+    raise RuntimeError(
+        f"{missing} of {len(paths)} {what} are missing after the stage, the "
+        f"first {os.fspath(paths[first])}: a process wrote less than its "
+        f"share. Rerun the same command to write them.")

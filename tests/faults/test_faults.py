@@ -32,6 +32,7 @@ from cvgl_jax import export
 from cvgl_jax import parallel
 from cvgl_jax import run_dir
 from cvgl_jax import stages
+from cvgl_jax.data import image_io
 from cvgl_jax.data import synthetic
 from cvgl_jax.models import encoder
 from cvgl_jax.models import weights
@@ -70,10 +71,12 @@ def main_command(world, workdir, *flags, config=CONFIG):
           f"--workdir={workdir}", *flags]
 
 
-def main_env(cache, fault=None):
-  """A one-CPU-device environment for `cvgl_jax.main`, with `fault` (the
-  CVGL_JAX_FAULT spec) or none."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+def main_env(cache, fault=None, devices=1):
+  """An environment of `devices` CPU devices for `cvgl_jax.main`, with
+  `fault` (the CVGL_JAX_FAULT spec) or none."""
+  flags = (f"--xla_force_host_platform_device_count={devices}"
+           if devices > 1 else "")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
              JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
@@ -114,6 +117,42 @@ def assert_same_best(workdir, reference):
 def record_keys(workdir):
   with open(run_dir.metrics_file(workdir, STAGE)) as f:
     return [(r["kind"], r["step"]) for r in map(json.loads, f)]
+
+
+def launch_two(world, workdir, cache, logs, flags, faults=(None, None),
+               config=CONFIG):
+  """Runs `cvgl_jax.main` as processes 0 and 1 of one job (a CPU device
+  each, CVGL_JAX_FAULT faults[i]) to their end: [(exit code, output)]."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  os.makedirs(logs, exist_ok=True)
+  # Output to files, not pipes: a process blocked writing a full pipe that
+  # nobody reads stalls its peer in the next collective.
+  files = [open(os.path.join(logs, f"process_{i}.log"), "w+")
+           for i in range(2)]
+  procs = []
+  for i in range(2):
+    command = main_command(world, workdir, *flags,
+                           f"--coordinator_address=127.0.0.1:{port}",
+                           "--num_processes=2", f"--process_id={i}",
+                           config=config)
+    procs.append(subprocess.Popen(
+        command, env=main_env(f"{cache}_{i}", faults[i]), text=True,
+        stdout=files[i], stderr=subprocess.STDOUT))
+  for p in procs:
+    try:
+      p.wait(timeout=420)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  out = []
+  for f in files:
+    f.seek(0)
+    out.append(f.read())
+    f.close()
+  return [(p.returncode, text) for p, text in zip(procs, out)]
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +244,57 @@ def test_a_kill_in_the_translation_loses_nothing(world, compile_cache,
   assert steps(workdir) == steps(ref_dir)
 
 
+def test_two_processes_share_the_file_stages_and_the_cyclegan(
+    world, compile_cache, tmp_path):
+  """CFP and the translation as processes 0 and 1 (a CPU device each)
+  against one process with two devices, a global CycleGAN batch of 2:
+  the same steps and losses (one data-parallel training, not one per
+  process), the same BEVs, the same fakes up to rounding, every file
+  written although process 1 lists the outputs late (after process 0 has
+  written its share), each record once."""
+  batch = "--config.translate.batch_size=2"
+  runs = {}
+  for name in ("one", "two"):
+    root = str(tmp_path / name / "world")
+    shutil.copytree(world, root)
+    workdir = str(tmp_path / name / "run")
+    if name == "one":
+      done = subprocess.run(
+          main_command(root, workdir, batch, config=TRANSLATE_CONFIG),
+          env=main_env(compile_cache + "_2", devices=2), capture_output=True,
+          text=True, timeout=600)
+      outputs = [(done.returncode, done.stderr)]
+    else:
+      outputs = launch_two(root, workdir, compile_cache, tmp_path / "logs",
+                           [batch], faults=(None, "list_late"),
+                           config=TRANSLATE_CONFIG)
+    for code, text in outputs:
+      assert code == 0, text[-3000:]
+      assert "the CycleGAN trains on 2 of 2 devices" in text
+    runs[name] = root, workdir
+  (one_root, one_dir), (two_root, two_dir) = runs["one"], runs["two"]
+  records = lambda d: [json.loads(line) for line in open(
+      run_dir.metrics_file(d, "translate"))]
+  one, two = records(one_dir), records(two_dir)
+  assert [r["step"] for r in two] == [r["step"] for r in one]
+  for a, b in zip(one, two):
+    for key in ("g_total", "cycle_a", "d_a", "d_b"):
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-4, err_msg=key)
+  for stage, folder in (("cfp", "g2a"), ("translate", "g2a_sat")):
+    names = sorted(f for f in os.listdir(os.path.join(one_root, folder))
+                   if f.endswith(".png"))
+    assert names == sorted(f for f in os.listdir(os.path.join(
+        two_root, folder)) if f.endswith(".png"))
+    assert run_dir.read_done(two_dir, stage)["written"] == len(names)
+    diff = [np.abs(image_io.read_rgb(os.path.join(one_root, folder, n))
+                   .astype(int) - image_io.read_rgb(
+                       os.path.join(two_root, folder, n))) for n in names]
+    if folder == "g2a":
+      assert max(d.max() for d in diff) == 0
+    else:  # The generators differ by float rounding.
+      assert max(d.max() for d in diff) <= 2, max(d.max() for d in diff)
+
+
 def test_sigterm_checkpoints_at_the_next_step_and_exits_0(
     world, compile_cache, reference, tmp_path):
   """As a scheduler's time limit: checkpoints only at epoch ends (2, 4,
@@ -236,43 +326,15 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
   workdir = str(tmp_path / "run")
 
   def launch(fault):
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      port = s.getsockname()[1]
-    # Output to files, not pipes: a process blocked writing a full pipe
-    # that nobody reads stalls its peer in the next collective.
-    logs = [open(tmp_path / f"{fault or 'rerun'}_{i}.log", "w+")
-            for i in range(2)]
-    procs = []
-    for i in range(2):
-      env = main_env(compile_cache + f"_{i}", i == 1 and ",".join(
-          ["disagree"] + [fault] * bool(fault)))
-      # 10 epochs of 2 steps: room for the notice to reach the other
-      # process, however loaded the machine, before the run would end;
-      # evaluated after epochs 5 and 10 (two decisions after the stop).
-      command = main_command(world, workdir, "--config.train."
-                             "checkpoint_every_steps=100",
-                             "--config.train.select=label_free",
-                             "--config.supervised.epochs=10",
-                             "--config.train.eval_every_epochs=5",
-                             f"--coordinator_address=127.0.0.1:{port}",
-                             "--num_processes=2", f"--process_id={i}")
-      procs.append(subprocess.Popen(command, env=env, text=True,
-                                    stdout=logs[i],
-                                    stderr=subprocess.STDOUT))
-    for p in procs:
-      try:
-        p.wait(timeout=420)
-      except subprocess.TimeoutExpired:
-        for q in procs:
-          q.kill()
-        raise
-    out = []
-    for log in logs:
-      log.seek(0)
-      out.append(log.read())
-      log.close()
-    return [(p.returncode, err) for p, err in zip(procs, out)]
+    # 10 epochs of 2 steps: room for the notice to reach the other process,
+    # however loaded the machine, before the run would end; evaluated after
+    # epochs 5 and 10 (two decisions after the stop).
+    return launch_two(
+        world, workdir, compile_cache, tmp_path / (fault or "rerun"),
+        ["--config.train.checkpoint_every_steps=100",
+         "--config.train.select=label_free", "--config.supervised.epochs=10",
+         "--config.train.eval_every_epochs=5"],
+        faults=(None, ",".join(["disagree"] + [fault] * bool(fault))))
 
   stopped = set()
   for code, err in launch("sigterm@3"):
