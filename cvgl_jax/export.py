@@ -64,6 +64,7 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
+from cvgl_jax import cli
 from cvgl_jax import config_lib
 from cvgl_jax import evaluate
 from cvgl_jax import parallel
@@ -409,7 +410,7 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None,
     raise ExportError(f"references={references!r}; choose one of "
                       f"{REFERENCE_SETS}.")
   _check_out(out, overwrite)
-  mesh = parallel.make_mesh(jax.local_devices())
+  mesh = parallel.make_mesh()
   trained = load_trained(workdir, stage=stage, checkpoint=checkpoint,
                          mesh=mesh)
   config, spec = trained.config, trained.spec
@@ -419,14 +420,20 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None,
   refs = reference_table(splits)
   queries = query_table([evaluation, train], refs["abs_paths"])
 
-  n_dev = mesh.devices.size
-  batch = -(-int(config.train.eval_batch_size) // n_dev) * n_dev
+  # Images per process per batch, a multiple of its devices.
+  batch = -(-int(config.train.eval_batch_size) // mesh.devices.size
+            ) * jax.local_device_count()
   embeddings = evaluate.embed_split(
       embed_fns(trained.model, mesh)[1], trained.params, refs["abs_paths"],
       size=spec["satellite_size"], batch_size=batch, mesh=mesh,
       num_threads=int(config.data.num_threads), progress=progress,
       desc="embed references")
 
+  # Every process embedded its share; process 0 writes the bundle.
+  if not parallel.is_main_process():
+    parallel.sync("export:written")
+    with open(os.path.join(out, MANIFEST)) as f:
+      return json.load(f)
   partial = out.rstrip(os.sep) + ".partial"
   shutil.rmtree(partial, ignore_errors=True)
   os.makedirs(partial)
@@ -472,6 +479,7 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None,
   logging.info("Bundle %s: %s step %d (%s), %d references.", out,
                trained.stage, trained.step, trained.checkpoint,
                len(refs["ids"]))
+  parallel.sync("export:written")
   return manifest
 
 
@@ -490,18 +498,22 @@ def define_flags() -> None:
                     "or all.")
   flags.DEFINE_bool("overwrite", False, "Replace --out.")
   flags.mark_flags_as_required(["workdir", "out"])
+  cli.define_job_flags()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  cli.join_job()
   try:
     manifest = export(f.workdir, f.out, stage=f.stage,
                       checkpoint=f.checkpoint, references=f.references,
                       overwrite=f.overwrite, progress=True)
   except (ExportError, FileNotFoundError) as e:
-    raise SystemExit(f"Export refused: {e}") from e
+    cli.user_error(f"export refused: {e}")
+  if not parallel.is_main_process():
+    return
   print(json.dumps({k: manifest[k] for k in ("source", "dataset", "index")},
                    indent=2))
 

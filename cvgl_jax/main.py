@@ -38,6 +38,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from cvgl_jax import cli
 from cvgl_jax import config_lib
 from cvgl_jax import hostmem
 from cvgl_jax import parallel
@@ -57,25 +58,7 @@ _FORCE_CONFIG_CHANGE = flags.DEFINE_bool(
     "force_config_change", False,
     "Resume a workdir with a config that differs from its config.json in "
     "keys that change results; the change is recorded in the workdir.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None,
-    "Multi-process runs without a detected cluster: host:port of process "
-    "0's coordinator (with --num_processes and --process_id).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Number of processes of a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index in [0, num_processes).")
-_LOCAL_DEVICES = flags.DEFINE_list(
-    "local_device_ids", None,
-    "Accelerators this process uses, e.g. 0,1,2,3 for one SLURM task per "
-    "node owning four GPUs (JAX's SLURM detection alone gives one per "
-    "task).")
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "auto: join a multi-process run when the flags above are given or the "
-    "environment is a SLURM step / Open MPI job with several tasks; on: "
-    "always call jax.distributed.initialize() (Cloud TPU VM pods); off: "
-    "one process.")
+cli.define_job_flags()
 
 
 def run(config, workdir: str, *, force_config_change: bool = False) -> dict:
@@ -188,12 +171,6 @@ def recall_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def _user_error(error: Exception) -> None:
-  """A user's mistake: its message, no traceback, exit status 2."""
-  print(f"error: {error}", file=sys.stderr)
-  sys.exit(2)
-
-
 def repeated_overrides(args: list[str]) -> list[str]:
   """The `--config.KEY` overrides given more than once. (absl appends a
   repeated tuple-valued override to the first: (64, 256) then (32, 128)
@@ -218,31 +195,18 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   repeated = repeated_overrides(sys.argv[1:])
   if repeated:
-    _user_error(f"{', '.join('--' + k for k in repeated)} given more than "
-                f"once; give each override once.")
-  mode = _DISTRIBUTED.value
-  if mode == "off" and (_COORDINATOR.value or _NUM_PROCESSES.value
-                        is not None or _PROCESS_ID.value is not None):
-    raise app.UsageError("--distributed=off contradicts --coordinator_address"
-                         " / --num_processes / --process_id.")
+    cli.user_error(f"{', '.join('--' + k for k in repeated)} given more "
+                   f"than once; give each override once.")
   # A bad config fails here, before any process waits for its peers.
   try:
     config_lib.validate(_CONFIG.value)
   except config_lib.ConfigError as e:
-    _user_error(e)
-  try:
-    parallel.initialize(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-        _LOCAL_DEVICES.value, auto={"auto": None, "on": True,
-                                    "off": False}[mode])
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  logging.info("JAX process %d of %d, devices %s", jax.process_index(),
-               jax.process_count(), jax.devices())
+    cli.user_error(e)
+  cli.join_job()
   problem = config_lib.platform_problem(_CONFIG.value.platform,
                                         jax.default_backend())
   if problem:
-    _user_error(problem)
+    cli.user_error(problem)
   _use_compilation_cache(_CONFIG.value.compilation_cache_dir)
   parallel.watch_for_preemption()
   try:
@@ -250,7 +214,7 @@ def main(argv):
                   force_config_change=_FORCE_CONFIG_CHANGE.value)
   except (run_dir.RunDirError, config_lib.ConfigError,
           readers.DatasetError) as e:
-    _user_error(e)
+    cli.user_error(e)
   except parallel.Preempted as e:
     print(f"Pre-empted: {e}", file=sys.stderr, flush=True)
     sys.exit(0)

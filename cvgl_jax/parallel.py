@@ -72,6 +72,34 @@ def detected_cluster() -> Optional[str]:
   return None
 
 
+_VISIBLE_GPUS = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+                 "HIP_VISIBLE_DEVICES")
+
+
+def task_bound_device_ids(environ: Mapping[str, str] = os.environ
+                          ) -> Optional[list[int]]:
+  """The GPUs of a SLURM task its site bound GPUs to, else None.
+
+  JAX's SLURM detection gives task k of a node GPU k, which assumes every
+  task sees all GPUs of its node. A site that binds GPUs to tasks
+  (`--gpus-per-task`, `--gpu-bind`, cgroups) shows each task only its own,
+  numbered from 0: task 3 would ask for a GPU 3 it cannot see. A task is
+  bound when `SLURM_GPUS_PER_TASK` is set, when it sees fewer GPUs than
+  the job has on the node (`SLURM_STEP_GPUS` / `SLURM_JOB_GPUS`), or when
+  its local index is past the GPUs it sees; it then takes all of those.
+  """
+  visible = next((environ[v] for v in _VISIBLE_GPUS if environ.get(v)), "")
+  ids = [x for x in visible.split(",") if x.strip()]
+  if not ids or "SLURM_LOCALID" not in environ:
+    return None
+  node_gpus = environ.get("SLURM_STEP_GPUS") or environ.get(
+      "SLURM_JOB_GPUS", "")
+  bound = (bool(environ.get("SLURM_GPUS_PER_TASK"))
+           or len([x for x in node_gpus.split(",") if x.strip()]) > len(ids)
+           or int(environ["SLURM_LOCALID"]) >= len(ids))
+  return list(range(len(ids))) if bound else None
+
+
 def initialize(coordinator_address: Optional[str] = None,
                num_processes: Optional[int] = None,
                process_id: Optional[int] = None,
@@ -137,6 +165,12 @@ def initialize(coordinator_address: Optional[str] = None,
     cluster = detected_cluster()
     if auto is False or (auto is None and cluster is None):
       return False
+    if (cluster == "SLURM" and local_device_ids is None
+        and not os.environ.get("JAX_LOCAL_DEVICE_IDS")):
+      local_device_ids = task_bound_device_ids()
+      if local_device_ids is not None:
+        logging.info("SLURM bound GPUs to this task: using its %d visible "
+                     "GPU(s).", len(local_device_ids))
     logging.info("Joining the multi-process run detected from %s.",
                  cluster or "the cluster environment")
     jax.distributed.initialize(local_device_ids=local_device_ids)

@@ -43,6 +43,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cvgl_jax import cli
 from cvgl_jax import config_lib
 from cvgl_jax import evaluate
 from cvgl_jax import export
@@ -301,14 +302,18 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_examples", 6,
                        "Queries in retrieval_examples.png.")
   flags.mark_flags_as_required(["workdir"])
+  cli.define_job_flags()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  for name, path in write_report(f.workdir,
-                                 num_examples=f.num_examples).items():
+  cli.join_job()
+  written = write_report(f.workdir, num_examples=f.num_examples)
+  if not parallel.is_main_process():
+    return
+  for name, path in written.items():
     print(f"{name}: {path}")
 
 

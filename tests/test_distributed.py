@@ -322,3 +322,26 @@ def test_detected_cluster_only_for_several_tasks(monkeypatch):
   assert parallel.detected_cluster() is None
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1,w2,w3")
   assert parallel.detected_cluster() == "TPU"
+
+
+def test_gpus_bound_to_slurm_tasks_are_all_used():
+  task = {"SLURM_LOCALID": "3", "SLURM_JOB_GPUS": "0,1,2,3,4,5,6,7"}
+  # Every task sees every GPU of its node: JAX's default (task k, GPU k).
+  assert parallel.task_bound_device_ids(
+      dict(task, CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7")) is None
+  # --gpus-per-task=1 / --gpu-bind: task 3 sees one GPU, its own, as 0.
+  assert parallel.task_bound_device_ids(
+      dict(task, CUDA_VISIBLE_DEVICES="3")) == [0]
+  assert parallel.task_bound_device_ids(
+      {"SLURM_LOCALID": "0", "SLURM_GPUS_PER_TASK": "2",
+       "CUDA_VISIBLE_DEVICES": "0,1"}) == [0, 1]
+  # Two GPUs each of the node's four, known only from the job's list.
+  assert parallel.task_bound_device_ids(
+      {"SLURM_LOCALID": "0", "SLURM_STEP_GPUS": "0,1,2,3",
+       "ROCR_VISIBLE_DEVICES": "0,1"}) == [0, 1]
+  # A cgroup that hides the rest, no job list: the index is past them.
+  assert parallel.task_bound_device_ids(
+      {"SLURM_LOCALID": "1", "CUDA_VISIBLE_DEVICES": "5"}) == [0]
+  # Not SLURM, or nothing hidden: JAX decides.
+  assert parallel.task_bound_device_ids({"CUDA_VISIBLE_DEVICES": "0"}) is None
+  assert parallel.task_bound_device_ids({"SLURM_LOCALID": "0"}) is None

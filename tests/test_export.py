@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -348,3 +349,42 @@ def test_report_writes_the_pictures_of_the_run(run):
     rank = int(panel.title.rsplit(" ", 1)[1])
     assert panel.true_index == (rank - 1 if rank <= 5 else -1)
     assert len(panel.tiles) == 5
+
+
+def test_two_processes_export_the_same_bundle(run, tmp_path):
+  """`python -m cvgl_jax.export` as processes 0 and 1 of one job (a CPU
+  device each, as the workers of a pod): each embeds its share, process 0
+  writes the bundle, and it holds the one-process bundle's embeddings."""
+  _, workdir, _, bundle_dir = run
+  out = str(tmp_path / "bundle")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "cvgl_jax.export", f"--workdir={workdir}",
+       f"--out={out}", f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}"], env=env, text=True,
+      stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+  for p in procs:
+    try:
+      p.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  texts = []
+  for log in logs:
+    log.seek(0)
+    texts.append(log.read())
+    log.close()
+  for p, text in zip(procs, texts):
+    assert p.returncode == 0, text[-3000:]
+  assert '"num_references"' in texts[0] and '"num_references"' not in texts[1]
+  np.testing.assert_allclose(
+      np.load(os.path.join(out, export.EMBEDDINGS)),
+      np.load(os.path.join(bundle_dir, export.EMBEDDINGS)), atol=1e-5)
+  assert (retrieve.read_manifest(out)["source"]
+          == retrieve.read_manifest(bundle_dir)["source"])
+  retrieve.load_bundle(out)  # Whole, and every file as the manifest says.
