@@ -27,6 +27,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from cvgl_jax import cli
 from cvgl_jax import config_lib
 from cvgl_jax import metrics as metrics_lib
 from cvgl_jax.cfp import geometry
@@ -95,11 +96,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  config, workdir, size = f.config, f.workdir, f.size
+  cli.setup_console()
+  config, workdir, size = cli.config_value(), f.workdir, f.size
   try:
     config_lib.validate(config)
   except config_lib.ConfigError as e:
-    raise app.UsageError(str(e)) from e
+    cli.user_error(e)
   os.makedirs(workdir, exist_ok=True)
   result = ncc_recall(config, workdir, size)
   path = os.path.join(workdir, RESULT_FILE)
@@ -114,4 +116,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

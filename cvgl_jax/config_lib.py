@@ -10,6 +10,7 @@ weight files.
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any
 
@@ -31,6 +32,13 @@ SELECT = ("label_free", "final")
 
 class ConfigError(ValueError):
   """The config cannot drive a run; the message names the key."""
+
+  @classmethod
+  def of(cls, what: str, errors: list[str]) -> "ConfigError":
+    """One problem: one line; several: one line each under `what`."""
+    if len(errors) == 1:
+      return cls(f"{what}: {errors[0]}")
+    return cls(f"{what} ({len(errors)} problems):\n  " + "\n  ".join(errors))
 
 
 PLATFORMS = ("any", "accelerator", "gpu", "tpu", "cpu")
@@ -281,7 +289,7 @@ def _check_tree(config, defaults, prefix: str, errors: list[str]) -> None:
   for key in config.keys():
     name = f"{prefix}{key}"
     if key not in defaults:
-      close = [k for k in defaults.keys() if k.startswith(key[:3])]
+      close = difflib.get_close_matches(key, list(defaults.keys()), n=1)
       hint = f" (did you mean {close[0]!r}?)" if close else ""
       errors.append(f"unknown key config.{name}{hint}; known keys here: "
                     f"{sorted(defaults.keys())}")
@@ -315,7 +323,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   errors: list[str] = []
   _check_tree(config, default_config(), "", errors)
   if errors:
-    raise ConfigError("Invalid config:\n  " + "\n  ".join(errors))
+    raise ConfigError.of("Invalid config", errors)
   errors.extend(pretrain_lib.validate(config))
   if config.train.select not in SELECT:
     errors.append(f"config.train.select={config.train.select!r}; choose one "
@@ -328,7 +336,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   f"{PLATFORMS}")
   for stage in config.stages:
     if stage not in STAGES:
-      errors.append(f"config.stages names {stage!r}; stages are {STAGES}")
+      close = difflib.get_close_matches(str(stage), STAGES, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      errors.append(f"config.stages names {stage!r}{hint}; stages are "
+                    f"{STAGES}")
   if len(set(config.stages)) != len(config.stages):
     errors.append(f"config.stages repeats a stage: {tuple(config.stages)}")
   d = config.data
@@ -429,4 +440,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
     errors.append(f"config.pseudo_label.knn_backend={p.knn_backend!r}; "
                   "choose auto, exact or scann")
   if errors:
-    raise ConfigError("Invalid config:\n  " + "\n  ".join(errors))
+    raise ConfigError.of("Invalid config", errors)

@@ -499,9 +499,11 @@ def define_flags() -> None:
   flags.DEFINE_bool("overwrite", False, "Replace --out.")
   flags.mark_flags_as_required(["workdir", "out"])
   cli.define_job_flags()
+  flags.adopt_module_key_flags(cli)  # --help lists them.
 
 
 def main(argv):
+  cli.setup_console()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
@@ -520,4 +522,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -26,7 +26,7 @@ per-step temporaries, `cvgl_jax/hostmem.py`); set the tunable yourself
 """
 
 import contextlib
-import json
+import glob
 import os
 import sys
 import time
@@ -59,6 +59,7 @@ _FORCE_CONFIG_CHANGE = flags.DEFINE_bool(
     "Resume a workdir with a config that differs from its config.json in "
     "keys that change results; the change is recorded in the workdir.")
 cli.define_job_flags()
+flags.adopt_module_key_flags(cli)  # --help lists them.
 
 
 def run(config, workdir: str, *, force_config_change: bool = False) -> dict:
@@ -75,6 +76,7 @@ def run(config, workdir: str, *, force_config_change: bool = False) -> dict:
     if main:
       try:
         stack.enter_context(run_dir.locked(workdir))
+        stack.enter_context(cli.log_to_file(run_dir.log_file(workdir)))
         run_dir.save_config(workdir, config, force=force_config_change,
                             defaults=config_lib.default_config())
       except run_dir.RunDirError as e:
@@ -111,11 +113,39 @@ def _run_stages(config, workdir: str) -> dict:
       run_dir.write_done(workdir, stage, result)
     parallel.sync(f"main:{stage}:done")
     results[stage] = result
-    logging.info("Stage %s: done in %.0f s: %s", stage, result["seconds"],
-                 json.dumps(result, default=str)[:500])
+    logging.info("Stage %s: done in %s%s.", stage,
+                 _duration(result["seconds"]), _key_numbers(result))
   # Every process joins: the retrieval examples embed the eval split.
   report.write_report(workdir)
   return results
+
+
+def _duration(seconds: float) -> str:
+  return (f"{seconds:.0f} s" if seconds < 120 else
+          f"{seconds / 60:.1f} min")
+
+
+def _key_numbers(result: dict) -> str:
+  """A stage's headline, e.g. ": R@1 35.2 (best 36.0 at step 1200),
+  1240 steps" or ": 640 of 640 written" ("" when it has none)."""
+  parts = []
+  if "R@1" in result.get("eval", {}):
+    text = f"R@1 {result['eval']['R@1']:.1f}"
+    best = result.get("best") or {}
+    if "R@1" in best:
+      text += f" (best {best['R@1']:.1f} at step {best['step']})"
+    parts.append(text)
+  if "step" in result:
+    parts.append(f"{result['step']} steps")
+  elif "steps" in result:
+    parts.append(f"{result['steps']} steps")
+  if "written" in result:
+    total = result.get("total")
+    parts.append(f"{result['written']} written"
+                 + (f" of {total}" if total is not None else ""))
+  if result.get("cached"):
+    parts.append("from the cache")
+  return ": " + ", ".join(parts) if parts else ""
 
 
 def recall_table(results: dict) -> str:
@@ -171,6 +201,20 @@ def recall_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def _where(results: dict, workdir: str) -> str:
+  """Where the run's pictures and log are, and how to make its bundle."""
+  folder = os.path.join(workdir, run_dir.REPORT)
+  pictures = sorted(glob.glob(os.path.join(folder, "*.png")))
+  lines = ["Pictures:"] + [f"  {path}" for path in pictures]
+  if len(lines) == 1:
+    lines = ["Pictures: none (no evaluation recorded)."]
+  lines.append(f"Full log: {run_dir.log_file(workdir)}")
+  if any(s in results for s in config_lib.TRAINING_STAGES):
+    lines.append(f"Retrieval bundle: python -m cvgl_jax.export "
+                 f"--workdir={workdir} --out={os.path.join(workdir, 'bundle')}")
+  return "\n".join(lines)
+
+
 def repeated_overrides(args: list[str]) -> list[str]:
   """The `--config.KEY` overrides given more than once. (absl appends a
   repeated tuple-valued override to the first: (64, 256) then (32, 128)
@@ -191,6 +235,7 @@ def _use_compilation_cache(setting: str) -> None:
 
 
 def main(argv):
+  cli.setup_console()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   repeated = repeated_overrides(sys.argv[1:])
@@ -198,19 +243,20 @@ def main(argv):
     cli.user_error(f"{', '.join('--' + k for k in repeated)} given more "
                    f"than once; give each override once.")
   # A bad config fails here, before any process waits for its peers.
+  config = cli.config_value()
   try:
-    config_lib.validate(_CONFIG.value)
+    config_lib.validate(config)
   except config_lib.ConfigError as e:
     cli.user_error(e)
   cli.join_job()
-  problem = config_lib.platform_problem(_CONFIG.value.platform,
+  problem = config_lib.platform_problem(config.platform,
                                         jax.default_backend())
   if problem:
     cli.user_error(problem)
-  _use_compilation_cache(_CONFIG.value.compilation_cache_dir)
+  _use_compilation_cache(config.compilation_cache_dir)
   parallel.watch_for_preemption()
   try:
-    results = run(_CONFIG.value, _WORKDIR.value,
+    results = run(config, _WORKDIR.value,
                   force_config_change=_FORCE_CONFIG_CHANGE.value)
   except (run_dir.RunDirError, config_lib.ConfigError,
           readers.DatasetError) as e:
@@ -239,12 +285,12 @@ def main(argv):
   if parallel.is_main_process():
     path = os.path.join(_WORKDIR.value, run_dir.RESULTS)
     run_dir.write_json(path, results)
-    print(f"\nResults of {_WORKDIR.value} (all numbers in {path}, "
-          f"pictures in {os.path.join(_WORKDIR.value, run_dir.REPORT)}):"
-          f"\n{recall_table(results)}")
+    print(f"\nResults of {_WORKDIR.value} (all numbers in {path}):\n"
+          f"{recall_table(results)}\n\n{_where(results, _WORKDIR.value)}",
+          flush=True)
 
 
 if __name__ == "__main__":
   hostmem.reexec_with_huge_pages()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

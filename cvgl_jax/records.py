@@ -1,17 +1,69 @@
-"""The pseudo-label stage's round table, from its records.
+"""A stage's records: writing them, and the pseudo-label round table.
 
-The training loop writes one JSON object per line of
+The training loops write one JSON object per line of
 `workdir/<stage>/metrics.jsonl` ({"step", "epoch", "kind": "train" |
-"eval" | "epoch_start", ...}; read by `run_dir.read_records`); this module
-turns them into one row per round, for the stage summary, the end-of-run
-console table and the report's picture alike.
+"eval" | "epoch_start", ...}; read by `run_dir.read_records`) and the same
+scalars as TensorBoard events (`MetricWriter`); `round_table` turns a
+pseudo-label stage's records into one row per round, for the stage
+summary, the end-of-run console table and the report's picture alike.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+from typing import Mapping
 
 import numpy as np
+
+from cvgl_jax import run_dir
+
+
+def tensorboard_tag(kind: str, name: str) -> str:
+  """`kind/name` spelt so that no TensorBoard writer renames it: "R@1" ->
+  "R1", "R@1%" -> "R1pct" (tensorboardX would make both "R_1..." with a
+  warning per write)."""
+  name = name.replace("@", "").replace("%", "pct")
+  return re.sub(r"[^A-Za-z0-9_./-]", "_", f"{kind}/{name}")
+
+
+class MetricWriter:
+  """Scalars to `metrics.jsonl` and TensorBoard event files in one folder.
+
+  Writes nothing when `enabled` is False (processes other than 0).
+  """
+
+  def __init__(self, folder: str, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl = self._tb = None
+    if enabled:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      os.makedirs(folder, exist_ok=True)
+      self._jsonl = open(os.path.join(folder, run_dir.METRICS), "a")
+      self._tb = tensorboardX.SummaryWriter(
+          os.path.join(folder, "tensorboard"), flush_secs=30)
+
+  def write(self, step: int, epoch: int, kind: str,
+            metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    values = {k: float(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps(
+        {"step": int(step), "epoch": int(epoch), "kind": kind, **values})
+        + "\n")
+    self._jsonl.flush()
+    for name, value in values.items():
+      self._tb.add_scalar(tensorboard_tag(kind, name), value, int(step))
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+
 
 
 def round_table(records: list[dict]) -> list[dict]:

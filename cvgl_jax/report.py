@@ -303,9 +303,11 @@ def define_flags() -> None:
                        "Queries in retrieval_examples.png.")
   flags.mark_flags_as_required(["workdir"])
   cli.define_job_flags()
+  flags.adopt_module_key_flags(cli)  # --help lists them.
 
 
 def main(argv):
+  cli.setup_console()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
@@ -319,4 +321,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

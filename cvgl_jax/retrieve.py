@@ -45,6 +45,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from cvgl_jax import cli
 from cvgl_jax import export
 from cvgl_jax import parallel
 from cvgl_jax.data import augment
@@ -646,4 +647,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

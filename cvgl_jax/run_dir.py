@@ -4,6 +4,7 @@
     config.json              the run's config; a rerun must match it
     config_changes.jsonl     changes accepted with --force_config_change
     LOCK                     {"host", "pid", "started"} of the running job
+    log.txt                  every log record of every run (appended)
     results.json             {stage: DONE results} of the last finished run
     <stage>/DONE             the stage's results (JSON): it finished
     <stage>/metrics.jsonl    {"step", "epoch", "kind", ...} per line
@@ -39,6 +40,7 @@ import orbax.checkpoint as ocp
 CONFIG = "config.json"
 CONFIG_CHANGES = "config_changes.jsonl"
 LOCK = "LOCK"
+LOG = "log.txt"
 RESULTS = "results.json"
 DONE = "DONE"
 METRICS = "metrics.jsonl"
@@ -82,6 +84,12 @@ def checkpoints_dir(workdir: str, stage: str) -> str:
 def best_dir(workdir: str, stage: str) -> str:
   """Orbax folder of the params `stage` hands on."""
   return os.path.join(workdir, stage, BEST)
+
+
+def log_file(workdir: str) -> str:
+  """The run's full log (every library's records; the console shows
+  fewer)."""
+  return os.path.join(workdir, LOG)
 
 
 def metrics_file(workdir: str, stage: str) -> str:

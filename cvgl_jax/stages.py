@@ -174,8 +174,7 @@ def preflight(config: ml_collections.ConfigDict,
     except (weights.CheckpointMismatchError, OSError, ValueError) as e:
       errors.append(f"config.model.pretrained={path!r}: {e}")
   if errors:
-    raise config_lib.ConfigError("Invalid config for this job:\n  "
-                                 + "\n  ".join(errors))
+    raise config_lib.ConfigError.of("Invalid config for this job", errors)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:

@@ -34,7 +34,6 @@ enlarging here), then randomly cropped to `crop_size` and flipped.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import math
 import os
 import time
@@ -50,6 +49,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from cvgl_jax import parallel
+from cvgl_jax import records
 from cvgl_jax import run_dir
 from cvgl_jax.cfp import translate as tr
 from cvgl_jax.data import derived
@@ -323,8 +323,7 @@ def train_translation(bev_paths: Sequence[str],
           f"{spe}: the image lists or batch_size changed. Use a new workdir.")
   step = int(state.step)
 
-  metrics_file = (open(os.path.join(workdir, "metrics.jsonl"), "a") if main
-                  else None)
+  writer = records.MetricWriter(workdir, enabled=main)
   bar = tqdm.tqdm(total=stop, initial=step, disable=not (progress and main),
                   desc="translate: train", unit="step")
   # Step 1 is logged too, to show the starting losses (not a resumed run's
@@ -350,11 +349,8 @@ def train_translation(bev_paths: Sequence[str],
           now = time.perf_counter()
           rate = (step - n0) * config.batch_size / max(now - t0, 1e-9)
           t0, n0 = now, step
-          if main:
-            metrics_file.write(json.dumps(
-                {"step": step, "epoch": epoch, "images_per_s": rate,
-                 **metrics}) + "\n")
-            metrics_file.flush()
+          writer.write(step, epoch, "train",
+                       dict(metrics, images_per_s=rate))
           bar.set_postfix({"img/s": f"{rate:.1f}",
                            "G": f"{metrics['g_total']:.3f}",
                            "D_A": f"{metrics['d_a']:.3f}",
@@ -372,8 +368,7 @@ def train_translation(bev_paths: Sequence[str],
           break
   finally:
     bar.close()
-    if main:
-      metrics_file.close()
+    writer.close()
     mngr.wait_until_finished()
     mngr.close()
   return state

@@ -40,7 +40,6 @@ takes part in orbax saves and restores, as orbax requires.
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 import signal
@@ -56,6 +55,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from cvgl_jax import parallel
+from cvgl_jax import records
 from cvgl_jax import run_dir
 from cvgl_jax.data import pipeline as pipeline_lib
 from cvgl_jax.train import state as state_lib
@@ -67,40 +67,6 @@ _HISTORY = 20_000
 
 EpochStartFn = Callable[[state_lib.TrainState, int], Optional[Mapping]]
 EvalFn = Callable[[state_lib.TrainState], Mapping[str, float]]
-
-
-class MetricWriter:
-  """Scalars to `metrics.jsonl` and TensorBoard event files in one folder.
-
-  Writes nothing when `enabled` is False (processes other than 0).
-  """
-
-  def __init__(self, folder: str, enabled: bool = True):
-    self.enabled = enabled
-    self._jsonl = self._tb = None
-    if enabled:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-      os.makedirs(folder, exist_ok=True)
-      self._jsonl = open(os.path.join(folder, run_dir.METRICS), "a")
-      self._tb = tensorboardX.SummaryWriter(
-          os.path.join(folder, "tensorboard"), flush_secs=30)
-
-  def write(self, step: int, epoch: int, kind: str,
-            metrics: Mapping[str, float]) -> None:
-    if not self.enabled:
-      return
-    values = {k: float(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps(
-        {"step": int(step), "epoch": int(epoch), "kind": kind, **values})
-        + "\n")
-    self._jsonl.flush()
-    for name, value in values.items():
-      self._tb.add_scalar(f"{kind}/{name}", value, int(step))
-
-  def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
 
 
 def _split(state: state_lib.TrainState) -> dict:
@@ -413,7 +379,7 @@ def train(state: state_lib.TrainState,
     at_boundary = latest is not None and latest % steps_per_epoch == 0
     run_dir.truncate_records(workdir, stage, latest,
                              ("epoch_start",) if at_boundary else ())
-  writer = MetricWriter(run_dir.stage_dir(workdir, stage), enabled=main)
+  writer = records.MetricWriter(run_dir.stage_dir(workdir, stage), enabled=main)
   if latest is not None:
     it = _placeholder_iterator(pipe)
     restored = mngr.restore(latest, args=ocp.args.Composite(
