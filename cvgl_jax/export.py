@@ -62,7 +62,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import safetensors.numpy
 
 from cvgl_jax import cli
 from cvgl_jax import config_lib
@@ -74,6 +73,7 @@ from cvgl_jax.data import augment
 from cvgl_jax.data import synthetic
 from cvgl_jax.data.index import PairIndex
 from cvgl_jax.models import encoder
+from cvgl_jax.models import weights
 from cvgl_jax.pseudo import knn
 from cvgl_jax.train import loop
 from cvgl_jax.train import steps
@@ -359,8 +359,7 @@ def write_manifest(folder: str, manifest: dict) -> dict:
 def save_params(path: str, params: Any) -> None:
   """A param tree as safetensors, keys joined with "/"."""
   flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep="/")
-  safetensors.numpy.save_file(
-      {k: np.array(v, order="C") for k, v in flat.items()}, path)
+  weights.save_safetensors({k: np.asarray(v) for k, v in flat.items()}, path)
 
 
 def index_settings(num_references: int) -> dict:

@@ -388,3 +388,15 @@ def test_two_processes_export_the_same_bundle(run, tmp_path):
   assert (retrieve.read_manifest(out)["source"]
           == retrieve.read_manifest(bundle_dir)["source"])
   retrieve.load_bundle(out)  # Whole, and every file as the manifest says.
+
+
+def test_bundle_files_take_the_users_umask(run):
+  """The safetensors writer makes its files 0600; a bundle shared with a
+  group must be readable as the user's umask says (0644 under 022)."""
+  _, _, _, bundle_dir = run
+  umask = os.umask(0)
+  os.umask(umask)
+  for folder, _, files in os.walk(bundle_dir):
+    for name in files:
+      mode = os.stat(os.path.join(folder, name)).st_mode & 0o777
+      assert mode == 0o666 & ~umask, (name, oct(mode))

@@ -150,31 +150,42 @@ def _to_torch(value: np.ndarray, leaf: str) -> np.ndarray:
   return value
 
 
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
+  """Writes `tensors` as a `.safetensors` file: under a temporary name, then
+  renamed (a crash leaves no half file), with the mode the user's umask
+  gives a new file (the safetensors writer makes it 0600: unreadable to
+  the group that shares a bundle or a stand-in)."""
+  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  st_numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                     tmp)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)
+  os.replace(tmp, path)
+
+
 def save_timm(backbone: Mapping[str, Any], path: str,
               head_norm: Optional[Mapping[str, Any]] = None) -> None:
   """Writes a backbone as a timm-named `.safetensors` file.
 
   The file is what `load_pretrained` reads (a user's ImageNet checkpoint
   and one we train go through the same code path). Written to a temporary
-  name and renamed, so a crash leaves no half file.
+  name and renamed, so a crash leaves no half file (`save_safetensors`).
 
   Args:
     backbone: our `ConvNeXt` param tree (one tower's "backbone").
     path: the `.safetensors` file to write.
     head_norm: optional GAP-head norm params, stored as timm's `head.norm`.
   """
-  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
   sd = {_timm_key(p): _to_torch(np.asarray(v, np.float32), p[-1])
         for p, v in _flatten(backbone).items()}
   if head_norm is not None:
     names = {"scale": "weight", "bias": "bias"}
     sd.update({f"head.norm.{names[p[-1]]}": np.asarray(v, np.float32)
                for p, v in _flatten(head_norm).items()})
-  sd = {k: np.ascontiguousarray(v) for k, v in sd.items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  st_numpy.save_file(sd, tmp)
-  os.replace(tmp, path)
+  save_safetensors(sd, path)
 
 
 def _flatten(tree: Mapping[str, Any], prefix=()) -> dict[tuple[str, ...], Any]:
