@@ -70,6 +70,7 @@ from cvgl_jax import parallel
 from cvgl_jax import run_dir
 from cvgl_jax import stages
 from cvgl_jax.data import augment
+from cvgl_jax.data import image_io
 from cvgl_jax.data import synthetic
 from cvgl_jax.data.index import PairIndex
 from cvgl_jax.models import encoder
@@ -458,7 +459,8 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None,
           timespec="seconds"),
       "model": dict(spec, fingerprint=model_fp,
                     embedding_dim=int(embeddings.shape[1])),
-      "preprocess": preprocess_spec(spec),
+      "preprocess": dict(preprocess_spec(spec), query_size=list(
+          image_io.probe(evaluation.ground_paths[0])[1])),
       "source": {"workdir": os.path.abspath(workdir),
                  "stage": trained.stage, "checkpoint": trained.checkpoint,
                  "step": trained.step,

@@ -1,7 +1,8 @@
 r"""Query a retrieval bundle: ground images -> ranked satellite tiles.
 
   python -m cvgl_jax.retrieve --bundle=BUNDLE [--top_k=10] \
-      [--picture=OUT.png] [--data_root=DIR] [--json] [--noverify] IMAGE...
+      [--picture=OUT.png] [--data_root=DIR] [--json] [--noverify] \
+      [--any_aspect] IMAGE...
 
 Loads a bundle written by `cvgl_jax.export` (no training workdir needed),
 embeds each query panorama with the bundle's query tower and preprocessing
@@ -14,6 +15,13 @@ image of the bundle's dataset (matched by its path relative to the dataset
 root, else by a file name unique in the dataset). Tiles are read from the
 dataset root recorded in the bundle, or from `--data_root` when the
 dataset has moved.
+
+A query is refused before the bundle is read when it is not a readable
+image, and after when its aspect (width / height) differs by more than 5 %
+from the ground images the model was trained on (the manifest's
+`preprocess.query_size`): resized to the model's input all the same, a
+crop the model never saw ranks near chance. `--any_aspect` searches it
+anyway, with a warning.
 
 A bundle is refused with a `BundleError` that names the file when: a file
 is missing, truncated or differs from its SHA-256 in the manifest (corrupt,
@@ -35,10 +43,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Optional, Sequence
 
-from absl import app
 from absl import flags
+from absl import logging
 import flax.traverse_util
 import jax
 import numpy as np
@@ -125,6 +134,10 @@ def _require(folder: str, rel: str) -> str:
   if not os.path.isfile(path):
     raise BundleError(f"Bundle {folder}: file {rel} is missing.")
   return path
+
+
+# How far a query's width / height may stray from the training images'.
+ASPECT_TOLERANCE = 0.05
 
 
 def read_manifest(folder: str) -> dict:
@@ -602,31 +615,60 @@ def define_flags() -> None:
   flags.DEFINE_bool("json", False, "Print one JSON object per query.")
   flags.DEFINE_bool("verify", True, "Check every bundle file's size and "
                     "SHA-256 against the manifest (reads the whole bundle).")
+  flags.DEFINE_bool("any_aspect", False, "Search queries whose aspect "
+                    "differs from the training ground images (refused "
+                    "otherwise).")
   flags.mark_flags_as_required(["bundle"])
 
 
+def query_size_problems(manifest: dict, sizes: dict[str, tuple[int, int]]
+                        ) -> list[str]:
+  """Queries whose aspect (width / height) differs by more than
+  `ASPECT_TOLERANCE` from the ground images the bundle's model saw in
+  training (its manifest's `preprocess.query_size`; bundles without it are
+  not checked): a crop or a camera the model never saw, resized to its
+  input all the same, ranks near chance."""
+  expected = manifest["preprocess"].get("query_size")
+  if not expected:
+    return []
+  aspect = expected[1] / expected[0]
+  return [f"query {path} is {w} x {h} px (aspect {w / h:.2f}); the model "
+          f"was trained on ground images of {expected[1]} x {expected[0]} "
+          f"(aspect {aspect:.2f})" for path, (h, w) in sizes.items()
+          if abs((w / h) / aspect - 1) > ASPECT_TOLERANCE]
+
+
 def main(argv):
+  cli.setup_console()
   f = flags.FLAGS
   paths = argv[1:]
   if not paths:
-    raise app.UsageError("Give one or more query image files.")
-  missing = [p for p in paths if not os.path.isfile(p)]
-  if missing:
-    raise app.UsageError(f"Query image(s) not found: {missing}")
+    cli.user_error("give one or more query image files after the flags.")
+  sizes = {}
+  for path in paths:
+    try:
+      sizes[path] = image_io.probe(path)[1]
+    except (FileNotFoundError, ValueError) as e:
+      cli.user_error(e)
   try:
     bundle = load_bundle(f.bundle, verify=f.verify)
   except BundleError as e:
-    raise SystemExit(f"Refused: {e}") from e
+    cli.user_error(f"Refused: {e}")
+  odd = query_size_problems(bundle.manifest, sizes)
+  if odd and not f.any_aspect:
+    more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+    cli.user_error(f"{odd[0]}{more}: crop it to the training aspect, or "
+                   f"pass --any_aspect to search anyway.")
+  for problem in odd:
+    logging.warning("%s; searching anyway (--any_aspect).", problem)
   top_k = f.top_k
   if not 1 <= top_k <= bundle.num_references:
-    raise app.UsageError(f"--top_k={top_k} must be in [1, "
-                         f"{bundle.num_references}] (the bundle's "
-                         f"references).")
+    cli.user_error(f"--top_k={top_k} must be in [1, "
+                   f"{bundle.num_references}] (the bundle's references).")
   root = f.data_root or bundle.manifest["dataset"]["root"]
   if f.picture and not os.path.isdir(root):
-    raise app.UsageError(f"The dataset folder {root} (the picture's tiles) "
-                         f"does not exist here; pass --data_root=<the "
-                         f"dataset folder>.")
+    cli.user_error(f"the dataset folder {root} (the picture's tiles) does "
+                   f"not exist here; pass --data_root=<the dataset folder>.")
   search_k = max(top_k, min(PICTURE_TILES, bundle.num_references)
                  if f.picture else top_k)
   results = bundle.search_files(paths, search_k)
@@ -643,6 +685,7 @@ def main(argv):
     draw_panels([result_panel(bundle, r, f.data_root) for r in results],
                 f.picture, title=f"Top {PICTURE_TILES} tiles "
                 f"({os.path.basename(os.path.normpath(f.bundle))})")
+    print(f"Picture: {os.path.abspath(f.picture)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,7 @@ def test_a_fresh_process_retrieves_without_the_workdir(run, tmp_path):
     np.testing.assert_allclose([m["score"] for m in g["matches"]],
                                [m.score for m in e.matches], atol=1e-5)
     assert (g["true_row"], g["true_rank"]) == (e.true_row, e.true_rank)
+  assert f"Picture: {picture}" in out.stderr
   image = cv2.imread(picture, cv2.IMREAD_COLOR_RGB)
   assert image is not None and image.shape[1] > image.shape[0] > 300
   assert image.std() > 20
@@ -400,3 +401,33 @@ def test_bundle_files_take_the_users_umask(run):
     for name in files:
       mode = os.stat(os.path.join(folder, name)).st_mode & 0o777
       assert mode == 0o666 & ~umask, (name, oct(mode))
+
+
+def test_retrieve_refuses_a_non_image_or_a_foreign_aspect(run, tmp_path):
+  """One line and exit 2 each; the dataset's own queries pass the aspect
+  check, a square crop of one does not (unless --any_aspect)."""
+  _, _, ev, bundle_dir = run
+  manifest = retrieve.read_manifest(bundle_dir)
+  h, w = cv2.imread(ev.ground_paths[0]).shape[:2]
+  assert manifest["preprocess"]["query_size"] == [h, w]
+  own = {p: (h, w) for p in ev.ground_paths[:3]}
+  assert retrieve.query_size_problems(manifest, own) == []
+  square = str(tmp_path / "square.png")
+  cv2.imwrite(square, cv2.imread(ev.ground_paths[0])[:, :h])
+  (problem,) = retrieve.query_size_problems(manifest, {square: (h, h)})
+  assert f"{h} x {h} px" in problem and f"{w} x {h}" in problem
+  text = str(tmp_path / "notes.png")
+  with open(text, "w") as f:
+    f.write("not an image")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = {name: subprocess.Popen(
+      [sys.executable, "-m", "cvgl_jax.retrieve", f"--bundle={bundle_dir}",
+       query], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for name, query in (("text", text), ("square", square))}
+  expected = {"text": "no image header", "square": "--any_aspect"}
+  for name, p in procs.items():
+    _, stderr = p.communicate(timeout=300)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert p.returncode == 2, (name, stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), (name, lines)
+    assert expected[name] in lines[0], (name, lines)

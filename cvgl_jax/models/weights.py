@@ -158,7 +158,7 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
-  st_numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+  st_numpy.save_file({k: np.array(v, order="C") for k, v in tensors.items()},
                      tmp)
   umask = os.umask(0)
   os.umask(umask)
