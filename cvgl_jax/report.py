@@ -105,14 +105,22 @@ def plot_recall(curves: list[dict], out_path: str, title: str = "") -> None:
       ax.plot(x, c[name], marker="o", color=_COLOURS[name],
               label=name if i == 0 else None)
     ax.axvline(c["start"], color="#bbbbbb", linestyle="--", linewidth=1)
+    # Staggered: a stage of one epoch would put two names on one spot.
     ax.annotate(c["stage"], (c["start"], 1.0), xycoords=("data",
                                                          "axes fraction"),
-                xytext=(4, -14), textcoords="offset points", fontsize=9,
-                color="#555555")
+                xytext=(4, -14 - 12 * (i % 2)), textcoords="offset points",
+                fontsize=9, color="#555555")
   refs = curves[-1]["num_references"]
   if refs and math.isfinite(refs):
-    ax.axhline(100.0 / refs, color="#888888", linestyle=":", linewidth=1,
-               label=f"R@1 of chance ({100.0 / refs:.2g} %)")
+    # Chance is ~0 on a 0-100 axis: a dark dashed line, labelled on the
+    # plot itself, so that it cannot be taken for the axis.
+    chance = 100.0 / refs
+    ax.axhline(chance, color="#444444", linestyle=(0, (6, 3)), linewidth=1.5,
+               label=f"R@1 of chance ({chance:.2g} %)", zorder=1)
+    ax.annotate(f"chance {chance:.2g} %", (1.0, chance),
+                xycoords=("axes fraction", "data"), xytext=(-4, 4),
+                textcoords="offset points", ha="right", fontsize=8,
+                color="#444444")
   ax.set_xlabel("epoch (stages in config order)")
   ax.set_ylabel("recall (%)")
   ax.set_ylim(0, 105)
@@ -137,11 +145,16 @@ def plot_pseudo_labels(rounds: list[dict], out_path: str) -> None:
   def series(key, scale=1.0):
     return np.array([scale * r.get(key, math.nan) for r in rounds], float)
 
-  for key, label, style in (
-      ("mutual/pairs", "mutual nearest pairs", "--"),
-      ("margin/pairs", "admitted (pseudo labels)", "-"),
-      ("margin/correct", "admitted and correct", "-"),
-      ("num_labels", "labels trained on (with true pairs)", ":")):
+  counts = [("mutual/pairs", "mutual nearest pairs", "--"),
+            ("margin/pairs", "admitted (pseudo labels)", "-"),
+            ("margin/correct", "admitted and correct", "-"),
+            ("num_labels", "labels trained on (with true pairs)", ":")]
+  if np.array_equal(series("margin/pairs"), series("num_labels"),
+                    equal_nan=True):
+    # No true pairs (0 % labels): one line, not two drawn on each other.
+    counts = counts[:1] + [("margin/pairs", "admitted = labels trained on",
+                            "-")] + counts[2:3]
+  for key, label, style in counts:
     top.plot(epochs, series(key), style, marker="o", markersize=3,
              label=label)
   top.set_ylabel("pairs")
@@ -150,16 +163,16 @@ def plot_pseudo_labels(rounds: list[dict], out_path: str) -> None:
   top.set_title("Pseudo labels per round (precision and correct pairs read "
                 "the truth: telemetry only)", fontsize=10)
   for key, label, style in (
-      ("candidates/precision", "candidates (nearest tile)", ":"),
-      ("mutual/precision", "mutual nearest", "--"),
-      ("margin/precision", "admitted (pseudo labels)", "-")):
+      ("candidates/precision", "precision: candidates (nearest tile)", ":"),
+      ("mutual/precision", "precision: mutual nearest", "--"),
+      ("margin/precision", "precision: admitted (pseudo labels)", "-")):
     middle.plot(epochs, series(key, 100.0), style, marker="o", markersize=3,
                 label=label)
   middle.plot(epochs, series("labelled_fraction", 100.0), "-.",
               color="#888888", label="labelled fraction of the grounds")
-  middle.set_ylabel("%")
+  middle.set_ylabel("precision / labelled (%)")
   middle.set_ylim(0, 105)
-  middle.legend(fontsize=8, loc="upper left")
+  middle.legend(fontsize=8, loc="lower right")
   r1 = series("R@1")
   has = np.isfinite(r1)
   bottom.plot(epochs[has], r1[has], "-", marker="o", markersize=3,
@@ -170,7 +183,11 @@ def plot_pseudo_labels(rounds: list[dict], out_path: str) -> None:
   loss_ax.plot(epochs, series("loss"), ":", color="#d62728",
                label="train loss (right axis)")
   loss_ax.set_ylabel("loss")
-  loss_ax.set_ylim(bottom=0)
+  loss = series("loss")
+  if np.isfinite(loss).any():  # Its own range: it moves by a few percent.
+    low, high = np.nanmin(loss), np.nanmax(loss)
+    pad = max(0.05 * (high - low), 0.01 * abs(high), 1e-3)
+    loss_ax.set_ylim(low - pad, high + pad)
   handles = (bottom.get_legend_handles_labels()[0]
              + loss_ax.get_legend_handles_labels()[0])
   bottom.legend(handles, [h.get_label() for h in handles], fontsize=8,
