@@ -74,7 +74,9 @@ def test_converted_backbone_reproduces_timm(golden_io, key, file):
 
 
 def test_torch_checkpoint_in_official_naming(golden_io):
-  pytest.importorskip("torch")
+  pytest.importorskip("torch", reason="reading a .pth needs PyTorch, which "
+                      "cvgl_jax does not depend on: pip install torch to run "
+                      "this test")
   a = weights.read_state_dict(_golden("convnext_conv_mlp_official.pth"))
   b = weights.read_state_dict(_golden("convnext_conv_mlp_official.safetensors"))
   assert a.keys() == b.keys()
