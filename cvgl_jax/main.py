@@ -184,6 +184,13 @@ def recall_table(results: dict) -> str:
     lines.append(f"| {stage} | {' | '.join(cells)} | {best_cell} | "
                  f"{chosen_cell} | {labels} | "
                  f"{result.get('seconds', 0) / 60:.1f} |")
+  timed = {stage: r["seconds"] for stage, r in results.items()
+           if isinstance(r, dict) and "seconds" in r}
+  others = [f"{stage} {seconds / 60:.1f}" for stage, seconds in timed.items()
+            if "eval" not in results[stage]]
+  if timed:
+    lines.append(f"\nMinutes: {'; '.join(others) + '; ' if others else ''}"
+                 f"all stages {sum(timed.values()) / 60:.1f}.")
   chance = next((r["eval"]["num_references"] for r in results.values()
                  if r and "eval" in r), None)
   if chance:
