@@ -22,7 +22,6 @@ copies of the true tiles so that no CycleGAN has to be trained here
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from cvgl_jax.data import readers
 from cvgl_jax.data import synthetic
 from cvgl_jax.models import encoder
 from cvgl_jax.train import loop
+import processes
 from test_main import CONFIGS, tiny_demo_config
 
 TIMEOUT_S = 420  # Generous for 2 loaded cores; a hang must still end.
@@ -106,12 +106,6 @@ def _make_world(config, root):
   return train
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _env(devices, cache):
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLURM_", "OMPI_", "PMI", "TPU_", "JAX_"))}
@@ -164,7 +158,7 @@ def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("distributed")
   world = tmp / "world"
   train = _make_world(_config(world), world)
-  port = _free_port()
+  port = processes.free_port()
   procs, logs, workdirs = [], [], {}
   for name, count, devices in (("one", 1, 4), ("two", 2, 2)):
     root = tmp / name / "world"

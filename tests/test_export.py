@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -27,6 +26,7 @@ from cvgl_jax import report
 from cvgl_jax import retrieve
 from cvgl_jax import stages
 from cvgl_jax.pseudo import knn
+import processes
 
 MARK = (0x1a, 0x9e, 0x3f)  # retrieve's true-tile frame colour, RGB.
 
@@ -358,30 +358,16 @@ def test_two_processes_export_the_same_bundle(run, tmp_path):
   writes the bundle, and it holds the one-process bundle's embeddings."""
   _, workdir, _, bundle_dir = run
   out = str(tmp_path / "bundle")
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = processes.free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "cvgl_jax.export", f"--workdir={workdir}",
-       f"--out={out}", f"--coordinator_address=127.0.0.1:{port}",
-       "--num_processes=2", f"--process_id={i}"], env=env, text=True,
-      stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
-  for p in procs:
-    try:
-      p.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-  texts = []
-  for log in logs:
-    log.seek(0)
-    texts.append(log.read())
-    log.close()
-  for p, text in zip(procs, texts):
-    assert p.returncode == 0, text[-3000:]
+  outputs = processes.run_all(
+      [[sys.executable, "-m", "cvgl_jax.export", f"--workdir={workdir}",
+        f"--out={out}", f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2", f"--process_id={i}"] for i in range(2)],
+      [env, env], str(tmp_path), timeout=300)
+  texts = [text for _, text in outputs]
+  for code, text in outputs:
+    assert code == 0, text[-3000:]
   assert '"num_references"' in texts[0] and '"num_references"' not in texts[1]
   np.testing.assert_allclose(
       np.load(os.path.join(out, export.EMBEDDINGS)),

@@ -19,7 +19,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -36,6 +35,7 @@ from cvgl_jax.data import image_io
 from cvgl_jax.data import synthetic
 from cvgl_jax.models import encoder
 from cvgl_jax.models import weights
+import processes
 
 CONFIG = os.path.join(os.path.dirname(__file__), "tiny_supervised.py")
 TRANSLATE_CONFIG = os.path.join(os.path.dirname(__file__),
@@ -123,36 +123,14 @@ def launch_two(world, workdir, cache, logs, flags, faults=(None, None),
                config=CONFIG):
   """Runs `cvgl_jax.main` as processes 0 and 1 of one job (a CPU device
   each, CVGL_JAX_FAULT faults[i]) to their end: [(exit code, output)]."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  os.makedirs(logs, exist_ok=True)
-  # Output to files, not pipes: a process blocked writing a full pipe that
-  # nobody reads stalls its peer in the next collective.
-  files = [open(os.path.join(logs, f"process_{i}.log"), "w+")
-           for i in range(2)]
-  procs = []
-  for i in range(2):
-    command = main_command(world, workdir, *flags,
+  port = processes.free_port()
+  commands = [main_command(world, workdir, *flags,
                            f"--coordinator_address=127.0.0.1:{port}",
                            "--num_processes=2", f"--process_id={i}",
-                           config=config)
-    procs.append(subprocess.Popen(
-        command, env=main_env(f"{cache}_{i}", faults[i]), text=True,
-        stdout=files[i], stderr=subprocess.STDOUT))
-  for p in procs:
-    try:
-      p.wait(timeout=420)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-  out = []
-  for f in files:
-    f.seek(0)
-    out.append(f.read())
-    f.close()
-  return [(p.returncode, text) for p, text in zip(procs, out)]
+                           config=config) for i in range(2)]
+  return processes.run_all(
+      commands, [main_env(f"{cache}_{i}", faults[i]) for i in range(2)],
+      str(logs))
 
 
 @pytest.fixture(scope="module")
