@@ -451,7 +451,8 @@ def run_pseudo_label(run: Run) -> dict:
         raise ValueError(problem or "Process 0 found no pseudo or "
                          "ground-truth labels this epoch; its log says more.")
       metrics = dict(stats, **info, warmup=0.0, schedule_epoch=float(epoch))
-      logging.info("Pseudo labels, epoch %d: %s", epoch, metrics)
+      # Every statistic is in metrics.jsonl and the end's round table.
+      logging.debug("Pseudo labels, epoch %d: %s", epoch, metrics)
       return {"pairs": rows, "labeled": labeled, "metrics": metrics}
     return epoch_start
 

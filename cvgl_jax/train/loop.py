@@ -450,7 +450,8 @@ def train(state: state_lib.TrainState,
           "norm and were skipped (%d so far).", stage, metrics["skipped"],
           step, summary["skipped_steps"])
     writer.write(step, epoch, "train", metrics)
-    bar.set_postfix({"img/s": f"{metrics['images_per_s']:.1f}",
+    bar.set_postfix({**round_postfix,
+                     "img/s": f"{metrics['images_per_s']:.1f}",
                      "loss": f"{metrics['loss']:.4f}"})
 
   def save(epoch):
@@ -465,6 +466,7 @@ def train(state: state_lib.TrainState,
       run_dir.fault_point("checkpoint", step, mngr.wait_until_finished)
 
   preempted = False
+  round_postfix = {}
   try:
     epoch = step // steps_per_epoch
     while step < stop:
@@ -472,6 +474,10 @@ def train(state: state_lib.TrainState,
         plan = dict((epoch_start_fn and epoch_start_fn(state, epoch)) or {})
         if plan.get("metrics"):
           writer.write(step, epoch, "epoch_start", plan["metrics"])
+          # The round's labels on the bar (the log has every statistic).
+          if "num_labels" in plan["metrics"]:
+            round_postfix = {"round": epoch,
+                             "labels": int(plan["metrics"]["num_labels"])}
         pairs = {k: plan[k] for k in ("pairs", "labeled") if k in plan}
         if it is None:
           it = pipe.iterator(epoch, **pairs)
