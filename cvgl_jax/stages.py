@@ -448,8 +448,13 @@ def run_pseudo_label(run: Run) -> dict:
       failed, rows, labeled = parallel.from_main_process(
           (np.bool_(bool(problem)), rows, labeled))
       if failed:
-        raise ValueError(problem or "Process 0 found no pseudo or "
-                         "ground-truth labels this epoch; its log says more.")
+        # The config cannot drive this run (one line, exit 2); the earlier
+        # stages are kept and a rerun with a lower tau
+        # (--force_config_change) starts from them.
+        raise config_lib.ConfigError(
+            (problem or "Process 0 found no pseudo or ground-truth labels "
+             "this epoch; its log says more.") + " The finished stages are "
+            "kept: rerun with the change and --force_config_change.")
       metrics = dict(stats, **info, warmup=0.0, schedule_epoch=float(epoch))
       # Every statistic is in metrics.jsonl and the end's round table.
       logging.debug("Pseudo labels, epoch %d: %s", epoch, metrics)

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
 
 import jax
@@ -287,3 +288,24 @@ def test_the_compilation_cache_follows_the_config(tmp_path, monkeypatch):
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_a_round_without_labels_is_one_error_and_keeps_the_stages(
+    demo_run, tmp_path):
+  """A margin no pair clears (tau above every cosine margin) leaves
+  nothing to train on: a ConfigError naming tau (main: one line, exit 2),
+  before any pseudo-label step; the cold start is kept for the rerun."""
+  config, workdir, _ = demo_run
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(
+      "pseudo_label", run_dir.RESULTS, run_dir.LOCK))
+  strict = config.copy_and_resolve_references()
+  p = strict.pseudo_label
+  p.gt_ratio, p.warmup_epochs, p.tau = 0.0, 0, 2.0
+  with pytest.raises(config_lib.ConfigError,
+                     match="no mutual pairs above the margin.*tau.*"
+                     "--force_config_change"):
+    main_lib.run(strict, copy, force_config_change=True)
+  assert run_dir.read_done(copy, "cross_fake") is not None
+  assert run_dir.checkpoint_step(
+      run_dir.checkpoints_dir(copy, "pseudo_label")) is None
