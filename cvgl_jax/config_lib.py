@@ -209,6 +209,14 @@ def default_config() -> ml_collections.ConfigDict:
   # The authors load stage 2's AdamW moments into stage 3 (its schedule
   # restarts); False starts from fresh moments.
   c.pseudo_label.carry_optimizer = True
+  # What a round compares (cvgl_jax/pseudo/views.py): the mean similarity
+  # over 1 (the paper), 2, 4 or 8 paired flips/quarter turns, and with
+  # fake_view the similarity of each ground's own fake tile to the tiles.
+  # Label-free; they make the first rounds precise where the paper's
+  # single view is not (docs/pseudo_labels.md). Cost: paired_views
+  # (+ 1/2 with fake_view) embedding passes of the train split per round.
+  c.pseudo_label.paired_views = 1
+  c.pseudo_label.fake_view = False
 
   return c
 
@@ -439,5 +447,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if p.knn_backend not in ("auto", "exact", "scann"):
     errors.append(f"config.pseudo_label.knn_backend={p.knn_backend!r}; "
                   "choose auto, exact or scann")
+  if p.paired_views not in (1, 2, 4, 8):
+    errors.append(f"config.pseudo_label.paired_views={p.paired_views}; "
+                  "choose 1 (the paper's), 2, 4 or 8")
+  elif p.paired_views >= 4:
+    sat, ground = config.data.satellite_size, config.data.ground_size
+    if sat[0] != sat[1] or ground[1] % 4:
+      errors.append(f"config.pseudo_label.paired_views={p.paired_views} "
+                    f"turns tiles by quarter turns: it needs square tiles "
+                    f"(data.satellite_size={tuple(sat)}) and a panorama "
+                    f"width divisible by 4 (data.ground_size="
+                    f"{tuple(ground)}); use 1 or 2")
   if errors:
     raise ConfigError.of("Invalid config", errors)

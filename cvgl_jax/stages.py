@@ -53,6 +53,7 @@ from cvgl_jax.models import encoder
 from cvgl_jax.models import weights
 from cvgl_jax.pseudo import pairing
 from cvgl_jax.pseudo import refine as refine_lib
+from cvgl_jax.pseudo import views as views_lib
 from cvgl_jax.train import loop
 from cvgl_jax.train import state as state_lib
 from cvgl_jax.train import steps
@@ -408,11 +409,24 @@ def run_pseudo_label(run: Run) -> dict:
   pipe = pipeline.pseudo_pairs(index, **_pipe_options(run))
   embed_options = dict(batch_size=c.train.eval_batch_size //
                        jax.process_count(), mesh=run.mesh,
-                       num_threads=c.data.num_threads)
+                       num_threads=c.data.num_threads,
+                       ground_size=c.data.ground_size,
+                       satellite_size=c.data.satellite_size)
+  views = views_lib.PairingViews(
+      paired_views=p.paired_views,
+      fake_folder=c.cross_fake.fake_folder if p.fake_view else None)
+  if views.fake_folder is not None:
+    fakes = index.derived_paths(views.fake_folder)
+    missing = [f for f in fakes if not os.path.exists(f)]
+    if missing:
+      raise config_lib.ConfigError(
+          f"config.pseudo_label.fake_view=True compares each ground's fake "
+          f"tile, but {len(missing)} of {len(fakes)} are missing (first: "
+          f"{missing[0]}): run the stages cfp and translate, or set "
+          f"config.pseudo_label.fake_view=False.")
 
   def make_epoch_start(model):
-    embed_g = steps.make_embed_fn(model, run.mesh, "ground")
-    embed_s = steps.make_embed_fn(model, run.mesh, "satellite")
+    embedders = views_lib.make_embedders(model, run.mesh, views)
 
     def epoch_start(state, loop_epoch):
       epoch = first_epoch + loop_epoch
@@ -424,11 +438,8 @@ def run_pseudo_label(run: Run) -> dict:
         return {"pairs": rows, "labeled": labeled,
                 "metrics": dict(info, warmup=1.0,
                                 schedule_epoch=float(epoch))}
-      ground = evaluate.embed_split(embed_g, state.params, index.ground_paths,
-                                    size=c.data.ground_size, **embed_options)
-      satellite = evaluate.embed_split(
-          embed_s, state.params, index.satellite_paths,
-          size=c.data.satellite_size, **embed_options)
+      ground, satellite = views_lib.pairing_embeddings(
+          embedders, state.params, index, views, **embed_options)
       # Process 0 alone refines and decides the pairing (and whether there
       # is any): the shards of an epoch fit together, no process raises
       # alone, and the others do not repeat the search.

@@ -428,6 +428,24 @@ def paired_geometry(key: jax.Array, ground: jax.Array, satellite: jax.Array,
   return ground, satellite
 
 
+def view_panoramas(images: jax.Array, flip: bool, k: int) -> jax.Array:
+  """[B, H, W, C] panoramas as `paired_geometry` shows them for a flip and
+  k quarter turns (the partner of `view_tiles` with the same arguments)."""
+  w = images.shape[2]
+  if k % 4 and w % 4:
+    raise ValueError(f"view_panoramas: the panorama width {w} must be a "
+                     "multiple of 4 to roll it by quarter widths.")
+  images = images[:, :, ::-1] if flip else images
+  return jnp.roll(images, -k * (w // 4), axis=2) if k % 4 else images
+
+
+def view_tiles(images: jax.Array, flip: bool, k: int) -> jax.Array:
+  """[B, S, S, C] north-up tiles flipped left-right, then rotated k * 90
+  deg counter-clockwise, as `paired_geometry` does."""
+  images = images[:, :, ::-1] if flip else images
+  return jnp.rot90(images, k=k, axes=(1, 2)) if k % 4 else images
+
+
 # --------------------------------------------------------------- batches ---
 
 
