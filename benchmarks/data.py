@@ -30,7 +30,7 @@ and after: the machine may be shared, and every number depends on it.
            The grain batches are checked equal to the single-thread output.
            cv2 keeps its own thread setting in both (`cv2.getNumThreads()`
            is printed).
-  augment  the official satellite augmentation of METHOD.md (grid or
+  augment  the official satellite augmentation of docs/METHOD.md (grid or
            coarse dropout p=0.5, shift/scale p=0.5, colour jitter p=0.8,
            grayscale p=0.2, 3x3 Gaussian blur p=0.5) and the ImageNet
            normalisation to float32, on a batch of uint8 [--augment_batch,

@@ -78,7 +78,7 @@ ORDER = tuple(
     [f"{r}#{s}" if s else r for r in SEEDED for s in SEEDS]
     + [r for r in BASE_ROWS if r not in SEEDED] + [NCC])
 
-# METHOD.md: R@1 on CVUSA. Cold-start ablations are R@1 after the cold
+# docs/METHOD.md: R@1 on CVUSA. Cold-start ablations are R@1 after the cold
 # start; the others after the whole paradigm (ConvNeXt-S for the 0 % row
 # and the pseudo-label ablations, ConvNeXt-B for 10 %). The paper's
 # reference for its ratios is the paradigm at 100 % GT (ours_100); a plain

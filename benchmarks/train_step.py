@@ -3,7 +3,7 @@ pipeline's batches/s.
 
 Ours is the step the stages run: `steps.make_cross_step` (jitted, state
 donated) with its on-device augmentation (`cvgl_jax.data.augment`:
-METHOD.md's dropout, colour jitter, grayscale, blur, satellite warp, paired
+docs/METHOD.md's dropout, colour jitter, grayscale, blur, satellite warp, paired
 flip/rotation), ImageNet normalisation, two ConvNeXt towers with SAFA heads
 (drop path 0.2), symmetric InfoNCE with label smoothing 0.1 and AdamW, on
 uint8 batches. The baseline (`torch_reference.py`) is timm ConvNeXt towers

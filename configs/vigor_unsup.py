@@ -9,7 +9,7 @@ r"""VIGOR, the paper's paradigm with 0 % labels (or a few: semi-supervised).
 Argument: the percentage of labelled training pairs (default 0; the paper
 reports 1, 5, 10, 20 and 30). Stages: CFP, CycleGAN translation, the
 intra-view and cross-view cold start, then pseudo-label rounds. Paper
-settings (METHOD.md): ConvNeXt-B + SAFA, separate towers, drop path 0.2,
+settings (docs/METHOD.md): ConvNeXt-B + SAFA, separate towers, drop path 0.2,
 AdamW 1e-4 with per-epoch cosine, global batch 128.
 """
 

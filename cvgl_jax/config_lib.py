@@ -58,7 +58,7 @@ def platform_problem(platform: str, backend: str) -> str:
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every key a run reads, with the paper's values (METHOD.md)."""
+  """Every key a run reads, with the paper's values (docs/METHOD.md)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stages = ("cfp", "translate", "intra", "cross_fake", "pseudo_label")
@@ -73,7 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "cvusa"        # cvusa | cvact | vigor
-  c.data.root = ""                # the unpacked dataset (FORMATS.md)
+  c.data.root = ""                # the unpacked dataset (docs/FORMATS.md)
   c.data.train_split = "train"
   c.data.eval_split = "val"       # cvact: val | test; vigor: test
   c.data.vigor_mode = "same_area"  # same_area | cross_area
@@ -163,7 +163,7 @@ def default_config() -> ml_collections.ConfigDict:
   # R@1 on the labelled eval split is telemetry, never used to choose.
   c.train.select = "final"
 
-  # Training augmentations (METHOD.md's, for ImageNet-pretrained towers on
+  # Training augmentations (docs/METHOD.md's, for ImageNet-pretrained towers on
   # real photos). Each probability applies to both views; the view-specific
   # structure (grid ratios, the satellite warps) stays. A from-scratch model
   # on a small world learns far faster with them weaker (BUILD_NOTES.md).
@@ -221,7 +221,7 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-# Per-dataset settings of METHOD.md (and, for VIGOR's CFP, ours: the paper
+# Per-dataset settings of docs/METHOD.md (and, for VIGOR's CFP, ours: the paper
 # gives none; BUILD_NOTES.md).
 DATASET_SETTINGS = {
     "cvusa": dict(ground_size=(384, 384), satellite_size=(384, 384),

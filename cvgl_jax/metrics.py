@@ -4,7 +4,7 @@ Similarities are exact inner products (cosine for L2-normalised
 embeddings), computed in float32 on the default jax device for one chunk of
 queries at a time: the whole Q x R matrix never exists at once.
 
-Definitions (METHOD.md, Evaluation; as the authors' `calculate_scores`):
+Definitions (docs/METHOD.md, Evaluation; as the authors' `calculate_scores`):
   - a query's rank is the number of references scoring STRICTLY higher
     than its true tile, so ties go in the query's favour; rank 0 is a hit;
   - R@k is the percentage of queries with rank < k;

@@ -279,10 +279,9 @@ def _ncc(a, b):
   return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
-def test_paired_geometry_keeps_a_rendered_pair_matching_its_bev():
-  """On the synthetic world, the BEV (cfp.geometry) of the augmented
-  panorama still matches the augmented tile, and not its other rotations."""
-  height, fov = 2.0, 168.0
+def _rendered_pairs(height=2.0, fov=168.0):
+  """4 panoramas [4, 256, 512, 3] and their tiles [4, 64, 64, 3] (uint8)
+  of a synthetic world without nuisances."""
   cfg = dataclasses.replace(
       config.SyntheticConfig(), map_cells=768, block_m=(30.0, 50.0),
       tile_m=2 * height * math.tan(math.radians(fov / 2)), sat_px=64,
@@ -298,17 +297,30 @@ def test_paired_geometry_keeps_a_rendered_pair_matching_its_bev():
   tiles = np.stack([render.render_satellite(
       w, s.pose.tile_row, s.pose.tile_col, cfg.tile_m, 64, 0.0,
       np.random.default_rng(1)) for s in shots])
+  return panos, tiles
+
+
+def _bev_wins(panos, tiles, fov=168.0):
+  """How many panoramas' BEVs match their tile best unrotated."""
+  grid = geometry.bev_grid(panos.shape[1:3], tiles.shape[1], fov, wrap=True)
+  bevs = np.asarray(geometry.sample_bev(panos, grid, wrap=True))
+  tiles = np.asarray(tiles)
+  return sum(int(np.argmax([_ncc(bev, np.rot90(tile, k)) for k in range(4)])
+                 == 0) for bev, tile in zip(bevs, tiles))
+
+
+def test_paired_geometry_keeps_a_rendered_pair_matching_its_bev():
+  """On the synthetic world, the BEV (cfp.geometry) of the augmented
+  panorama still matches the augmented tile, and not its other rotations."""
+  panos, tiles = _rendered_pairs()
   g, s = augment.augment_pairs(
       jax.random.key(0), np.tile(panos, (4, 1, 1, 1)),
       np.tile(tiles, (4, 1, 1, 1)), augment.no_view_augmentation(),
       augment.no_view_augmentation(), augment.PairedConfig(0.5, 1.0))
-  grid = geometry.bev_grid((256, 512), 64, fov, wrap=True)
-  bevs = np.asarray(geometry.sample_bev(g, grid, wrap=True))
+  wins = _bev_wins(g, s)
   s = np.asarray(s)
-  wins, moves = 0, set()
-  for i, (bev, tile) in enumerate(zip(bevs, s)):
-    scores = [_ncc(bev, np.rot90(tile, k)) for k in range(4)]
-    wins += int(np.argmax(scores) == 0)
+  moves = set()
+  for i, tile in enumerate(s):
     orig = tiles[i % 4] / 255.0
     moves |= {(k, f) for k in range(4) for f in (0, 1)
               if np.allclose(np.rot90(orig[:, ::-1] if f else orig, k),
@@ -317,6 +329,25 @@ def test_paired_geometry_keeps_a_rendered_pair_matching_its_bev():
   # The pairs were really rotated (k = 1, 2, 3) and some also flipped.
   assert {k for k, _ in moves} == {1, 2, 3}
   assert {f for _, f in moves} == {0, 1}
+
+
+def test_each_fixed_paired_view_keeps_a_rendered_pair_matching_its_bev():
+  """The deterministic views the pseudo-label rounds embed (flip x quarter
+  turns) keep a pair a pair, as `paired_geometry` does; turning the tile
+  alone would not."""
+  panos, tiles = _rendered_pairs()
+  wins = unpaired = 0
+  for flip in (False, True):
+    for k in range(4):
+      g = augment.view_panoramas(jnp.asarray(panos) / 255.0, flip, k)
+      s = augment.view_tiles(jnp.asarray(tiles) / 255.0, flip, k)
+      wins += _bev_wins(g, s)
+      if k:
+        unpaired += _bev_wins(jnp.asarray(panos) / 255.0, s)
+  assert wins >= 30, wins
+  assert unpaired <= 3, unpaired
+  with pytest.raises(ValueError, match="multiple of 4"):
+    augment.view_panoramas(jnp.zeros((1, 8, 18, 3)), False, 1)
 
 
 def test_config_defaults_are_the_paper_presets_and_knobs_reach_the_views():

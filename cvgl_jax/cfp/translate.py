@@ -1,6 +1,6 @@
 """CycleGAN for the CFP image translation: BEV images -> "fake satellite".
 
-The translation half of CFP (see METHOD.md) is an unpaired CycleGAN (Zhu et
+The translation half of CFP (see docs/METHOD.md) is an unpaired CycleGAN (Zhu et
 al., 2017) trained between the geometric bird's-eye views (domain A) and the
 satellite tiles (domain B). The architecture, losses and update order follow
 the official pytorch-CycleGAN-and-pix2pix code that the authors ran

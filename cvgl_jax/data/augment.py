@@ -1,4 +1,4 @@
-"""Image augmentations of the method (METHOD.md), jitted on device.
+"""Image augmentations of the method (docs/METHOD.md), jitted on device.
 
 Hosts only decode and `resize`; everything random runs on the accelerator,
 vmapped over the batch with one jax key per example:
@@ -77,7 +77,7 @@ class Affine:
 class ViewConfig:
   """Augmentation of one view. Each probability can be set to 0.
 
-  Defaults are METHOD.md's ground-view settings; see `satellite_view`.
+  Defaults are docs/METHOD.md's ground-view settings; see `satellite_view`.
 
   Attributes:
     dropout_p: probability of one dropout, then grid or coarse with equal
@@ -141,7 +141,7 @@ class ViewConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PairedConfig:
-  """The paired ground/satellite geometry of METHOD.md stage 2 and 3.
+  """The paired ground/satellite geometry of docs/METHOD.md stage 2 and 3.
 
   Attributes:
     flip_p: probability to flip panorama and tile left-right together.

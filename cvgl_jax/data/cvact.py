@@ -1,4 +1,4 @@
-"""Reader of CVACT (FORMATS.md).
+"""Reader of CVACT (docs/FORMATS.md).
 
 Train and val come from `ACT_data.mat`: `panoIds` (N ids), `utm` (N x 2
 metres) and the structs `trainSet` / `valSet`, whose second field holds

@@ -1,4 +1,4 @@
-"""Reader of CVUSA in its "19zl" layout (FORMATS.md).
+"""Reader of CVUSA in its "19zl" layout (docs/FORMATS.md).
 
 Each line of `splits/{train,val}-19zl.csv` is `satellite path,panorama
 path,annotation path` relative to the root; line i gives pair i, so

@@ -56,7 +56,7 @@ def read_split(dataset: str, root: str, split: str,
 
   Args:
     dataset: "cvusa", "cvact" or "vigor".
-    root: the dataset's unpacked folder (FORMATS.md).
+    root: the dataset's unpacked folder (docs/FORMATS.md).
     split: "train" / "val" (CVUSA), "train" / "val" / "test" (CVACT),
       "train" / "test" (VIGOR).
     **options: passed to the reader, e.g. `mode="same_area"` and `cities=`

@@ -1,4 +1,4 @@
-"""Reader of VIGOR (FORMATS.md).
+"""Reader of VIGOR (docs/FORMATS.md).
 
 Same-area: all four cities, `same_area_balanced_{train,test}.txt`.
 Cross-area: train on NewYork + Seattle, test on Chicago + SanFrancisco, both

@@ -1,6 +1,6 @@
 """One epoch's training rows of the pseudo-label stage, from its labels.
 
-METHOD.md stage 3, steps 4-6: the epoch's labels are the refined pseudo
+docs/METHOD.md stage 3, steps 4-6: the epoch's labels are the refined pseudo
 pairs plus the ground-truth pairs of the labelled fraction (a ground image
 with a true label takes it over its pseudo label). Then either
   - fewer than `labeled_ratio` of the ground images have a label: the epoch

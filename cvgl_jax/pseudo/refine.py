@@ -1,7 +1,7 @@
 """Pseudo labels from embeddings: mutual matching, margin filter, curriculum.
 
 `refine` is a pure function of the embeddings of every training ground and
-satellite image (METHOD.md, stage 3):
+satellite image (docs/METHOD.md, stage 3):
 
   1. candidates: each ground image's nearest satellite(s);
   2. mutual matching: ground i and satellite j pair when j is i's nearest

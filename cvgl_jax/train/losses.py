@@ -11,7 +11,7 @@ CE is PyTorch's `CrossEntropyLoss(label_smoothing=s)`: per row, the target
 distribution over C classes is (1 - s) * one_hot(target) + s / C, and rows
 are averaged.
 
-Partial labels (METHOD.md, stage 3.5). `valid[i]` says whether pair i is a
+Partial labels (docs/METHOD.md, stage 3.5). `valid[i]` says whether pair i is a
 (pseudo) label. The logit matrix gets one extra class, a constant-zero "no
 match" logit, appended to every row of S (for q -> r) and to every row of
 S.T (for r -> q), so both terms have C = B + 1 classes:

@@ -5,7 +5,7 @@ so an orbax checkpoint is the state itself and a jitted step can donate it.
 Randomness is derived, never carried: step s uses
 `jax.random.fold_in(state.rng, s)`.
 
-Learning rate (METHOD.md; the authors' `adjust_learning_rate`, called once
+Learning rate (docs/METHOD.md; the authors' `adjust_learning_rate`, called once
 per epoch): lr_e = lr * (1 + cos(pi * e / E)) / 2 with e the 0-based epoch,
 constant within the epoch. The rate is injected into the optimizer state
 (`optax.inject_hyperparams`), so the checkpoint holds it and the step can

@@ -25,7 +25,7 @@ logit_scale (exp(t)), grad_norm (global L2 norm of the gradients), skipped
 loss's own terms (loss_q2r, accuracy_q2r, ... ; for the intra-view step
 prefixed "ground/" and "satellite/").
 
-Kinds (METHOD.md):
+Kinds (docs/METHOD.md):
   intra-view (stage 1): two views of each ground image through the query
     tower and of each satellite image through the reference tower;
     loss = InfoNCE(g1, g2) + InfoNCE(s1, s2), smoothing 0.1.
