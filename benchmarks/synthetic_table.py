@@ -50,7 +50,7 @@ WORLD = "synthetic_world"
 SEEDS = (0, 1, 2)
 # Rows with 3 seeds (supervised, 0 %, 10 % and the paper's 100 % GT
 # reference, the denominators and numerators of the ratios); others one.
-SEEDED = ("ours_0", "supervised", "ours_10", "ours_100")
+SEEDED = ("ours_0", "supervised", "ours_10", "ours_100", "ours_0_views")
 
 _COLD = ("pretrain", "cfp", "translate", "intra", "cross_fake")
 # Row -> (row it reuses, stage folders copied, world folders left out).
@@ -58,6 +58,8 @@ _COLD = ("pretrain", "cfp", "translate", "intra", "cross_fake")
 # wrote them: a row that runs those stages itself gets the world without.
 SHARES = {
     "ours_10": ("ours_0", _COLD, ()),
+    "ours_0_views": ("ours_0", _COLD, ()),
+    "ours_10_views": ("ours_0", _COLD, ()),
     "ours_100": ("ours_0", _COLD, ()),
     "authors_switch": ("ours_0", _COLD, ()),
     "no_mutual": ("ours_0", _COLD, ()),
@@ -70,7 +72,8 @@ SHARES = {
     "from_scratch": ("ours_0", ("cfp", "translate"), ()),
     "source_pairs": ("ours_0", ("cfp", "translate"), ()),
 }
-BASE_ROWS = ("ours_0", "supervised", "ours_10", "ours_100", "from_scratch",
+BASE_ROWS = ("ours_0", "supervised", "ours_10", "ours_100", "ours_0_views",
+             "ours_10_views", "from_scratch",
              "source_pairs", "authors_switch", "no_bev", "no_translation",
              "no_intra", "no_mutual", "no_threshold", "no_curriculum")
 NCC = "ncc"
