@@ -11,16 +11,19 @@ Precision reads the truth: telemetry, as in the round table.
 Rules (S: [G, R] cosine similarities, ground rows):
   margin      the paper's: mutual pairs, ground's top-1 minus top-2;
   two_sided   min of the ground's and the satellite's margin;
-  tta         S averaged over the 8 paired views (flip x 4 rotations of the
-              tile with the matching roll of the panorama), then margin;
-              tta2: plain and flipped; tta4: the 4 rotations;
+  views8      S averaged over the 8 paired views (flip x 4 rotations of the
+              tile with the matching roll of the panorama), then margin
+              (pseudo_label.paired_views=8); views2: plain and flipped;
+              views4: the 4 quarter turns;
   stable      mutual in every paired view; score = min margin over views;
   csls        CSLS(i, j) = 2 S_ij - r_g(i) - r_s(j) (r: mean of the 10
               nearest), mutual on CSLS, margin on CSLS rows;
   fake        F: the satellite tower on each ground's fake tile (the
               cold start's input) against the real tiles; mutual on F;
   fake_agree  mutual in S and in F, score = min of both margins;
-  fake_mean   (S + F) / 2, then margin; tta_fake_mean: (tta's S + F) / 2.
+  views1_fake (S + F) / 2, then margin (fake_view=True);
+  views8_fake (views8's S + F) / 2 (paired_views=8, fake_view=True);
+              views2_fake, views4_fake likewise.
 """
 
 import argparse
@@ -71,9 +74,9 @@ def rule_scores(sims, fake_sim):
   out["margin"] = (g, s, row_margin(plain, g))
   col = row_margin(plain.T, s)
   out["two_sided"] = (g, s, np.minimum(out["margin"][2], col))
-  for rule, names in [("tta2", ["flip0_rot0", "flip1_rot0"]),
-                      ("tta4", [f"flip0_rot{k}" for k in range(4)]),
-                      ("tta", list(sims))]:
+  for rule, names in [("views2", ["flip0_rot0", "flip1_rot0"]),
+                      ("views4", [f"flip0_rot{k}" for k in range(4)]),
+                      ("views8", list(sims))]:
     mean = np.mean([sims[n] for n in names], axis=0)
     g, s = mutual_pairs(mean)
     out[rule] = (g, s, row_margin(mean, g))
@@ -105,10 +108,13 @@ def rule_scores(sims, fake_sim):
                                          row_margin(fake_sim, g)))
   mean = (plain + fake_sim) / 2
   g, s = mutual_pairs(mean)
-  out["fake_mean"] = (g, s, row_margin(mean, g))
-  mean = (np.mean(list(sims.values()), axis=0) + fake_sim) / 2
-  g, s = mutual_pairs(mean)
-  out["tta_fake_mean"] = (g, s, row_margin(mean, g))
+  out["views1_fake"] = (g, s, row_margin(mean, g))
+  for rule, names in [("views2_fake", ["flip0_rot0", "flip1_rot0"]),
+                      ("views4_fake", [f"flip0_rot{k}" for k in range(4)]),
+                      ("views8_fake", list(sims))]:
+    mean = (np.mean([sims[n] for n in names], axis=0) + fake_sim) / 2
+    g, s = mutual_pairs(mean)
+    out[rule] = (g, s, row_margin(mean, g))
   return out
 
 

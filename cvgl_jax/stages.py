@@ -186,7 +186,40 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   preflight(config, mesh)
   dropped = []
   train, evaluation = read_data(config, workdir, dropped=dropped)
+  problem = missing_fakes(config, train)
+  if problem:
+    raise config_lib.ConfigError(problem)
   return Run(config, workdir, train, evaluation, mesh, tuple(dropped))
+
+
+# The stage that writes each fake folder (`config.cross_fake.fake_folder`).
+FAKE_WRITER = {"g2a_sat": "translate", "g2a": "cfp"}
+
+
+def missing_fakes(config: ml_collections.ConfigDict, train: PairIndex, *,
+                  written: bool = False) -> str:
+  """A line naming what is missing when `pseudo_label.fake_view` needs each
+  ground's fake tile and some are not on disk; "" if nothing is.
+
+  Before any stage (`written=False`) only fakes that no stage of the run
+  writes are checked; at the pseudo-label stage (`written=True`) all are.
+  """
+  folder = config.cross_fake.fake_folder
+  writer = FAKE_WRITER.get(folder, "")
+  if not ("pseudo_label" in config.stages and config.pseudo_label.fake_view):
+    return ""
+  if not written and writer in config.stages:
+    return ""
+  fakes = train.derived_paths(folder)
+  missing = [f for f in fakes if not os.path.exists(f)]
+  if not missing:
+    return ""
+  return (f"config.pseudo_label.fake_view=True compares each ground's fake "
+          f"tile, but {len(missing)} of {len(fakes)} are missing (first: "
+          f"{missing[0]}): "
+          + (f"run the stage {writer!r} first" if writer else
+             "write them there first")
+          + ", or set config.pseudo_label.fake_view=False.")
 
 
 def run_pretrain(run: Run) -> dict:
@@ -415,15 +448,9 @@ def run_pseudo_label(run: Run) -> dict:
   views = views_lib.PairingViews(
       paired_views=p.paired_views,
       fake_folder=c.cross_fake.fake_folder if p.fake_view else None)
-  if views.fake_folder is not None:
-    fakes = index.derived_paths(views.fake_folder)
-    missing = [f for f in fakes if not os.path.exists(f)]
-    if missing:
-      raise config_lib.ConfigError(
-          f"config.pseudo_label.fake_view=True compares each ground's fake "
-          f"tile, but {len(missing)} of {len(fakes)} are missing (first: "
-          f"{missing[0]}): run the stages cfp and translate, or set "
-          f"config.pseudo_label.fake_view=False.")
+  problem = missing_fakes(c, index, written=True)
+  if problem:
+    raise config_lib.ConfigError(problem)
 
   def make_epoch_start(model):
     embedders = views_lib.make_embedders(model, run.mesh, views)

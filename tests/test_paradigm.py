@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -295,3 +296,31 @@ def test_ncc_baseline_beats_chance_on_the_tiny_world(demo_run):
   ncc = bevs @ tiles.T
   true = ncc[np.arange(len(bevs)), train.positive]
   assert true.mean() > ncc.mean() + 0.05
+
+
+def test_missing_fakes_are_one_line_before_any_stage(demo_run, tmp_path):
+  """fake_view needs each ground's fake tile: a run in which no stage
+  writes them and they are not there stops before its first stage."""
+  config, workdir, _ = demo_run
+  train = stages.read_data(config, workdir)[0]
+  assert stages.missing_fakes(config, train, written=True) == ""
+  other = config.copy_and_resolve_references()
+  other.cross_fake.fake_folder = "g2a"  # CFP's BEVs: written by the run.
+  other.stages = ("pseudo_label",)
+  assert stages.missing_fakes(other, train) == ""
+  other.cross_fake.fake_folder = "fakes_elsewhere"
+  line = stages.missing_fakes(other, train)
+  n = train.num_ground
+  assert (f"{n} of {n} are missing" in line and "fakes_elsewhere" in line
+          and "write them there first" in line
+          and "fake_view=False" in line), line
+  other.pseudo_label.fake_view = False
+  assert stages.missing_fakes(other, train) == ""
+  # Through a run: the error comes before any stage folder exists.
+  other.pseudo_label.fake_view = True
+  fresh = str(tmp_path / "run")
+  shutil.copytree(os.path.join(workdir, "synthetic_world"),
+                  os.path.join(fresh, "synthetic_world"))
+  with pytest.raises(config_lib.ConfigError, match="fakes_elsewhere"):
+    main_lib.run(other, fresh)
+  assert not os.path.exists(os.path.join(fresh, "pseudo_label"))

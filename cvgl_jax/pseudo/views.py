@@ -16,10 +16,14 @@ inner product of concatenated, rescaled embeddings, so that mutual matching,
 the margin (in cosine units, compared with tau as before) and both
 nearest-neighbour backends run unchanged:
 
-  ground    = [g_1 .. g_V] / sqrt(V)          (+ [f] / sqrt(2), the g_v by 1/sqrt(2V))
-  satellite = [s_1 .. s_V] / sqrt(V)          (+ [s_1] / sqrt(2), likewise)
+  without the fake:  ground    = [g_1 .. g_V] / sqrt(V)
+                     satellite = [s_1 .. s_V] / sqrt(V)
+  with the fake:     ground    = [g_1 .. g_V] / sqrt(2V) ++ f / sqrt(2)
+                     satellite = [s_1 .. s_V] / sqrt(2V) ++ s_1 / sqrt(2)
 
-Each row stays a unit vector: [N, D * (V + fake)] float32.
+(s_1: the plain view.) Each row stays a unit vector: [N, D (V + 1)] with the
+fake, [N, D V] without, float32. Each image is decoded once per round; the
+views are taken on the device.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import dataclasses
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cvgl_jax import evaluate
+from cvgl_jax import parallel
 from cvgl_jax.data.index import PairIndex
 from cvgl_jax.train import steps
 
@@ -61,15 +67,57 @@ class PairingViews:
                        f"{sorted(VIEWS)}.")
 
 
+@dataclasses.dataclass(frozen=True)
+class Embedders:
+  """Jitted (params, uint8 images sharded on `data`) -> replicated rows.
+
+  Attributes:
+    ground: [B, H, W, 3] panoramas -> [B, D * V] their paired views' blocks.
+    satellite: tiles -> [B, D * (V + fake)]: the views' blocks (and the
+      plain view again, for the fake's block).
+    fake: fake tiles -> [B, D] (the fake's block), or None.
+  """
+  ground: evaluate.EmbedFn
+  satellite: evaluate.EmbedFn
+  fake: Optional[evaluate.EmbedFn]
+
+
 def make_embedders(model, mesh: jax.sharding.Mesh, views: PairingViews
-                   ) -> dict[tuple[str, tuple[bool, int]], evaluate.EmbedFn]:
-  """{(tower, view): jitted embed fn} for every view `views` needs."""
-  return {(tower, view): steps.make_embed_fn(model, mesh, tower, view)
-          for view in VIEWS[views.paired_views]
-          for tower in ("ground", "satellite")}
+                   ) -> Embedders:
+  """The round's embedding functions: every view of a batch in one call, so
+  that each image is decoded once per round whatever the views."""
+  turns = VIEWS[views.paired_views]
+  fake = views.fake_folder is not None
+  # Weights that keep rows unit and make the inner product the mean of the
+  # views' cosines (with the fake: averaged again with the fake's).
+  w_view = np.float32(1 / np.sqrt(len(turns) * (2 if fake else 1)))
+  w_fake = np.float32(1 / np.sqrt(2))
+  single = {(tower, turn): steps.make_embed_fn(model, mesh, tower, turn)
+            for tower in ("ground", "satellite") for turn in turns}
+
+  def blocks(tower, params, images):
+    return [single[tower, turn](params, images) * w_view for turn in turns]
+
+  def ground(params, images):
+    return jnp.concatenate(blocks("ground", params, images), axis=1)
+
+  def satellite(params, images):
+    out = blocks("satellite", params, images)
+    if fake:
+      out.append(single["satellite", (False, 0)](params, images) * w_fake)
+    return jnp.concatenate(out, axis=1)
+
+  replicated = parallel.replicated(mesh)
+  fake_fn = None
+  if fake:
+    plain = single["satellite", (False, 0)]
+    fake_fn = jax.jit(lambda params, images: plain(params, images) * w_fake,
+                      out_shardings=replicated)
+  return Embedders(jax.jit(ground, out_shardings=replicated),
+                   jax.jit(satellite, out_shardings=replicated), fake_fn)
 
 
-def pairing_embeddings(embedders, params, index: PairIndex,
+def pairing_embeddings(embedders: Embedders, params, index: PairIndex,
                        views: PairingViews, *, ground_size: Sequence[int],
                        satellite_size: Sequence[int], **embed_options
                        ) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +127,7 @@ def pairing_embeddings(embedders, params, index: PairIndex,
     embedders: from `make_embedders(model, mesh, views)`.
     params: the model's params (replicated).
     index: the train split.
-    views: a `PairingViews`.
+    views: the `PairingViews` the embedders were made for.
     ground_size, satellite_size: (H, W) the images are resized to.
     **embed_options: batch_size, mesh, num_threads of
       `evaluate.embed_split`.
@@ -88,24 +136,14 @@ def pairing_embeddings(embedders, params, index: PairIndex,
     ([Ng, D'] ground, [Ns, D'] satellite) float32 unit rows whose inner
     products are the combined similarity of the module docstring.
   """
-  grounds, satellites = [], []
-  for view in VIEWS[views.paired_views]:
-    grounds.append(evaluate.embed_split(
-        embedders["ground", view], params, index.ground_paths,
-        size=ground_size, **embed_options))
-    satellites.append(evaluate.embed_split(
-        embedders["satellite", view], params, index.satellite_paths,
-        size=satellite_size, **embed_options))
-  weight = np.float32(1 / np.sqrt(len(grounds)))
-  if views.fake_folder is not None:
-    fakes = evaluate.embed_split(
-        embedders["satellite", (False, 0)], params,
-        index.derived_paths(views.fake_folder), size=satellite_size,
-        **embed_options)
-    weight = weight / np.float32(np.sqrt(2))
-    half = np.float32(1 / np.sqrt(2))
-    return (np.concatenate([g * weight for g in grounds] + [fakes * half], 1),
-            np.concatenate([s * weight for s in satellites]
-                           + [satellites[0] * half], 1))
-  return (np.concatenate([g * weight for g in grounds], 1),
-          np.concatenate([s * weight for s in satellites], 1))
+  ground = evaluate.embed_split(embedders.ground, params, index.ground_paths,
+                                size=ground_size, **embed_options)
+  satellite = evaluate.embed_split(embedders.satellite, params,
+                                   index.satellite_paths,
+                                   size=satellite_size, **embed_options)
+  if embedders.fake is not None:
+    fake = evaluate.embed_split(
+        embedders.fake, params, index.derived_paths(views.fake_folder),
+        size=satellite_size, **embed_options)
+    ground = np.concatenate([ground, fake], axis=1)
+  return ground, satellite
