@@ -5,7 +5,8 @@ r"""Which label-free rule makes the first pseudo-label round precise?
 For each run, the cold start's handed-on params (what stage 3 starts from)
 embed the train split; then each rule scores the mutual nearest pairs
 and the table prints, per rule, the precision of its N most confident pairs
-(N = 3 %, 6 %, 12 % of the grounds) and what its default threshold admits.
+(N = 3 %, 6 %, 12 % of the grounds) and what the first round's threshold
+tau_e admits.
 Precision reads the truth: telemetry, as in the round table.
 
 Rules (S: [G, R] cosine similarities, ground rows):
@@ -35,6 +36,7 @@ import numpy as np
 from cvgl_jax import export
 from cvgl_jax import stages
 from cvgl_jax.evaluate import embed_split
+from cvgl_jax.pseudo import refine as refine_lib
 
 
 def paired_views(ground_w: int):
@@ -118,12 +120,20 @@ def rule_scores(sims, fake_sim):
   return out
 
 
+def first_round_tau(p) -> float:
+  """tau_e of a 0 % run's first round: the warm-up epochs count in the
+  curriculum (docs/METHOD.md), so round 0 is epoch `warmup_epochs`."""
+  settings = refine_lib.RefineSettings(tau=p.tau, epochs=p.epochs,
+                                       curriculum=p.curriculum)
+  return refine_lib.threshold(settings, p.warmup_epochs)
+
+
 def report(name, scores, truth, num_ground, tau):
   fractions = (0.03, 0.06, 0.12)
   print(f"\n{name}: {num_ground} grounds")
   print("| rule | mutual | " + " | ".join(
       f"prec. top {100 * f:.0f} %" for f in fractions) +
-        f" | admitted at tau={tau} | its precision % |")
+        f" | admitted at tau_e={tau:.4f} | its precision % |")
   print("| --- " * (4 + len(fractions)) + "|")
   for rule, (g, s, score) in scores.items():
     correct = truth[g] == s
@@ -133,7 +143,7 @@ def report(name, scores, truth, num_ground, tau):
       n = int(round(f * num_ground))
       top = correct[order[:n]]
       cells.append(f"{100 * top.mean():.1f}" if len(top) == n else "-")
-    admitted = score >= tau
+    admitted = score >= np.float32(tau)
     prec = 100 * correct[admitted].mean() if admitted.any() else float("nan")
     print(f"| {rule} | {len(g)} | " + " | ".join(cells) +
           f" | {admitted.sum()} | {prec:.1f} |")
@@ -169,7 +179,7 @@ def main():
     truth = np.asarray(train.positive)
     report(f"{workdir} ({args.stage}, step {trained.step})",
            rule_scores(sims, fake @ real.T), truth, train.num_ground,
-           config.pseudo_label.tau)
+           first_round_tau(config.pseudo_label))
 
 
 if __name__ == "__main__":
