@@ -301,7 +301,6 @@ def train(state: state_lib.TrainState,
           epoch_start_fn: Optional[EpochStartFn] = None,
           keep_checkpoints: int = 2,
           max_skipped_steps: int = 10,
-          max_steps: Optional[int] = None,
           progress: bool = True) -> tuple[state_lib.TrainState, dict]:
   """Trains one stage for `num_epochs` epochs, resuming from `workdir`.
 
@@ -335,8 +334,6 @@ def train(state: state_lib.TrainState,
     keep_checkpoints: how many of the latest checkpoints to keep.
     max_skipped_steps: this many steps in a row skipped for a non-finite
       loss or gradient norm end the stage as diverged (`DivergedError`).
-    max_steps: stop (with a checkpoint) once the stage's step count reaches
-      this, e.g. a time-boxed job; None trains every epoch.
     progress: show a tqdm bar (process 0).
 
   Returns:
@@ -367,7 +364,6 @@ def train(state: state_lib.TrainState,
   main = parallel.is_main_process()
   ckpt_dir = run_dir.checkpoints_dir(workdir, stage)
   total = num_epochs * steps_per_epoch
-  stop = total if max_steps is None else min(total, int(max_steps))
 
   mngr = _manager(ckpt_dir, keep_checkpoints)
   best_mngr = _manager(run_dir.best_dir(workdir, stage), 1)
@@ -469,7 +465,7 @@ def train(state: state_lib.TrainState,
   round_postfix = {}
   try:
     epoch = step // steps_per_epoch
-    while step < stop:
+    while step < total:
       if step % steps_per_epoch == 0:
         plan = dict((epoch_start_fn and epoch_start_fn(state, epoch)) or {})
         if plan.get("metrics"):
@@ -495,7 +491,7 @@ def train(state: state_lib.TrainState,
                          f"{steps_per_epoch}: every epoch must have the same "
                          f"length (fill pseudo-pair epochs to it).")
       epoch_end = (epoch + 1) * steps_per_epoch
-      while step < min(epoch_end, stop):
+      while step < epoch_end:
         batch = next(it)
         if run_dir.fault_requested("nan_batch", step + 1):
           batch = dict(batch, ground=np.full_like(batch["ground"], np.nan,
@@ -522,9 +518,6 @@ def train(state: state_lib.TrainState,
           flush(epoch)
         if step % ckpt_every_steps == 0 and step != epoch_end:
           save(epoch)
-      if step < epoch_end:  # Stopped by max_steps.
-        save(epoch)
-        break
       flush(epoch)
       epoch += 1
       if eval_fn is not None and (

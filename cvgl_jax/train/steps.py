@@ -241,6 +241,3 @@ def make_embed_fn(model: nn.Module, mesh: jax.sharding.Mesh,
 
   return jax.jit(embed, out_shardings=parallel.replicated(mesh))
 
-
-STEP_FACTORIES = {"intra": make_intra_step, "cross": make_cross_step,
-                  "partial": make_partial_step}
