@@ -214,8 +214,8 @@ def default_config() -> ml_collections.ConfigDict:
   # that of each ground's own fake tile to the tiles. Label-free; they make
   # the first rounds precise where the paper's single view is not
   # (docs/pseudo_labels.md). The paper: paired_views=1, fake_view=False.
-  # Cost per round: each train image decoded once, 2 x paired_views + 2
-  # forward passes instead of 2.
+  # Cost per round: each train image decoded once, 2 x paired_views
+  # (+ 1 with the fake) forward passes per pair instead of 2.
   c.pseudo_label.paired_views = 8
   c.pseudo_label.fake_view = True
 

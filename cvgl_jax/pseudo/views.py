@@ -95,16 +95,15 @@ def make_embedders(model, mesh: jax.sharding.Mesh, views: PairingViews
   single = {(tower, turn): steps.make_embed_fn(model, mesh, tower, turn)
             for tower in ("ground", "satellite") for turn in turns}
 
-  def blocks(tower, params, images):
-    return [single[tower, turn](params, images) * w_view for turn in turns]
-
   def ground(params, images):
-    return jnp.concatenate(blocks("ground", params, images), axis=1)
+    return jnp.concatenate([single["ground", turn](params, images) * w_view
+                            for turn in turns], axis=1)
 
   def satellite(params, images):
-    out = blocks("satellite", params, images)
-    if fake:
-      out.append(single["satellite", (False, 0)](params, images) * w_fake)
+    views = [single["satellite", turn](params, images) for turn in turns]
+    out = [v * w_view for v in views]
+    if fake:  # turns[0] is the plain view: the fake's partner.
+      out.append(views[0] * w_fake)
     return jnp.concatenate(out, axis=1)
 
   replicated = parallel.replicated(mesh)
