@@ -87,6 +87,7 @@ def _config(root):
   p = config.pseudo_label
   p.epochs, p.warmup_epochs, p.gt_ratio, p.tau = 1, 0, 0.0, 0.0
   p.knn_backend = "exact"
+  p.paired_views, p.fake_view = 8, True  # The views on a 2-process job.
   return config
 
 

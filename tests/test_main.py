@@ -55,6 +55,10 @@ def tiny_demo_config():
   config.cross_fake.epochs = 1
   config.pseudo_label.epochs = 2
   config.pseudo_label.warmup_epochs = 1
+  # One view per round keeps the CI runs short; the session's demo run
+  # (conftest.py) and the 2-process test compare the label-free views.
+  config.pseudo_label.paired_views = 1
+  config.pseudo_label.fake_view = False
   # A tiny stand-in: 24 source pairs, one epoch, a cache of its own.
   config.pretrain.num_pairs = 24
   config.pretrain.epochs = 1
@@ -194,13 +198,18 @@ def test_benchmark_rows_change_only_what_their_names_say():
                          "cross_fake", "pseudo_label")
   flat = lambda c: dict(_flatten(c.to_dict()))
   base = flat(load_config("synthetic_benchmark", "ours_0"))
-  # The benchmark is the demo on a larger world.
+  # The benchmark is the demo on a larger world, its rounds comparing one
+  # view as the paper (the _views rows: the demo's label-free views).
   assert {k: v for k, v in base.items() if flat(demo)[k] != v} == {
-      "synthetic.num_pairs": 2500}
+      "synthetic.num_pairs": 2500, "pseudo_label.paired_views": 1,
+      "pseudo_label.fake_view": False}
+  views = {"pseudo_label.paired_views": 8, "pseudo_label.fake_view": True}
   without = lambda *names: tuple(s for s in demo.stages if s not in names)
   expected = {
       "ours_0": {},
       "ours_10": {"pseudo_label.gt_ratio": 0.1},
+      "ours_0_views": views,
+      "ours_10_views": dict(views, **{"pseudo_label.gt_ratio": 0.1}),
       "ours_100": {"pseudo_label.gt_ratio": 1.0},
       "from_scratch": {"stages": without("pretrain")},
       "source_pairs": {"pretrain.objective": "pairs"},
