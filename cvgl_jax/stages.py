@@ -199,7 +199,8 @@ FAKE_WRITER = {"g2a_sat": "translate", "g2a": "cfp"}
 def missing_fakes(config: ml_collections.ConfigDict, train: PairIndex, *,
                   written: bool = False) -> str:
   """A line naming what is missing when `pseudo_label.fake_view` needs each
-  ground's fake tile and some are not on disk; "" if nothing is.
+  ground's fake tile and some are not on disk; "" if nothing is. The same
+  answer on every process (`derived.first_missing`); call on all of them.
 
   Before any stage (`written=False`) only fakes that no stage of the run
   writes are checked; at the pseudo-label stage (`written=True`) all are.
@@ -211,12 +212,13 @@ def missing_fakes(config: ml_collections.ConfigDict, train: PairIndex, *,
   if not written and writer in config.stages:
     return ""
   fakes = train.derived_paths(folder)
-  missing = [f for f in fakes if not os.path.exists(f)]
-  if not missing:
+  first = derived.first_missing(fakes)
+  if first == len(fakes):
     return ""
+  missing = sum(not os.path.exists(f) for f in fakes[first:])
   return (f"config.pseudo_label.fake_view=True compares each ground's fake "
-          f"tile, but {len(missing)} of {len(fakes)} are missing (first: "
-          f"{missing[0]}): "
+          f"tile, but {missing} of {len(fakes)} are missing (first: "
+          f"{fakes[first]}): "
           + (f"run the stage {writer!r} first" if writer else
              "write them there first")
           + ", or set config.pseudo_label.fake_view=False.")

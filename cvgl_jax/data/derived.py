@@ -82,16 +82,24 @@ def params_digest(params: Any) -> str:
   return h.hexdigest()[:16]
 
 
-def check_all_written(paths, what: str) -> None:
-  """Raises RuntimeError, on every process alike, unless every one of
-  `paths` exists: the last check of a file stage before its DONE marker
-  (each process wrote a share; a lost share must not pass as done).
-  Process 0 looks; call on every process after they have all written."""
+def first_missing(paths) -> int:
+  """The index of the first of `paths` that does not exist (len(paths) when
+  all do), the same on every process: process 0 looks and broadcasts, so
+  that a file system that shows one host a file late cannot split the
+  job's decision. Call on every process."""
   first = len(paths)
   if parallel.is_main_process():
     first = next((i for i, p in enumerate(paths)
                   if not os.path.exists(p)), len(paths))
-  first = int(parallel.from_main_process(np.int64(first)))
+  return int(parallel.from_main_process(np.int64(first)))
+
+
+def check_all_written(paths, what: str) -> None:
+  """Raises RuntimeError, on every process alike, unless every one of
+  `paths` exists: the last check of a file stage before its DONE marker
+  (each process wrote a share; a lost share must not pass as done).
+  Call on every process after they have all written."""
+  first = first_missing(paths)
   if first < len(paths):
     missing = sum(not os.path.exists(p) for p in paths[first:])
     raise RuntimeError(
