@@ -1,10 +1,17 @@
-"""Test set-up: 8 simulated CPU devices so the multi-device paths run in CI."""
+"""Test set-up: 8 simulated CPU devices so the multi-device paths run in CI,
+programs compiled for speed of compiling."""
 
 import os
 
+import processes  # noqa: E402  (tests/: the flags every test process uses)
+
 # Must happen before jax initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", processes.xla_flags(devices=8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiling dominates the suite (tiny models, a few steps): every test
+# process compiles without LLVM's optimisations (processes.FAST_COMPILE).
+# (A persistent compilation cache for the session made it slower: writing
+# every program costs more than the few it serves twice.)
 
 
 import pytest  # noqa: E402  (after the environment above)
@@ -28,4 +35,5 @@ def demo_run(tmp_path_factory):
   config.train.select = "label_free"  # The path with more to check.
   workdir = str(tmp_path_factory.mktemp("demo") / "run")
   return config, workdir, main_lib.run(config, workdir)
+
 

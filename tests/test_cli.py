@@ -9,13 +9,16 @@ import os
 import subprocess
 import sys
 
+import processes
+
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 DEMO = os.path.join(CONFIGS, "synthetic_unsup.py")
 
 
 def _run_all(cases):
   """{name: argv} -> {name: CompletedProcess-like (returncode, out, err)}."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=processes.xla_flags())
   procs = {name: subprocess.Popen([sys.executable, "-m", *argv], env=env,
                                   stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)

@@ -110,7 +110,7 @@ def _make_world(config, root):
 def _env(devices, cache):
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLURM_", "OMPI_", "PMI", "TPU_", "JAX_"))}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env.update(XLA_FLAGS=processes.xla_flags(devices),
              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
              # Compiling dominates these tiny runs: a cache lets the stages'
              # identical programs (the embedding functions) compile once.

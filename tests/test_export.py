@@ -105,7 +105,7 @@ def test_a_fresh_process_retrieves_without_the_workdir(run, tmp_path):
              for p in ev.ground_paths[:3]]
   expected = retrieve.load_bundle(bundle_dir).search_files(queries, 3)
   picture = str(tmp_path / "matches.png")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=processes.xla_flags())
   hidden = workdir + ".hidden"
   os.rename(workdir, hidden)
   try:
@@ -359,7 +359,7 @@ def test_two_processes_export_the_same_bundle(run, tmp_path):
   _, workdir, _, bundle_dir = run
   out = str(tmp_path / "bundle")
   port = processes.free_port()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=processes.xla_flags())
   outputs = processes.run_all(
       [[sys.executable, "-m", "cvgl_jax.export", f"--workdir={workdir}",
         f"--out={out}", f"--coordinator_address=127.0.0.1:{port}",
@@ -405,7 +405,7 @@ def test_retrieve_refuses_a_non_image_or_a_foreign_aspect(run, tmp_path):
   text = str(tmp_path / "notes.png")
   with open(text, "w") as f:
     f.write("not an image")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=processes.xla_flags())
   procs = {name: subprocess.Popen(
       [sys.executable, "-m", "cvgl_jax.retrieve", f"--bundle={bundle_dir}",
        query], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -1,5 +1,7 @@
 """Tests of the ConvNeXt backbone, the heads and the two-tower encoder."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,19 +23,44 @@ def _images(key, n, h, w):
 
 
 def _randomize(params, seed=0):
-  """Random params everywhere (layer scale at 1e-6 would hide every block)."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [
-      x + 0.2 * jax.random.normal(k, x.shape, x.dtype)
-      for x, k in zip(leaves, keys)])
+  """`params` plus N(0, 0.2) noise everywhere (layer scale at 1e-6 would
+  hide every block)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: jnp.asarray(np.asarray(x) + 0.2 * rng.standard_normal(
+          x.shape).astype(x.dtype)), params)
+
+
+def _random_params(module, *inputs, seed=0):
+  """`_randomize` of what `module.init` would give, without running it: an
+  init compiles the PRNG for every parameter (~15 s per test for a tiny
+  ConvNeXt on this CPU), eval_shape and host draws compile nothing. Norm
+  scales start at 1, everything else at 0."""
+  shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)
+  ones = lambda path, s: np.full(
+      s.shape, float(path[-1].key == "scale"), s.dtype)
+  return _randomize(jax.tree_util.tree_map_with_path(ones, shapes), seed)
+
+
+def _apply(module, params, *inputs, rngs=None, **static):
+  """`module.apply` as one jitted program, compiled once per module and
+  static arguments: eager, each operation compiles its own (~40 ms each
+  here)."""
+  return _jitted_apply(module, tuple(sorted(static.items())))(
+      params, inputs, rngs)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(module, static):
+  return jax.jit(lambda params, inputs, rngs: module.apply(
+      params, *inputs, rngs=rngs, **dict(static)))
 
 
 def test_backbone_output_shape_and_stride():
   model = convnext.ConvNeXt(TINY.depths, TINY.dims, depthwise_impl=DW)
   x = _images(0, 2, 64, 96)
-  params = model.init(jax.random.key(0), x)
-  assert model.apply(params, x).shape == (2, 2, 3, 32)
+  params = _random_params(model, x)
+  assert _apply(model, params, x).shape == (2, 2, 3, 32)
 
 
 def test_stage0_has_no_downsample_and_names_match_timm_structure():
@@ -59,16 +86,16 @@ def test_stochastic_depth_only_in_training():
   model = convnext.ConvNeXt(TINY.depths, TINY.dims, drop_path_rate=0.5,
                             depthwise_impl=DW)
   x = _images(1, 4, 32, 32)
-  params = _randomize(model.init(jax.random.key(0), x))
+  params = _random_params(model, x)
   no_drop = convnext.ConvNeXt(TINY.depths, TINY.dims, depthwise_impl=DW)
-  ref = no_drop.apply(params, x)
+  ref = _apply(no_drop, params, x)
   for seed in (1, 2):
-    out = model.apply(params, x, train=False,
+    out = _apply(model, params, x, train=False,
                       rngs={"dropout": jax.random.key(seed)})
     np.testing.assert_array_equal(out, ref)
-  train_a = model.apply(params, x, train=True,
+  train_a = _apply(model, params, x, train=True,
                         rngs={"dropout": jax.random.key(1)})
-  train_b = model.apply(params, x, train=True,
+  train_b = _apply(model, params, x, train=True,
                         rngs={"dropout": jax.random.key(2)})
   assert float(jnp.abs(train_a - ref).max()) > 1e-3
   assert float(jnp.abs(train_a - train_b).max()) > 1e-3
@@ -77,7 +104,7 @@ def test_stochastic_depth_only_in_training():
 def test_drop_path_drops_whole_examples_and_keeps_expectation():
   layer = convnext.DropPath(0.25)
   x = jnp.ones((4000, 3, 3, 2))
-  y = layer.apply({}, x, deterministic=False,
+  y = _apply(layer, {}, x, deterministic=False,
                   rngs={"dropout": jax.random.key(0)})
   per_example = np.asarray(y).reshape(4000, -1)
   assert np.all((per_example == 0).all(1) | (per_example == 1 / 0.75).all(1))
@@ -89,15 +116,15 @@ def test_remat_gives_same_values_and_gradients():
   plain = convnext.ConvNeXt(TINY.depths, TINY.dims, depthwise_impl=DW)
   remat = convnext.ConvNeXt(TINY.depths, TINY.dims, remat=True,
                            depthwise_impl=DW)
-  params = _randomize(plain.init(jax.random.key(0), x))
+  params = _random_params(plain, x)
 
   def loss(model, p):
-    return jnp.sum(model.apply(p, x, train=True) ** 2)
+    return jnp.sum(_apply(model, p, x, train=True) ** 2)
 
-  np.testing.assert_allclose(plain.apply(params, x), remat.apply(params, x),
+  np.testing.assert_allclose(_apply(plain, params, x), _apply(remat, params, x),
                              rtol=1e-6, atol=1e-6)
-  g1 = jax.grad(lambda p: loss(plain, p))(params)
-  g2 = jax.grad(lambda p: loss(remat, p))(params)
+  g1 = jax.jit(jax.grad(lambda p: loss(plain, p)))(params)
+  g2 = jax.jit(jax.grad(lambda p: loss(remat, p)))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-5), g1, g2)
 
@@ -107,11 +134,11 @@ def test_bf16_forward_tracks_f32_with_f32_params():
   model32 = encoder.Tower(TINY, head="safa", depthwise_impl=DW)
   model16 = encoder.Tower(TINY, head="safa", dtype=jnp.bfloat16,
                           depthwise_impl=DW)
-  params = _randomize(model32.init(jax.random.key(0), x), seed=3)
-  params16 = model16.init(jax.random.key(0), x)
+  params = _random_params(model32, x, seed=3)
+  params16 = jax.eval_shape(model16.init, jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params16))
-  z32 = model32.apply(params, x)
-  z16 = model16.apply(params, x)
+  z32 = _apply(model32, params, x)
+  z16 = _apply(model16, params, x)
   assert z16.dtype == jnp.float32
   cosine = np.asarray(jnp.sum(z32 * z16, axis=-1))
   assert np.all(cosine > 0.99), cosine
@@ -121,8 +148,8 @@ def test_bf16_forward_tracks_f32_with_f32_params():
 def test_safa_shape_and_definition():
   x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
   head = heads.SAFA(num_heads=8)
-  params = head.init(jax.random.key(1), x)
-  out = head.apply(params, x)
+  params = _random_params(head, x)
+  out = _apply(head, params, x)
   assert out.shape == (2, 8 * 5)
   p = jax.tree.map(np.asarray, params["params"])
   feats = np.asarray(x).reshape(2, 12, 5)
@@ -135,20 +162,20 @@ def test_safa_shape_and_definition():
 
 def test_safa_rejects_other_image_size_naming_both():
   model = encoder.Tower(TINY, head="safa", depthwise_impl=DW)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3)))
+  params = _random_params(model, jnp.zeros((1, 128, 128, 3)))
   with pytest.raises(ValueError, match=r"16 positions.*128x128.*got 3x3 = "
                      r"9 positions from 96x96 images"):
-    model.apply(params, jnp.zeros((1, 96, 96, 3)))
+    _apply(model, params, jnp.zeros((1, 96, 96, 3)))
 
 
 def test_gap_head_is_mean_then_layernorm():
   x = jax.random.normal(jax.random.key(0), (2, 3, 4, 6))
   head = heads.GlobalAveragePool()
-  params = head.init(jax.random.key(1), x)
+  params = head.init(jax.random.key(1), x)  # No PRNG: scale 1, bias 0.
   m = np.asarray(x).mean((1, 2))
   ref = (m - m.mean(-1, keepdims=True)) / np.sqrt(m.var(-1, keepdims=True)
                                                   + 1e-6)
-  np.testing.assert_allclose(head.apply(params, x), ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(_apply(head, params, x), ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("share", [False, True])
@@ -156,16 +183,18 @@ def test_two_tower_embeddings_weights_and_logit_scale(share):
   model = encoder.TwoTower(variant=TINY, head="gap", share_weights=share,
                            depthwise_impl=DW)
   g, s = _images(0, 3, 32, 64), _images(1, 3, 32, 32)
-  params = model.init(jax.random.key(0), g, s)["params"]
+  params = _random_params(model, g, s)["params"]
   assert ("reference" in params) is (not share)
-  np.testing.assert_allclose(params["logit_scale"], np.log(1 / 0.07),
+  # Only the scalar is initialised (the towers' init would compile the PRNG).
+  scale = model.init(jax.random.key(0), method=lambda m: m.logit_scale)
+  np.testing.assert_allclose(scale["params"]["logit_scale"], np.log(1 / 0.07),
                              rtol=1e-6)
-  zq, zr, t = model.apply({"params": _randomize(params)}, g, s)
+  zq, zr, t = _apply(model, {"params": params}, g, s)
   assert zq.shape == zr.shape == (3, 32)
   np.testing.assert_allclose(jnp.linalg.norm(zq, axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(jnp.linalg.norm(zr, axis=-1), 1.0, rtol=1e-5)
   # Shared weights: the same image gives the same embedding in both towers.
-  zq2, zr2, _ = model.apply({"params": _randomize(params)}, s, s)
+  zq2, zr2, _ = _apply(model, {"params": params}, s, s)
   assert np.allclose(zq2, zr2, atol=1e-6) is share
   assert t.shape == ()
 
@@ -187,16 +216,18 @@ def test_from_config_builds_custom_and_rejects_bad_values():
 def test_depthwise_implementations_agree_with_grouped_conv():
   x = jax.random.normal(jax.random.key(0), (2, 9, 11, 6))
   ref = nn.Conv(6, (7, 7), padding=3, feature_group_count=6)
-  params = _randomize(ref.init(jax.random.key(1), x))
-  expected = ref.apply(params, x)
+  params = _random_params(ref, x)
+  expected = _apply(ref, params, x)
   for impl in ("conv", "shifts"):
     layer = convnext.DepthwiseConv(6, 7, impl=impl)
-    assert jax.tree.map(jnp.shape, layer.init(jax.random.key(1), x)) == (
+    assert jax.tree.map(jnp.shape, jax.eval_shape(
+        layer.init, jax.random.key(1), x)) == (
         jax.tree.map(jnp.shape, params))
-    np.testing.assert_allclose(layer.apply(params, x), expected, rtol=1e-5,
+    np.testing.assert_allclose(_apply(layer, params, x), expected, rtol=1e-5,
                                atol=1e-5)
-    grad = jax.grad(lambda p, l=layer: jnp.sum(l.apply(p, x) ** 2))(params)
-    ref_grad = jax.grad(lambda p: jnp.sum(ref.apply(p, x) ** 2))(params)
+    square = lambda m: jax.jit(jax.grad(
+        lambda p: jnp.sum(_apply(m, p, x) ** 2)))
+    grad, ref_grad = square(layer)(params), square(ref)(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                          atol=1e-4),
                  grad, ref_grad)
@@ -226,7 +257,7 @@ def test_depthwise_shifts_gradients_equal_grouped_conv(k):
   # Under jit and remat (as ConvNeXt(remat=True) runs it) as well.
   loss = lambda f: lambda x, kr: jnp.sum(jax.checkpoint(f)(x, kr) * dy)
   got = jax.jit(jax.grad(loss(convnext.depthwise_shifts), (0, 1)))(x, kernel)
-  for g, w in zip(got, jax.grad(loss(grouped), (0, 1))(x, kernel)):
+  for g, w in zip(got, jax.jit(jax.grad(loss(grouped), (0, 1)))(x, kernel)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
 
 
@@ -253,32 +284,33 @@ def test_depthwise_shifts_bfloat16_gradients_accumulate_in_float32():
 def test_patch_conv_equals_strided_conv_with_gradients(patch):
   x = jax.random.normal(jax.random.key(0), (2, 8, 12, 5))
   ref = nn.Conv(7, (patch, patch), strides=patch, padding="VALID")
-  params = _randomize(ref.init(jax.random.key(1), x))
+  params = _random_params(ref, x)
   layer = convnext.PatchConv(7, patch)
-  assert jax.tree.map(jnp.shape, layer.init(jax.random.key(1), x)) == (
+  assert jax.tree.map(jnp.shape, jax.eval_shape(
+      layer.init, jax.random.key(1), x)) == (
       jax.tree.map(jnp.shape, params))
-  np.testing.assert_allclose(layer.apply(params, x), ref.apply(params, x),
+  np.testing.assert_allclose(_apply(layer, params, x), _apply(ref, params, x),
                              rtol=1e-5, atol=1e-5)
   loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
-  got = jax.grad(loss(layer), (0, 1))(params, x)
-  want = jax.grad(loss(ref), (0, 1))(params, x)
+  got = jax.jit(jax.grad(loss(layer), (0, 1)))(params, x)
+  want = jax.jit(jax.grad(loss(ref), (0, 1)))(params, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-5), got, want)
   with pytest.raises(ValueError, match="9x12 is not a multiple"):
-    layer.apply(params, jnp.zeros((1, 9, 12, 5)))
+    _apply(layer, params, jnp.zeros((1, 9, 12, 5)))
 
 
 def test_layer_norm_equals_flax_with_gradients():
   # Off-centre input, as the one-pass variance must survive a mean >> std.
   x = 3.0 + jax.random.normal(jax.random.key(0), (2, 3, 5, 16))
   ref = nn.LayerNorm(epsilon=convnext.LN_EPS)
-  params = _randomize(ref.init(jax.random.key(1), x))
+  params = _random_params(ref, x)
   layer = convnext.LayerNorm()
-  np.testing.assert_allclose(layer.apply(params, x), ref.apply(params, x),
+  np.testing.assert_allclose(_apply(layer, params, x), _apply(ref, params, x),
                              rtol=1e-5, atol=1e-5)
   loss = lambda m: lambda p, x: jnp.sum(jnp.sin(3.0 * m.apply(p, x)))
-  got = jax.grad(loss(layer), (0, 1))(params, x)
-  want = jax.grad(loss(ref), (0, 1))(params, x)
+  got = jax.jit(jax.grad(loss(layer), (0, 1)))(params, x)
+  want = jax.jit(jax.grad(loss(ref), (0, 1)))(params, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-4), got, want)
 
@@ -289,7 +321,7 @@ def test_block_with_folded_affine_equals_timm_order():
   dim = 8
   x = jax.random.normal(jax.random.key(0), (2, 6, 7, dim))
   block = convnext.Block(dim, depthwise_impl=DW)
-  params = _randomize(block.init(jax.random.key(1), x))["params"]
+  params = _random_params(block, x)["params"]
 
   def reference(p, x):
     y = nn.Conv(dim, (7, 7), padding=3, feature_group_count=dim).apply(
@@ -300,12 +332,12 @@ def test_block_with_folded_affine_equals_timm_order():
     return x + y * p["gamma"]
 
   def ours(p, x):
-    return block.apply({"params": p}, x)
+    return _apply(block, {"params": p}, x)
 
   np.testing.assert_allclose(ours(params, x), reference(params, x),
                              rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
-  got = jax.grad(loss(ours), (0, 1))(params, x)
-  want = jax.grad(loss(reference), (0, 1))(params, x)
+  got = jax.jit(jax.grad(loss(ours), (0, 1)))(params, x)
+  want = jax.jit(jax.grad(loss(reference), (0, 1)))(params, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-4), got, want)

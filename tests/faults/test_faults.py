@@ -74,9 +74,8 @@ def main_command(world, workdir, *flags, config=CONFIG):
 def main_env(cache, fault=None, devices=1):
   """An environment of `devices` CPU devices for `cvgl_jax.main`, with
   `fault` (the CVGL_JAX_FAULT spec) or none."""
-  flags = (f"--xla_force_host_platform_device_count={devices}"
-           if devices > 1 else "")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=processes.xla_flags(devices),
              JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
