@@ -70,6 +70,11 @@ def default_config() -> ml_collections.ConfigDict:
   # else <cvgl_jax cache>/jax), a folder, or "" for none. A resumed or
   # repeated run then skips most compiles.
   c.compilation_cache_dir = "auto"
+  # The pictures written at the end of a run (cvgl_jax/report.py): queries
+  # in retrieval_examples.png; 0 leaves that picture out, and with it a
+  # last pass embedding the eval split.
+  c.report = ml_collections.ConfigDict()
+  c.report.num_examples = 6
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "cvusa"        # cvusa | cvact | vigor
@@ -337,6 +342,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.train.select not in SELECT:
     errors.append(f"config.train.select={config.train.select!r}; choose one "
                   f"of {SELECT}")
+  if config.report.num_examples < 0:
+    errors.append(f"config.report.num_examples={config.report.num_examples} "
+                  "must be >= 0 (0: no retrieval examples picture)")
   if config.pseudo_label.lr < 0:
     errors.append(f"config.pseudo_label.lr={config.pseudo_label.lr} must be "
                   ">= 0 (0: config.train.lr)")

@@ -116,7 +116,7 @@ def _run_stages(config, workdir: str) -> dict:
     logging.info("Stage %s: done in %s%s.", stage,
                  _duration(result["seconds"]), _key_numbers(result))
   # Every process joins: the retrieval examples embed the eval split.
-  report.write_report(workdir)
+  report.write_report(workdir, num_examples=config.report.num_examples)
   return results
 
 

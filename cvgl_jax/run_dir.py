@@ -57,6 +57,7 @@ RESUME_SAFE_KEYS = (
     "translate.log_every_steps", "translate.ckpt_every_steps",
     "data.num_threads", "pretrain.cache_dir", "stages",
     "train.max_skipped_steps", "platform", "compilation_cache_dir",
+    "report.num_examples",
 )
 
 

@@ -103,12 +103,14 @@ def test_validation_names_every_bad_key(tmp_path):
   config.cross_fake.fake_folder = "bev"
   config.translate.source = "street"
   config.augment.blur_p = 1.5
+  config.report.num_examples = -1
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(config)
   msg = str(e.value)
   assert "cross_fake.fake_folder='bev'" in msg
   assert "translate.source='street'" in msg
   assert "augment.blur_p=1.5" in msg
+  assert "report.num_examples=-1 must be >= 0" in msg
   config = load_config("cvusa_unsup")
   config.data.root = str(tmp_path)
   config.train.batchsize = 64

@@ -137,6 +137,9 @@ def reference(world, compile_cache, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("reference") / "run")
   done = run_main(world, workdir, compile_cache)
   assert done.returncode == 0, done.stderr[-3000:]
+  # config.report.num_examples=0: the recall picture, no examples picture.
+  pictures = os.listdir(os.path.join(workdir, run_dir.REPORT))
+  assert "recall.png" in pictures and "retrieval_examples.png" not in pictures
   return workdir
 
 
