@@ -3,15 +3,13 @@ programs compiled for speed of compiling."""
 
 import os
 
-import processes  # noqa: E402  (tests/: the flags every test process uses)
+import processes  # tests/: the XLA flags every test process uses
 
 # Must happen before jax initialises its backends.
 os.environ.setdefault("XLA_FLAGS", processes.xla_flags(devices=8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Compiling dominates the suite (tiny models, a few steps): every test
-# process compiles without LLVM's optimisations (processes.FAST_COMPILE).
-# (A persistent compilation cache for the session made it slower: writing
-# every program costs more than the few it serves twice.)
+# (A persistent compilation cache for the session made the suite slower:
+# writing every program costs more than the few it serves twice.)
 
 
 import pytest  # noqa: E402  (after the environment above)
@@ -35,5 +33,3 @@ def demo_run(tmp_path_factory):
   config.train.select = "label_free"  # The path with more to check.
   workdir = str(tmp_path_factory.mktemp("demo") / "run")
   return config, workdir, main_lib.run(config, workdir)
-
-

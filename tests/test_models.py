@@ -22,24 +22,20 @@ def _images(key, n, h, w):
   return jax.random.normal(jax.random.key(key), (n, h, w, 3), jnp.float32)
 
 
-def _randomize(params, seed=0):
-  """`params` plus N(0, 0.2) noise everywhere (layer scale at 1e-6 would
-  hide every block)."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda x: jnp.asarray(np.asarray(x) + 0.2 * rng.standard_normal(
-          x.shape).astype(x.dtype)), params)
-
-
 def _random_params(module, *inputs, seed=0):
-  """`_randomize` of what `module.init` would give, without running it: an
-  init compiles the PRNG for every parameter (~15 s per test for a tiny
-  ConvNeXt on this CPU), eval_shape and host draws compile nothing. Norm
-  scales start at 1, everything else at 0."""
+  """Params of `module`'s structure: norm scales 1, everything else 0, plus
+  N(0, 0.2) noise everywhere (layer scale at 1e-6 would hide every block).
+  Drawn on the host from `jax.eval_shape`, which compiles nothing; an init
+  compiles the PRNG for every parameter (~15 s per test for a tiny
+  ConvNeXt on this CPU)."""
   shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)
-  ones = lambda path, s: np.full(
-      s.shape, float(path[-1].key == "scale"), s.dtype)
-  return _randomize(jax.tree_util.tree_map_with_path(ones, shapes), seed)
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    start = float(path[-1].key == "scale")
+    return jnp.asarray(start + 0.2 * rng.standard_normal(s.shape), s.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _apply(module, params, *inputs, rngs=None, **static):
