@@ -43,14 +43,8 @@ def timed(backend, module, *args, **kwargs):
 
 compiler.backend_compile_and_load = timed
 from cvgl_jax import main as main_lib
-from test_main import tiny_demo_config
-config = tiny_demo_config()
-config.train.eval_every_epochs = 1
-p = config.pseudo_label
-p.epochs, p.warmup_epochs, p.gt_ratio, p.tau = 2, 1, 0.375, 0.0
-p.knn_backend = "exact"
-p.paired_views, p.fake_view = 8, True
-config.train.select = "label_free"
+from test_main import demo_run_config
+config = demo_run_config()
 start = time.perf_counter()
 main_lib.run(config, tempfile.mkdtemp() + "/run")
 print("RESULT " + json.dumps(dict(

@@ -21,15 +21,7 @@ def demo_run(tmp_path_factory):
   once per session for test_main and test_export: (config, workdir,
   results)."""
   from cvgl_jax import main as main_lib
-  from test_main import tiny_demo_config
-  config = tiny_demo_config()
-  config.train.eval_every_epochs = 1
-  p = config.pseudo_label
-  p.epochs, p.warmup_epochs, p.gt_ratio, p.tau = 2, 1, 0.375, 0.0
-  p.knn_backend = "exact"
-  # Every paired view and the fake view: the round table's hand count
-  # (test_paradigm) recomputes what they compare.
-  p.paired_views, p.fake_view = 8, True
-  config.train.select = "label_free"  # The path with more to check.
+  from test_main import demo_run_config
+  config = demo_run_config()
   workdir = str(tmp_path_factory.mktemp("demo") / "run")
   return config, workdir, main_lib.run(config, workdir)

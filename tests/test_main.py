@@ -66,6 +66,22 @@ def tiny_demo_config():
   return config
 
 
+def demo_run_config():
+  """The session's demo run (conftest.py's `demo_run`, also timed by
+  benchmarks/compile_time.py): every stage, 37.5 % labels, each epoch
+  evaluated."""
+  config = tiny_demo_config()
+  config.train.eval_every_epochs = 1
+  p = config.pseudo_label
+  p.epochs, p.warmup_epochs, p.gt_ratio, p.tau = 2, 1, 0.375, 0.0
+  p.knn_backend = "exact"
+  # Every paired view and the fake view: the round table's hand count
+  # (test_paradigm) recomputes what they compare.
+  p.paired_views, p.fake_view = 8, True
+  config.train.select = "label_free"  # The path with more to check.
+  return config
+
+
 @pytest.mark.parametrize("name", ["cvusa_unsup", "cvact_unsup", "vigor_unsup",
                                   "cvusa_supervised", "cvact_supervised",
                                   "vigor_supervised"])
