@@ -25,7 +25,8 @@ import numpy as np
 
 from cvgl_jax import export
 from cvgl_jax import stages
-from cvgl_jax.evaluate import embed_split
+from cvgl_jax.embed import embed_fns
+from cvgl_jax.embed import embed_split
 from round0_rules import mutual_pairs  # benchmarks/: the same definition
 
 GALLERY = 500
@@ -75,7 +76,7 @@ def main():
     for stage in args.stages.split(","):
       trained = export.load_trained(workdir, stage=stage)
       config = trained.config
-      embed_g, embed_s = export.embed_fns(trained.model, trained.mesh)
+      embed_g, embed_s = embed_fns(trained.model, trained.mesh)
       options = dict(batch_size=config.train.eval_batch_size,
                      mesh=trained.mesh, num_threads=config.data.num_threads)
       scores, train_sim = {}, None

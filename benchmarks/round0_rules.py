@@ -35,7 +35,8 @@ import numpy as np
 
 from cvgl_jax import export
 from cvgl_jax import stages
-from cvgl_jax.evaluate import embed_split
+from cvgl_jax.embed import embed_fns
+from cvgl_jax.embed import embed_split
 from cvgl_jax.pseudo import refine as refine_lib
 
 
@@ -158,7 +159,7 @@ def main():
     trained = export.load_trained(workdir, stage=args.stage)
     config = trained.config
     train, _ = stages.read_data(config, workdir)
-    embed_g, embed_s = export.embed_fns(trained.model, trained.mesh)
+    embed_g, embed_s = embed_fns(trained.model, trained.mesh)
     views = paired_views(config.data.ground_size[1])
     sims = {}
     options = dict(batch_size=config.train.eval_batch_size,

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import hashlib
 import json
 import os
@@ -65,7 +64,7 @@ import numpy as np
 
 from cvgl_jax import cli
 from cvgl_jax import config_lib
-from cvgl_jax import evaluate
+from cvgl_jax import embed as embed_lib
 from cvgl_jax import parallel
 from cvgl_jax import run_dir
 from cvgl_jax import stages
@@ -77,7 +76,6 @@ from cvgl_jax.models import encoder
 from cvgl_jax.models import weights
 from cvgl_jax.pseudo import knn
 from cvgl_jax.train import loop
-from cvgl_jax.train import steps
 
 FORMAT = "cvgl_jax.retrieval_bundle"
 VERSION = 1
@@ -170,15 +168,6 @@ def preprocess_spec(spec: dict) -> dict:
                     "INTER_LINEAR (cvgl_jax.data.image_io.resize)",
           "mean": list(augment.IMAGENET_MEAN),
           "std": list(augment.IMAGENET_STD)}
-
-
-@functools.lru_cache(maxsize=8)
-def embed_fns(model: encoder.TwoTower, mesh: jax.sharding.Mesh
-              ) -> tuple[evaluate.EmbedFn, evaluate.EmbedFn]:
-  """(ground, satellite) `steps.make_embed_fn`s of a model, cached so that
-  repeated exports and reports of one model compile once."""
-  return (steps.make_embed_fn(model, mesh, "ground"),
-          steps.make_embed_fn(model, mesh, "satellite"))
 
 
 # ----------------------------------------------------- trained params ----
@@ -423,11 +412,11 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None,
   # Images per process per batch, a multiple of its devices.
   batch = -(-int(config.train.eval_batch_size) // mesh.devices.size
             ) * jax.local_device_count()
-  embeddings = evaluate.embed_split(
-      embed_fns(trained.model, mesh)[1], trained.params, refs["abs_paths"],
-      size=spec["satellite_size"], batch_size=batch, mesh=mesh,
-      num_threads=int(config.data.num_threads), progress=progress,
-      desc="embed references")
+  embeddings = embed_lib.embed_split(
+      embed_lib.embed_fns(trained.model, mesh)[1], trained.params,
+      refs["abs_paths"], size=spec["satellite_size"], batch_size=batch,
+      mesh=mesh, num_threads=int(config.data.num_threads),
+      progress=progress, desc="embed references")
 
   # Every process embedded its share; process 0 writes the bundle.
   if not parallel.is_main_process():

@@ -45,7 +45,7 @@ import numpy as np
 
 from cvgl_jax import cli
 from cvgl_jax import config_lib
-from cvgl_jax import evaluate
+from cvgl_jax import embed as embed_lib
 from cvgl_jax import export
 from cvgl_jax import metrics as metrics_lib
 from cvgl_jax import parallel
@@ -235,11 +235,11 @@ def example_panels(workdir: str, config: ml_collections.ConfigDict,
   batch = int(config.train.eval_batch_size) // jax.process_count()
   common = dict(batch_size=batch, mesh=trained.mesh,
                 num_threads=int(config.data.num_threads))
-  embed_g, embed_s = export.embed_fns(trained.model, trained.mesh)
-  ground = evaluate.embed_split(
+  embed_g, embed_s = embed_lib.embed_fns(trained.model, trained.mesh)
+  ground = embed_lib.embed_split(
       embed_g, trained.params, index.ground_paths,
       size=trained.spec["ground_size"], **common)
-  satellite = evaluate.embed_split(
+  satellite = embed_lib.embed_split(
       embed_s, trained.params, index.satellite_paths,
       size=trained.spec["satellite_size"], **common)
   known = np.flatnonzero(np.asarray(index.positive) >= 0)

@@ -55,12 +55,12 @@ import safetensors
 import safetensors.numpy
 
 from cvgl_jax import cli
+from cvgl_jax import embed as embed_lib
 from cvgl_jax import export
 from cvgl_jax import parallel
 from cvgl_jax.data import augment
 from cvgl_jax.data import image_io
 from cvgl_jax.pseudo import knn
-from cvgl_jax.train import steps
 
 PICTURE_TILES = 5
 _EMBED_BATCH = 32
@@ -295,7 +295,7 @@ class Bundle:
   def _embed_fn(self):
     if self._embed is None:
       mesh = parallel.make_mesh(jax.local_devices())
-      fn = steps.make_embed_fn(self.model, mesh, "ground")
+      fn = embed_lib.make_embed_fn(self.model, mesh, "ground")
       params = parallel.put_replicated(self.params, mesh)
       n_dev = mesh.devices.size
 

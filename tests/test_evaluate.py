@@ -1,4 +1,5 @@
-"""Tests of cvgl_jax.evaluate: embedding a split once, recall metrics."""
+"""Tests of cvgl_jax.embed (a split embedded once) and cvgl_jax.evaluate
+(recall metrics)."""
 
 import dataclasses
 import os
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cvgl_jax import embed as embed_lib
 from cvgl_jax import evaluate
 from cvgl_jax import parallel
 from cvgl_jax.data.index import PairIndex
@@ -43,13 +45,13 @@ def test_embed_split_sees_every_image_once_with_padding(tmp_path):
     calls.append(images.shape)
     return jnp.mean(images.astype(jnp.float32), axis=(1, 2))
   embed_fn = jax.jit(mean_colour, out_shardings=parallel.replicated(mesh))
-  out = evaluate.embed_split(embed_fn, {}, paths, size=SIZE, batch_size=8,
-                             mesh=mesh, num_threads=2)
+  out = embed_lib.embed_split(embed_fn, {}, paths, size=SIZE, batch_size=8,
+                              mesh=mesh, num_threads=2)
   assert out.shape == (13, 3) and out.dtype == np.float32
   np.testing.assert_allclose(out, colours, atol=1e-4)
   with pytest.raises(ValueError, match="multiple of the 8 devices"):
-    evaluate.embed_split(embed_fn, {}, paths, size=SIZE, batch_size=6,
-                         mesh=mesh)
+    embed_lib.embed_split(embed_fn, {}, paths, size=SIZE, batch_size=6,
+                          mesh=mesh)
 
 
 def _index(q, r, positive, semi=None):

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from cvgl_jax import embed as embed_lib
 from cvgl_jax import evaluate
 from cvgl_jax import export
 from cvgl_jax import metrics
@@ -52,16 +53,16 @@ def test_round_trip_ranks_as_evaluate(run):
   config, workdir, ev, bundle_dir = run
   trained = export.load_trained(workdir)
   assert (trained.stage, trained.checkpoint) == ("pseudo_label", "best")
-  fns = export.embed_fns(trained.model, trained.mesh)
+  fns = embed_lib.embed_fns(trained.model, trained.mesh)
   common = dict(batch_size=16, mesh=trained.mesh)
   expected = evaluate.evaluate(
       trained.params, ev, ground_size=config.data.ground_size,
       satellite_size=config.data.satellite_size, embed_fns=fns, **common)
-  ground = evaluate.embed_split(fns[0], trained.params, ev.ground_paths,
-                                size=config.data.ground_size, **common)
-  satellite = evaluate.embed_split(fns[1], trained.params,
-                                   ev.satellite_paths,
-                                   size=config.data.satellite_size, **common)
+  ground = embed_lib.embed_split(fns[0], trained.params, ev.ground_paths,
+                                 size=config.data.ground_size, **common)
+  satellite = embed_lib.embed_split(fns[1], trained.params,
+                                    ev.satellite_paths,
+                                    size=config.data.satellite_size, **common)
   truth = metrics.recall_at_k(ground, satellite, ev.positive)
 
   bundle = retrieve.load_bundle(bundle_dir)

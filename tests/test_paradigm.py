@@ -20,6 +20,7 @@ import pytest
 
 from cvgl_jax import baseline
 from cvgl_jax import config_lib
+from cvgl_jax import embed as embed_lib
 from cvgl_jax import evaluate
 from cvgl_jax import export
 from cvgl_jax import main as main_lib
@@ -31,7 +32,6 @@ from cvgl_jax.pseudo import views as views_lib
 from cvgl_jax.models import weights
 from cvgl_jax.train import loop
 from cvgl_jax.train import state as state_lib
-from cvgl_jax.train import steps
 from test_main import _flatten
 
 
@@ -140,8 +140,8 @@ def _round_similarity(config, model, mesh, params, train):
   p = config.pseudo_label
   common = dict(batch_size=16, mesh=mesh)
   def embed(which, paths, view, size):
-    fn = steps.make_embed_fn(model, mesh, which, view)
-    return evaluate.embed_split(fn, params, paths, size=size, **common)
+    fn = embed_lib.make_embed_fn(model, mesh, which, view)
+    return embed_lib.embed_split(fn, params, paths, size=size, **common)
   sims = []
   for view in views_lib.VIEWS[p.paired_views]:
     sims.append(embed("ground", train.ground_paths, view,

@@ -35,10 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvgl_jax import evaluate
+from cvgl_jax import embed as embed_lib
 from cvgl_jax import parallel
 from cvgl_jax.data.index import PairIndex
-from cvgl_jax.train import steps
 
 # (flip, quarter turns) of each paired view, by number of views.
 VIEWS = {
@@ -77,9 +76,9 @@ class Embedders:
       plain view again, for the fake's block).
     fake: fake tiles -> [B, D] (the fake's block), or None.
   """
-  ground: evaluate.EmbedFn
-  satellite: evaluate.EmbedFn
-  fake: Optional[evaluate.EmbedFn]
+  ground: embed_lib.EmbedFn
+  satellite: embed_lib.EmbedFn
+  fake: Optional[embed_lib.EmbedFn]
 
 
 def make_embedders(model, mesh: jax.sharding.Mesh, views: PairingViews
@@ -92,7 +91,7 @@ def make_embedders(model, mesh: jax.sharding.Mesh, views: PairingViews
   # views' cosines (with the fake: averaged again with the fake's).
   w_view = np.float32(1 / np.sqrt(len(turns) * (2 if fake else 1)))
   w_fake = np.float32(1 / np.sqrt(2))
-  single = {(tower, turn): steps.make_embed_fn(model, mesh, tower, turn)
+  single = {(tower, turn): embed_lib.make_embed_fn(model, mesh, tower, turn)
             for tower in ("ground", "satellite") for turn in turns}
 
   def ground(params, images):
@@ -129,19 +128,20 @@ def pairing_embeddings(embedders: Embedders, params, index: PairIndex,
     views: the `PairingViews` the embedders were made for.
     ground_size, satellite_size: (H, W) the images are resized to.
     **embed_options: batch_size, mesh, num_threads of
-      `evaluate.embed_split`.
+      `embed.embed_split`.
 
   Returns:
     ([Ng, D'] ground, [Ns, D'] satellite) float32 unit rows whose inner
     products are the combined similarity of the module docstring.
   """
-  ground = evaluate.embed_split(embedders.ground, params, index.ground_paths,
-                                size=ground_size, **embed_options)
-  satellite = evaluate.embed_split(embedders.satellite, params,
-                                   index.satellite_paths,
-                                   size=satellite_size, **embed_options)
+  ground = embed_lib.embed_split(embedders.ground, params,
+                                 index.ground_paths, size=ground_size,
+                                 **embed_options)
+  satellite = embed_lib.embed_split(embedders.satellite, params,
+                                    index.satellite_paths,
+                                    size=satellite_size, **embed_options)
   if embedders.fake is not None:
-    fake = evaluate.embed_split(
+    fake = embed_lib.embed_split(
         embedders.fake, params, index.derived_paths(views.fake_folder),
         size=satellite_size, **embed_options)
     ground = np.concatenate([ground, fake], axis=1)

@@ -205,39 +205,3 @@ def make_partial_step(model: nn.Module, tx: optax.GradientTransformation,
   return _pair_step(model, tx, mesh, label_smoothing, ground_aug,
                     satellite_aug, paired_aug, partial=True)
 
-
-def make_embed_fn(model: nn.Module, mesh: jax.sharding.Mesh,
-                  which: str, view: tuple[bool, int] = (False, 0)
-                  ) -> Callable[[dict, jax.Array], jax.Array]:
-  """Jitted (params, images) -> embeddings, no random augmentation.
-
-  Args:
-    model: a TwoTower.
-    mesh: the data mesh.
-    which: "ground" (query tower) or "satellite" (reference tower).
-    view: (flip, k quarter turns) of the paired geometry
-      (`augment.view_panoramas` / `view_tiles`) applied first; a ground
-      and a satellite embedded with the same view keep their pairing.
-
-  Returns:
-    fn(params, images [B, H, W, 3] uint8 sharded on `data`) -> [B, D]
-    float32 unit embeddings, replicated (every process can read them all).
-  """
-  methods = {"ground": "embed_ground", "satellite": "embed_satellite"}
-  if which not in methods:
-    raise ValueError(f"make_embed_fn: which must be 'ground' or 'satellite',"
-                     f" got {which!r}.")
-  method = methods[which]
-  dtype = model.dtype
-  flip, k = bool(view[0]), int(view[1])
-  turn = augment.view_panoramas if which == "ground" else augment.view_tiles
-
-  def embed(params, images):
-    if flip or k % 4:
-      images = turn(images, flip, k)
-    x = augment.normalize(images, dtype)
-    z = model.apply({"params": params}, x, False, method=method)
-    return z.astype(jnp.float32)
-
-  return jax.jit(embed, out_shardings=parallel.replicated(mesh))
-
