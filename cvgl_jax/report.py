@@ -23,7 +23,8 @@ r"""Pictures of a training run, written under `WORKDIR/report/`.
                           half misses when there are both.
 
 Everything is read from the workdir: `config.json`, each stage's
-`metrics.jsonl` and checkpoints, and the data the config names. A picture
+`metrics.jsonl` and checkpoints, and the data the config names; this
+module reads it and chooses what to show, `cvgl_jax.plots` draws. A picture
 whose records do not exist yet (no evaluation, no pseudo-label stage) is
 skipped and left out of what `write_report` returns. Only process 0 writes;
 every process must call `write_report`, since the examples embed the eval
@@ -49,8 +50,8 @@ from cvgl_jax import embed as embed_lib
 from cvgl_jax import export
 from cvgl_jax import metrics as metrics_lib
 from cvgl_jax import parallel
+from cvgl_jax import plots
 from cvgl_jax import records
-from cvgl_jax import retrieve
 from cvgl_jax import run_dir
 from cvgl_jax import stages
 from cvgl_jax.data import image_io
@@ -59,7 +60,6 @@ from cvgl_jax.pseudo import knn
 
 RECALL_KS = (1, 5, 10)
 EXAMPLE_TILES = 5
-_COLOURS = {"R@1": "#1f77b4", "R@5": "#ff7f0e", "R@10": "#2ca02c"}
 
 
 def training_stages(config: ml_collections.ConfigDict) -> list[str]:
@@ -87,121 +87,9 @@ def recall_curves(workdir: str, config: ml_collections.ConfigDict
   return curves
 
 
-def _figure(width: float, height: float, rows: int = 1):
-  from matplotlib import figure  # pylint: disable=g-import-not-at-top
-  fig = figure.Figure(figsize=(width, height), layout="constrained")
-  axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
-  return fig, axes
-
-
-def plot_recall(curves: list[dict], out_path: str, title: str = "") -> None:
-  """Draws `recall_curves` as one PNG."""
-  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
-  fig, (ax,) = _figure(8, 4.5)
-  for i, c in enumerate(curves):
-    x = c["start"] + c["epochs"]
-    for k in RECALL_KS:
-      name = f"R@{k}"
-      ax.plot(x, c[name], marker="o", color=_COLOURS[name],
-              label=name if i == 0 else None)
-    ax.axvline(c["start"], color="#bbbbbb", linestyle="--", linewidth=1)
-    # Staggered: a stage of one epoch would put two names on one spot.
-    ax.annotate(c["stage"], (c["start"], 1.0), xycoords=("data",
-                                                         "axes fraction"),
-                xytext=(4, -14 - 12 * (i % 2)), textcoords="offset points",
-                fontsize=9, color="#555555")
-  refs = curves[-1]["num_references"]
-  if refs and math.isfinite(refs):
-    # Chance is ~0 on a 0-100 axis: a dark dashed line, labelled on the
-    # plot itself, so that it cannot be taken for the axis.
-    chance = 100.0 / refs
-    ax.axhline(chance, color="#444444", linestyle=(0, (6, 3)), linewidth=1.5,
-               label=f"R@1 of chance ({chance:.2g} %)", zorder=1)
-    ax.annotate(f"chance {chance:.2g} %", (1.0, chance),
-                xycoords=("axes fraction", "data"), xytext=(-4, 4),
-                textcoords="offset points", ha="right", fontsize=8,
-                color="#444444")
-  ax.set_xlabel("epoch (stages in config order)")
-  ax.set_ylabel("recall (%)")
-  ax.set_ylim(0, 105)
-  ax.set_xlim(left=0)
-  ax.grid(alpha=0.3)
-  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-  ax.legend(loc="best", fontsize=9)
-  ax.set_title(title or "Recall on the eval split", fontsize=11)
-  retrieve.save_figure(fig, out_path)
-
-
 def pseudo_rounds(workdir: str, stage: str = "pseudo_label") -> list[dict]:
   """The round table of the pseudo-label stage (`records.round_table`)."""
   return records.round_table(run_dir.read_records(workdir, stage))
-
-
-def plot_pseudo_labels(rounds: list[dict], out_path: str) -> None:
-  """The round table as one PNG: counts, precision, and loss / R@1."""
-  fig, (top, middle, bottom) = _figure(8, 9, rows=3)
-  epochs = np.array([r["round"] for r in rounds])
-
-  def series(key, scale=1.0):
-    return np.array([scale * r.get(key, math.nan) for r in rounds], float)
-
-  counts = [("mutual/pairs", "mutual nearest pairs", "--"),
-            ("margin/pairs", "admitted (pseudo labels)", "-"),
-            ("margin/correct", "admitted and correct", "-"),
-            ("num_labels", "labels trained on (with true pairs)", ":")]
-  if np.array_equal(series("margin/pairs"), series("num_labels"),
-                    equal_nan=True):
-    # No true pairs (0 % labels): one line, not two drawn on each other.
-    counts = counts[:1] + [("margin/pairs", "admitted = labels trained on",
-                            "-")] + counts[2:3]
-  for key, label, style in counts:
-    top.plot(epochs, series(key), style, marker="o", markersize=3,
-             label=label)
-  top.set_ylabel("pairs")
-  top.set_ylim(bottom=0)
-  top.legend(fontsize=8, loc="upper left")
-  top.set_title("Pseudo labels per round (precision and correct pairs read "
-                "the truth: telemetry only)", fontsize=10)
-  for key, label, style in (
-      ("candidates/precision", "precision: candidates (nearest tile)", ":"),
-      ("mutual/precision", "precision: mutual nearest", "--"),
-      ("margin/precision", "precision: admitted (pseudo labels)", "-")):
-    middle.plot(epochs, series(key, 100.0), style, marker="o", markersize=3,
-                label=label)
-  middle.plot(epochs, series("labelled_fraction", 100.0), "-.",
-              color="#888888", label="labelled fraction of the grounds")
-  middle.set_ylabel("precision / labelled (%)")
-  middle.set_ylim(0, 105)
-  middle.legend(fontsize=8, loc="lower right")
-  r1 = series("R@1")
-  has = np.isfinite(r1)
-  bottom.plot(epochs[has], r1[has], "-", marker="o", markersize=3,
-              color=_COLOURS["R@1"], label="R@1 on the eval split (%)")
-  bottom.set_ylabel("R@1 (%)")
-  bottom.set_xlabel("round (epoch of the pseudo_label schedule)")
-  loss_ax = bottom.twinx()
-  loss_ax.plot(epochs, series("loss"), ":", color="#d62728",
-               label="train loss (right axis)")
-  loss_ax.set_ylabel("loss")
-  loss = series("loss")
-  if np.isfinite(loss).any():  # Its own range: it moves by a few percent.
-    low, high = np.nanmin(loss), np.nanmax(loss)
-    pad = max(0.05 * (high - low), 0.01 * abs(high), 1e-3)
-    loss_ax.set_ylim(low - pad, high + pad)
-  handles = (bottom.get_legend_handles_labels()[0]
-             + loss_ax.get_legend_handles_labels()[0])
-  bottom.legend(handles, [h.get_label() for h in handles], fontsize=8,
-                loc="lower right")
-  warm = [r["round"] for r in rounds if r.get("warmup") == 1.0]
-  for ax in (top, middle, bottom):
-    ax.grid(alpha=0.3)
-    for e in warm:
-      ax.axvspan(e - 0.5, e + 0.5, color="#dddddd", zorder=0)
-  if warm:
-    top.annotate("warm-up: true pairs only", (warm[0] - 0.45, 0.02),
-                 xycoords=("data", "axes fraction"), fontsize=8,
-                 color="#555555")
-  retrieve.save_figure(fig, out_path)
 
 
 def choose_examples(ranks: np.ndarray, count: int) -> np.ndarray:
@@ -222,7 +110,7 @@ def choose_examples(ranks: np.ndarray, count: int) -> np.ndarray:
 def example_panels(workdir: str, config: ml_collections.ConfigDict,
                    count: int = 6,
                    mesh: Optional[jax.sharding.Mesh] = None
-                   ) -> tuple[list[retrieve.Panel], str]:
+                   ) -> tuple[list[plots.Panel], str]:
   """Picture rows of eval queries under the best checkpoint, and a title.
 
   Embeds the whole eval split (on every process) and ranks it exactly, as
@@ -253,7 +141,7 @@ def example_panels(workdir: str, config: ml_collections.ConfigDict,
   panels = []
   for i in choose_examples(result.ranks, count):
     q = known[i]
-    panels.append(retrieve.Panel(
+    panels.append(plots.Panel(
         query=image_io.read_rgb(index.ground_paths[q]),
         title=f"{index.ground_ids[q]}: true tile at rank "
               f"{result.ranks[i] + 1}",
@@ -290,7 +178,7 @@ def write_report(workdir: str, *, num_examples: int = 6,
   if curves:
     written["recall"] = os.path.join(folder, "recall.png")
     if main:
-      plot_recall(curves, written["recall"])
+      plots.plot_recall(curves, written["recall"])
   else:
     logging.info("Report: no evaluation recorded yet; no recall picture.")
   rounds = (pseudo_rounds(workdir) if "pseudo_label" in config.stages
@@ -298,7 +186,7 @@ def write_report(workdir: str, *, num_examples: int = 6,
   if rounds:
     written["pseudo_labels"] = os.path.join(folder, "pseudo_labels.png")
     if main:
-      plot_pseudo_labels(rounds, written["pseudo_labels"])
+      plots.plot_pseudo_labels(rounds, written["pseudo_labels"])
   try:
     run_dir.last_trained_stage(workdir, training_stages(config))
     has_checkpoint = True
@@ -309,7 +197,7 @@ def write_report(workdir: str, *, num_examples: int = 6,
     written["retrieval_examples"] = os.path.join(folder,
                                                  "retrieval_examples.png")
     if main:
-      retrieve.draw_panels(panels, written["retrieval_examples"], title)
+      plots.draw_panels(panels, written["retrieval_examples"], title)
   return written
 
 

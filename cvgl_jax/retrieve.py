@@ -58,6 +58,7 @@ from cvgl_jax import cli
 from cvgl_jax import embed as embed_lib
 from cvgl_jax import export
 from cvgl_jax import parallel
+from cvgl_jax import plots
 from cvgl_jax.data import augment
 from cvgl_jax.data import image_io
 from cvgl_jax.pseudo import knn
@@ -517,73 +518,9 @@ def format_results(results: Sequence[QueryResult],
   return "\n".join(lines)
 
 
-@dataclasses.dataclass(frozen=True)
-class Panel:
-  """One row of a matches picture: a query and its best tiles.
-
-  Attributes:
-    query: [H, W, 3] uint8 RGB.
-    title: text above the query.
-    tiles: [h, w, 3] uint8 RGB images, best first.
-    captions: one text per tile.
-    true_index: which of `tiles` is the true one, or -1.
-  """
-  query: np.ndarray
-  title: str
-  tiles: Sequence[np.ndarray]
-  captions: Sequence[str]
-  true_index: int = -1
-
-
-def draw_panels(panels: Sequence[Panel], out_path: str,
-                title: str = "") -> None:
-  """Draws each panel's query beside its tiles (true tile framed green)
-  as a PNG, atomically. Uses matplotlib's Agg canvas (no display)."""
-  from matplotlib import figure  # pylint: disable=g-import-not-at-top
-  if not panels:
-    raise ValueError("draw_panels: no panels.")
-  cols = max(len(p.tiles) for p in panels)
-  aspect = max(p.query.shape[1] / p.query.shape[0] for p in panels)
-  fig = figure.Figure(figsize=(1.9 * (aspect + cols), 2.3 * len(panels)
-                               + (0.4 if title else 0)),
-                      layout="constrained")
-  if title:
-    fig.suptitle(title, fontsize=11)
-  grid = fig.add_gridspec(len(panels), 1 + cols,
-                          width_ratios=[aspect] + [1] * cols)
-  for r, panel in enumerate(panels):
-    ax = fig.add_subplot(grid[r, 0])
-    ax.imshow(panel.query)
-    ax.set_title(panel.title, fontsize=8)
-    ax.set_axis_off()
-    for c, (tile, caption) in enumerate(zip(panel.tiles, panel.captions)):
-      ax = fig.add_subplot(grid[r, 1 + c])
-      ax.imshow(tile)
-      ax.set_xticks([])
-      ax.set_yticks([])
-      true = c == panel.true_index
-      for spine in ax.spines.values():
-        spine.set_color("#1a9e3f" if true else "#999999")
-        spine.set_linewidth(5 if true else 1)
-      ax.set_title(caption + ("\nTRUE" if true else ""), fontsize=8,
-                   color="#1a9e3f" if true else "black")
-  save_figure(fig, out_path)
-
-
-def save_figure(fig, out_path: str, dpi: int = 100) -> None:
-  """Writes a matplotlib Figure as PNG via a temporary file and a rename,
-  creating the folder."""
-  folder = os.path.dirname(os.path.abspath(out_path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".{os.path.basename(out_path)}.{os.getpid()}"
-                     ".tmp")
-  fig.savefig(tmp, format="png", dpi=dpi)
-  os.replace(tmp, out_path)
-
-
 def result_panel(bundle: Bundle, result: QueryResult,
                  data_root: Optional[str] = None,
-                 num_tiles: int = PICTURE_TILES) -> Panel:
+                 num_tiles: int = PICTURE_TILES) -> plots.Panel:
   """A picture row for one query file: it and its top `num_tiles` tiles."""
   shown = result.matches[:num_tiles]
   tiles = []
@@ -596,11 +533,12 @@ def result_panel(bundle: Bundle, result: QueryResult,
     tiles.append(image_io.read_rgb(path))
   true_index = next((i for i, m in enumerate(shown)
                      if m.row == result.true_row), -1)
-  return Panel(query=image_io.read_rgb(result.query),
-               title=f"{os.path.basename(result.query)}\n{result.truth}",
-               tiles=tiles,
-               captions=[f"#{m.rank} {m.id}\n{m.score:.3f}" for m in shown],
-               true_index=true_index)
+  return plots.Panel(
+      query=image_io.read_rgb(result.query),
+      title=f"{os.path.basename(result.query)}\n{result.truth}",
+      tiles=tiles,
+      captions=[f"#{m.rank} {m.id}\n{m.score:.3f}" for m in shown],
+      true_index=true_index)
 
 
 def define_flags() -> None:
@@ -682,9 +620,10 @@ def main(argv):
   else:
     print(format_results(listed, bundle.manifest["dataset"]["coord_labels"]))
   if f.picture:
-    draw_panels([result_panel(bundle, r, f.data_root) for r in results],
-                f.picture, title=f"Top {PICTURE_TILES} tiles "
-                f"({os.path.basename(os.path.normpath(f.bundle))})")
+    plots.draw_panels(
+        [result_panel(bundle, r, f.data_root) for r in results], f.picture,
+        title=f"Top {PICTURE_TILES} tiles "
+        f"({os.path.basename(os.path.normpath(f.bundle))})")
     print(f"Picture: {os.path.abspath(f.picture)}", file=sys.stderr)
 
 

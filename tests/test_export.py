@@ -22,6 +22,7 @@ from cvgl_jax import embed as embed_lib
 from cvgl_jax import evaluate
 from cvgl_jax import export
 from cvgl_jax import metrics
+from cvgl_jax import plots
 from cvgl_jax import run_dir
 from cvgl_jax import report
 from cvgl_jax import retrieve
@@ -29,7 +30,7 @@ from cvgl_jax import stages
 from cvgl_jax.pseudo import knn
 import processes
 
-MARK = (0x1a, 0x9e, 0x3f)  # retrieve's true-tile frame colour, RGB.
+MARK = (0x1a, 0x9e, 0x3f)  # plots.TRUE_COLOUR, the true tile's frame, RGB.
 
 
 @pytest.fixture(scope="module")
@@ -286,13 +287,13 @@ def test_export_refuses_bad_requests_before_embedding(run, tmp_path):
 def test_draw_panels_frames_only_the_true_tile(tmp_path):
   rng = np.random.default_rng(0)
   grey = lambda *s: rng.integers(60, 200, s + (3,), dtype=np.uint8)
-  panel = retrieve.Panel(query=grey(32, 128), title="q",
-                         tiles=[grey(64, 64) for _ in range(5)],
-                         captions=[f"#{i + 1}" for i in range(5)])
+  panel = plots.Panel(query=grey(32, 128), title="q",
+                      tiles=[grey(64, 64) for _ in range(5)],
+                      captions=[f"#{i + 1}" for i in range(5)])
 
   def marked_pixels(panels):
     path = str(tmp_path / "p.png")
-    retrieve.draw_panels(panels, path, title="t")
+    plots.draw_panels(panels, path, title="t")
     image = cv2.imread(path, cv2.IMREAD_COLOR_RGB)
     return image, int((np.abs(image.astype(int) - MARK).sum(-1) < 10).sum())
 
