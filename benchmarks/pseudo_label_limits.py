@@ -23,8 +23,8 @@ import argparse
 
 import numpy as np
 
-from cvgl_jax import export
 from cvgl_jax import stages
+from cvgl_jax import trained as trained_lib
 from cvgl_jax.embed import embed_fns
 from cvgl_jax.embed import embed_split
 from round0_rules import mutual_pairs  # benchmarks/: the same definition
@@ -74,7 +74,7 @@ def main():
   print("| --- " * 7 + "|")
   for workdir in args.workdirs:
     for stage in args.stages.split(","):
-      trained = export.load_trained(workdir, stage=stage)
+      trained = trained_lib.load_trained(workdir, stage=stage)
       config = trained.config
       embed_g, embed_s = embed_fns(trained.model, trained.mesh)
       options = dict(batch_size=config.train.eval_batch_size,

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvgl_jax import export
 from cvgl_jax import stages
+from cvgl_jax import trained as trained_lib
 from cvgl_jax.embed import embed_fns
 from cvgl_jax.embed import embed_split
 from cvgl_jax.pseudo import refine as refine_lib
@@ -156,7 +156,7 @@ def main():
   parser.add_argument("--stage", default="cross_fake")
   args = parser.parse_args()
   for workdir in args.workdirs:
-    trained = export.load_trained(workdir, stage=args.stage)
+    trained = trained_lib.load_trained(workdir, stage=args.stage)
     config = trained.config
     train, _ = stages.read_data(config, workdir)
     embed_g, embed_s = embed_fns(trained.model, trained.mesh)

@@ -4,236 +4,42 @@ r"""Retrieval bundle: a trained encoder and its reference index, on disk.
       [--stage=pseudo_label] [--checkpoint=best|latest] \
       [--references=eval|train|all]
 
-A bundle is a folder that `cvgl_jax.retrieve` loads in a fresh process,
-without the training workdir:
-
-  manifest.json       format name and version; the model spec (what rebuilds
-                      the TwoTower: variant, depths, dims, head, sharing,
-                      dtype and the image sizes its SAFA heads were built
-                      for) and its fingerprint; the preprocessing (RGB,
-                      OpenCV resize, ImageNet mean / std); the source
-                      (workdir, stage, checkpoint step, eval metrics); the
-                      reference set and the ScaNN settings; the size and
-                      SHA-256 of every other file;
-  params.safetensors  the TwoTower params, float32, flattened with "/"
-                      ("query/backbone/...");
-  embeddings.npy      [R, D] float32 unit embeddings of the reference tiles
-                      (reference tower), row r = reference r;
-  references.npz      [R] ids and paths (relative to the dataset root),
-                      coordinates [R, 2] float64 (NaN where unknown), world
-                      [R] int (synthetic worlds; -1 otherwise), and the
-                      model fingerprint and params SHA-256 the embeddings
-                      were computed with;
-  queries.npz         the dataset's ground images (relative paths, ids) and
-                      the reference row of each one's true tile (-1 when
-                      unknown or not among the references): how `retrieve`
-                      marks the true tile of a query taken from the dataset;
-  scann/              the ScaNN searcher over embeddings.npy
-                      (`searcher.serialize(..., relative_path=True)`).
-
-Coordinates (`coord_kind`): "latlon" (VIGOR: lat, lon in degrees), "utm"
-(CVACT: northing, easting in metres), "synthetic" (a synthetic world's
-tile centre, east and north in metres in world `world`, from its
-`synthetic_truth.json`) or "" (CVUSA has none).
-
-The model fingerprint is the SHA-256 of the model spec and every param's
-shape and dtype: bundles with equal fingerprints hold interchangeable
-architectures. The params SHA-256 ties the embeddings to the exact weights
-that computed them. The bundle is written to `BUNDLE.partial` and renamed
-when complete, so an interrupted export leaves no half bundle.
+Writes the retrieval bundle of a training run's checkpoint: its params,
+the embeddings and the ScaNN index of the reference tiles, and the
+dataset's queries with their true tiles. The format (`cvgl_jax.bundle`):
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import hashlib
 import json
 import os
-import shutil
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
-import flax.traverse_util
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from cvgl_jax import bundle as bundle_lib
 from cvgl_jax import cli
-from cvgl_jax import config_lib
 from cvgl_jax import embed as embed_lib
 from cvgl_jax import parallel
 from cvgl_jax import run_dir
 from cvgl_jax import stages
-from cvgl_jax.data import augment
+from cvgl_jax import trained as trained_lib
 from cvgl_jax.data import image_io
 from cvgl_jax.data import synthetic
 from cvgl_jax.data.index import PairIndex
-from cvgl_jax.models import encoder
-from cvgl_jax.models import weights
-from cvgl_jax.pseudo import knn
-from cvgl_jax.train import loop
 
-FORMAT = "cvgl_jax.retrieval_bundle"
-VERSION = 1
-MANIFEST = "manifest.json"
-PARAMS = "params.safetensors"
-EMBEDDINGS = "embeddings.npy"
-REFERENCES = "references.npz"
-QUERIES = "queries.npz"
-INDEX_DIR = "scann"
+# `--help` prints the module docstring: the usage above, then the format.
+__doc__ += "\n" + bundle_lib.__doc__
 
 REFERENCE_SETS = ("eval", "train", "all")
-MODEL_KEYS = ("variant", "depths", "dims", "head", "share_weights",
-              "num_safa_heads", "dtype", "depthwise_impl")
-COORD_LABELS = {"latlon": ("lat_deg", "lon_deg"),
-                "utm": ("northing_m", "easting_m"),
-                "synthetic": ("east_m", "north_m"), "": ()}
-# Neighbours the ScaNN searcher is built for (a query may ask for more).
-INDEX_NEIGHBOURS = 10
 
 
 class ExportError(ValueError):
   """The workdir cannot be exported as asked; the message says why."""
-
-
-# ------------------------------------------------------------- the model ----
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's config (`run_dir.read_config`, keys added since the run at
-  their defaults), or FileNotFoundError."""
-  try:
-    return run_dir.read_config(workdir,
-                               config_lib.default_config().to_dict())
-  except run_dir.RunDirError as e:
-    raise FileNotFoundError(str(e)) from None
-
-
-def model_spec(config: ml_collections.ConfigDict) -> dict:
-  """What rebuilds the run's TwoTower: `config.model`'s architecture keys
-  and the (H, W) image sizes (SAFA's params depend on them)."""
-  m = config.model
-  spec = {k: m[k] for k in MODEL_KEYS}
-  spec.update(depths=[int(v) for v in m.depths],
-              dims=[int(v) for v in m.dims],
-              share_weights=bool(m.share_weights),
-              num_safa_heads=int(m.num_safa_heads),
-              ground_size=[int(v) for v in config.data.ground_size],
-              satellite_size=[int(v) for v in config.data.satellite_size])
-  return spec
-
-
-def build_model(spec: dict) -> encoder.TwoTower:
-  """The TwoTower of a `model_spec`."""
-  missing = [k for k in MODEL_KEYS + ("ground_size", "satellite_size")
-             if k not in spec]
-  if missing:
-    raise ValueError(f"Model spec lacks {missing}; it has {sorted(spec)}.")
-  return encoder.from_config(
-      ml_collections.ConfigDict({k: spec[k] for k in MODEL_KEYS}))
-
-
-def abstract_params(model: encoder.TwoTower, spec: dict) -> Any:
-  """The param tree of `model` as ShapeDtypeStructs (nothing computed)."""
-  ground = jnp.zeros((1, *spec["ground_size"], 3), jnp.float32)
-  satellite = jnp.zeros((1, *spec["satellite_size"], 3), jnp.float32)
-  return jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), ground, satellite))["params"]
-
-
-def param_shapes(params: Any) -> dict[str, list]:
-  """{"query/backbone/...": [*shape, dtype]} of a param tree."""
-  flat = flax.traverse_util.flatten_dict(params, sep="/")
-  return {k: [*map(int, v.shape), str(np.dtype(v.dtype))]
-          for k, v in sorted(flat.items())}
-
-
-def fingerprint(spec: dict, params: Any) -> str:
-  """SHA-256 of the model spec and the param shapes and dtypes."""
-  text = json.dumps({"spec": spec, "params": param_shapes(params)},
-                    sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()
-
-
-def preprocess_spec(spec: dict) -> dict:
-  """How images become model inputs (what `retrieve` must do the same)."""
-  return {"color": "RGB", "dtype": "uint8",
-          "ground_size": spec["ground_size"],
-          "satellite_size": spec["satellite_size"],
-          "resize": "OpenCV INTER_AREA when shrinking both sides, else "
-                    "INTER_LINEAR (cvgl_jax.data.image_io.resize)",
-          "mean": list(augment.IMAGENET_MEAN),
-          "std": list(augment.IMAGENET_STD)}
-
-
-# ----------------------------------------------------- trained params ----
-
-
-@dataclasses.dataclass(frozen=True)
-class Trained:
-  """Params of one checkpoint of a run.
-
-  Attributes:
-    config: the run's config.
-    stage: the training stage, e.g. "pseudo_label".
-    checkpoint: "best" or "latest" (what was found).
-    step: the checkpoint's training step.
-    spec: `model_spec(config)`.
-    model: the TwoTower.
-    params: the param tree, replicated on `mesh`.
-    mesh: the data mesh the params live on.
-  """
-  config: ml_collections.ConfigDict
-  stage: str
-  checkpoint: str
-  step: int
-  spec: dict
-  model: encoder.TwoTower
-  params: Any
-  mesh: jax.sharding.Mesh
-
-
-def load_trained(workdir: str, *, stage: Optional[str] = None,
-                 checkpoint: str = "best",
-                 mesh: Optional[jax.sharding.Mesh] = None) -> Trained:
-  """Restores a stage's params (default: the last trained stage's best).
-
-  Args:
-    workdir: the run's folder.
-    stage: a training stage of the run; None picks the last one that
-      saved a checkpoint.
-    checkpoint: "best" (falls back to "latest") or "latest".
-    mesh: where the params go, replicated; default all devices.
-  """
-  config = read_config(workdir)
-  if stage is None:
-    try:
-      stage = run_dir.last_trained_stage(
-          workdir, [s for s in config.stages
-                    if s in config_lib.TRAINING_STAGES])
-    except run_dir.RunDirError as e:
-      raise ExportError(str(e)) from e
-  elif stage not in config_lib.TRAINING_STAGES:
-    raise ExportError(f"stage={stage!r} is not a training stage; choose "
-                      f"one of {config_lib.TRAINING_STAGES}.")
-  try:
-    kind, folder, step = run_dir.trained_checkpoint(workdir, stage,
-                                                    checkpoint)
-  except run_dir.RunDirError as e:
-    raise ExportError(str(e)) from e
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  spec = model_spec(config)
-  model = build_model(spec)
-  sharding = parallel.replicated(mesh)
-  like = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      abstract_params(model, spec))
-  params = loop.restore_params(folder, like, step)
-  return Trained(config, stage, kind, step, spec, model, params, mesh)
 
 
 # -------------------------------------------------------- the references ----
@@ -313,60 +119,6 @@ def query_table(indices: Sequence[PairIndex],
           "reference_row": np.array(rows, np.int64)}
 
 
-# ------------------------------------------------------------ the bundle ----
-
-
-def file_digest(path: str) -> dict:
-  """{"bytes": size, "sha256": hex digest} of a file."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 24), b""):
-      digest.update(block)
-  return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
-
-
-def bundle_files(folder: str) -> list[str]:
-  """Every file of a bundle but the manifest, relative, sorted."""
-  out = []
-  for base, _, names in os.walk(folder):
-    for name in names:
-      rel = os.path.relpath(os.path.join(base, name), folder)
-      if rel != MANIFEST:
-        out.append(rel)
-  return sorted(out)
-
-
-def write_manifest(folder: str, manifest: dict) -> dict:
-  """Adds the digest of every bundle file to `manifest` and writes it."""
-  manifest = dict(manifest, files={
-      rel: file_digest(os.path.join(folder, rel))
-      for rel in bundle_files(folder)})
-  with open(os.path.join(folder, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)
-  return manifest
-
-
-def save_params(path: str, params: Any) -> None:
-  """A param tree as safetensors, keys joined with "/"."""
-  flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep="/")
-  weights.save_safetensors({k: np.asarray(v) for k, v in flat.items()}, path)
-
-
-def index_settings(num_references: int) -> dict:
-  """How `knn.scann_searcher` builds the index for this many references
-  with the default `ScannOptions` (what a search may override); where
-  ScaNN is not installed, the bundle is searched exactly (no index)."""
-  if not knn.scann_available():
-    return {"backend": "exact", "distance": "dot_product"}
-  o = knn.ScannOptions()
-  brute = num_references < o.brute_force_max
-  return {"backend": "scann", "distance": "dot_product",
-          "neighbours": INDEX_NEIGHBOURS,
-          "tree": num_references >= o.tree_min,
-          "scoring": "brute_force" if brute else "asymmetric_hashing",
-          "reorder": None if brute else max(100, 4 * INDEX_NEIGHBOURS)}
-
-
 def _check_out(out: str, overwrite: bool) -> None:
   if os.path.exists(out) and not overwrite and (
       not os.path.isdir(out) or os.listdir(out)):
@@ -400,8 +152,11 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None,
                       f"{REFERENCE_SETS}.")
   _check_out(out, overwrite)
   mesh = parallel.make_mesh()
-  trained = load_trained(workdir, stage=stage, checkpoint=checkpoint,
-                         mesh=mesh)
+  try:
+    trained = trained_lib.load_trained(workdir, stage=stage,
+                                       checkpoint=checkpoint, mesh=mesh)
+  except trained_lib.NoTrainedModel as e:
+    raise ExportError(str(e)) from e
   config, spec = trained.config, trained.spec
   train, evaluation = stages.read_data(config, workdir)
   splits = {"eval": [evaluation], "train": [train],
@@ -421,51 +176,18 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None,
   # Every process embedded its share; process 0 writes the bundle.
   if not parallel.is_main_process():
     parallel.sync("export:written")
-    with open(os.path.join(out, MANIFEST)) as f:
+    with open(os.path.join(out, bundle_lib.MANIFEST)) as f:
       return json.load(f)
-  partial = out.rstrip(os.sep) + ".partial"
-  shutil.rmtree(partial, ignore_errors=True)
-  os.makedirs(partial)
-  save_params(os.path.join(partial, PARAMS), trained.params)
-  params_sha = file_digest(os.path.join(partial, PARAMS))["sha256"]
-  model_fp = fingerprint(spec, trained.params)
-  np.save(os.path.join(partial, EMBEDDINGS), embeddings)
-  np.savez(os.path.join(partial, REFERENCES), ids=refs["ids"],
-           paths=refs["paths"], coordinates=refs["coordinates"],
-           world=refs["world"], model_fingerprint=np.array(model_fp),
-           params_sha256=np.array(params_sha))
-  np.savez(os.path.join(partial, QUERIES), **queries)
-  index = index_settings(len(refs["ids"]))
-  if index["backend"] == "scann":
-    os.makedirs(os.path.join(partial, INDEX_DIR))
-    searcher = knn.scann_searcher(embeddings, INDEX_NEIGHBOURS,
-                                  knn.ScannOptions())
-    searcher.serialize(os.path.join(partial, INDEX_DIR), relative_path=True)
-
-  manifest = {
-      "format": FORMAT, "version": VERSION,
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "model": dict(spec, fingerprint=model_fp,
-                    embedding_dim=int(embeddings.shape[1])),
-      "preprocess": dict(preprocess_spec(spec), query_size=list(
-          image_io.probe(evaluation.ground_paths[0])[1])),
-      "source": {"workdir": os.path.abspath(workdir),
-                 "stage": trained.stage, "checkpoint": trained.checkpoint,
-                 "step": trained.step,
-                 "eval": run_dir.eval_record(workdir, trained.stage,
-                                       trained.step)},
-      "dataset": {"name": evaluation.name, "root": evaluation.root,
-                  "references": references,
-                  "num_references": int(len(refs["ids"])),
-                  "coord_kind": refs["coord_kind"],
-                  "coord_labels": list(COORD_LABELS[refs["coord_kind"]])},
-      "index": index,
-  }
-  manifest = write_manifest(partial, manifest)
-  if os.path.exists(out):
-    shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
-  os.replace(partial, out)
+  manifest = bundle_lib.write_bundle(
+      out, spec=spec, params=trained.params, embeddings=embeddings,
+      references=refs, queries=queries,
+      query_size=image_io.probe(evaluation.ground_paths[0])[1],
+      source={"workdir": os.path.abspath(workdir), "stage": trained.stage,
+              "checkpoint": trained.checkpoint, "step": trained.step,
+              "eval": run_dir.eval_record(workdir, trained.stage,
+                                          trained.step)},
+      dataset={"name": evaluation.name, "root": evaluation.root,
+               "references": references})
   logging.info("Bundle %s: %s step %d (%s), %d references.", out,
                trained.stage, trained.step, trained.checkpoint,
                len(refs["ids"]))

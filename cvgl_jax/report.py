@@ -47,13 +47,13 @@ import numpy as np
 from cvgl_jax import cli
 from cvgl_jax import config_lib
 from cvgl_jax import embed as embed_lib
-from cvgl_jax import export
 from cvgl_jax import metrics as metrics_lib
 from cvgl_jax import parallel
 from cvgl_jax import plots
 from cvgl_jax import records
 from cvgl_jax import run_dir
 from cvgl_jax import stages
+from cvgl_jax import trained as trained_lib
 from cvgl_jax.data import image_io
 from cvgl_jax.pseudo import knn
 
@@ -118,7 +118,7 @@ def example_panels(workdir: str, config: ml_collections.ConfigDict,
   """
   # What the run hands on (the last training stage's selected checkpoint,
   # chosen without labels), not the checkpoint with the best R@1.
-  trained = export.load_trained(workdir, mesh=mesh)
+  trained = trained_lib.load_trained(workdir, mesh=mesh)
   index = stages.read_data(config, workdir)[1]
   batch = int(config.train.eval_batch_size) // jax.process_count()
   common = dict(batch_size=batch, mesh=trained.mesh,
@@ -170,7 +170,7 @@ def write_report(workdir: str, *, num_examples: int = 6,
     {"recall" | "pseudo_labels" | "retrieval_examples": PNG path} of the
     pictures written (those whose records exist).
   """
-  config = export.read_config(workdir)
+  config = trained_lib.read_config(workdir)
   folder = os.path.join(workdir, run_dir.REPORT)
   main = parallel.is_main_process()
   written = {}

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from cvgl_jax import bundle as bundle_lib
 from cvgl_jax import embed as embed_lib
 from cvgl_jax import evaluate
 from cvgl_jax import export
@@ -27,6 +28,7 @@ from cvgl_jax import run_dir
 from cvgl_jax import report
 from cvgl_jax import retrieve
 from cvgl_jax import stages
+from cvgl_jax import trained as trained_lib
 from cvgl_jax.pseudo import knn
 import processes
 
@@ -52,7 +54,7 @@ def copy_bundle(bundle, tmp_path, name="copy"):
 
 def test_round_trip_ranks_as_evaluate(run):
   config, workdir, ev, bundle_dir = run
-  trained = export.load_trained(workdir)
+  trained = trained_lib.load_trained(workdir)
   assert (trained.stage, trained.checkpoint) == ("pseudo_label", "best")
   fns = embed_lib.embed_fns(trained.model, trained.mesh)
   common = dict(batch_size=16, mesh=trained.mesh)
@@ -66,7 +68,7 @@ def test_round_trip_ranks_as_evaluate(run):
                                     size=config.data.satellite_size, **common)
   truth = metrics.recall_at_k(ground, satellite, ev.positive)
 
-  bundle = retrieve.load_bundle(bundle_dir)
+  bundle = bundle_lib.load_bundle(bundle_dir)
   np.testing.assert_array_equal(bundle.references["ids"], ev.satellite_ids)
   np.testing.assert_allclose(bundle.embeddings, satellite, atol=1e-6)
   results = bundle.search_files(list(ev.ground_paths),
@@ -105,7 +107,7 @@ def test_a_fresh_process_retrieves_without_the_workdir(run, tmp_path):
   shutil.copytree(ev.root, data)
   queries = [os.path.join(data, os.path.relpath(p, ev.root))
              for p in ev.ground_paths[:3]]
-  expected = retrieve.load_bundle(bundle_dir).search_files(queries, 3)
+  expected = bundle_lib.load_bundle(bundle_dir).search_files(queries, 3)
   picture = str(tmp_path / "matches.png")
   env = dict(os.environ, XLA_FLAGS=processes.xla_flags())
   hidden = workdir + ".hidden"
@@ -135,7 +137,7 @@ def test_a_fresh_process_retrieves_without_the_workdir(run, tmp_path):
 def test_the_cli_refuses_a_corrupt_bundle(run, tmp_path):
   _, _, ev, bundle_dir = run
   bad = copy_bundle(bundle_dir, tmp_path)
-  with open(os.path.join(bad, export.PARAMS), "r+b") as f:
+  with open(os.path.join(bad, bundle_lib.PARAMS), "r+b") as f:
     f.seek(-3, os.SEEK_END)
     f.write(b"\x00\x01\x02")
   out = subprocess.run(
@@ -148,13 +150,13 @@ def test_the_cli_refuses_a_corrupt_bundle(run, tmp_path):
 
 def _rewrite_manifest(folder):
   """Re-hashes every file (as if the bundle had been assembled by hand)."""
-  with open(os.path.join(folder, export.MANIFEST)) as f:
+  with open(os.path.join(folder, bundle_lib.MANIFEST)) as f:
     manifest = json.load(f)
-  export.write_manifest(folder, manifest)
+  bundle_lib.write_manifest(folder, manifest)
 
 
 def _edit_manifest(folder, edit):
-  path = os.path.join(folder, export.MANIFEST)
+  path = os.path.join(folder, bundle_lib.MANIFEST)
   with open(path) as f:
     manifest = json.load(f)
   edit(manifest)
@@ -165,103 +167,103 @@ def _edit_manifest(folder, edit):
 def test_refuses_missing_truncated_and_corrupt_files(run, tmp_path):
   bundle_dir = run[3]
   bad = copy_bundle(bundle_dir, tmp_path, "missing")
-  os.remove(os.path.join(bad, export.QUERIES))
-  with pytest.raises(retrieve.BundleError, match="queries.npz is missing"):
-    retrieve.load_bundle(bad)
+  os.remove(os.path.join(bad, bundle_lib.QUERIES))
+  with pytest.raises(bundle_lib.BundleError, match="queries.npz is missing"):
+    bundle_lib.load_bundle(bad)
 
   bad = copy_bundle(bundle_dir, tmp_path, "truncated")
-  path = os.path.join(bad, export.EMBEDDINGS)
+  path = os.path.join(bad, bundle_lib.EMBEDDINGS)
   size = os.path.getsize(path)
   with open(path, "r+b") as f:
     f.truncate(size - 64)
-  with pytest.raises(retrieve.BundleError,
+  with pytest.raises(bundle_lib.BundleError,
                      match=f"embeddings.npy has {size - 64} bytes.*"
                            f"says {size}.*truncated"):
-    retrieve.load_bundle(bad)
+    bundle_lib.load_bundle(bad)
 
   bad = copy_bundle(bundle_dir, tmp_path, "flipped")
-  path = os.path.join(bad, export.INDEX_DIR, "dataset.npy")
+  path = os.path.join(bad, bundle_lib.INDEX_DIR, "dataset.npy")
   data = bytearray(open(path, "rb").read())
   data[-5] ^= 0xFF
   open(path, "wb").write(bytes(data))
-  with pytest.raises(retrieve.BundleError,
+  with pytest.raises(bundle_lib.BundleError,
                      match="scann/dataset.npy has SHA-256.*corrupt"):
-    retrieve.load_bundle(bad)
+    bundle_lib.load_bundle(bad)
 
   # An entry removed from the manifest does not switch off its file's check.
   bad = copy_bundle(bundle_dir, tmp_path, "unlisted")
-  index_file = os.path.join(export.INDEX_DIR, "dataset.npy")
+  index_file = os.path.join(bundle_lib.INDEX_DIR, "dataset.npy")
   _edit_manifest(bad, lambda m: m["files"].pop(index_file))
-  with pytest.raises(retrieve.BundleError,
+  with pytest.raises(bundle_lib.BundleError,
                      match="scann/dataset.npy is not in the manifest"):
-    retrieve.load_bundle(bad)
+    bundle_lib.load_bundle(bad)
 
   bad = copy_bundle(bundle_dir, tmp_path, "version")
   _edit_manifest(bad, lambda m: m.update(version=99))
-  with pytest.raises(retrieve.BundleError, match="version 99"):
-    retrieve.load_bundle(bad)
-  with pytest.raises(retrieve.BundleError, match="does not exist"):
-    retrieve.load_bundle(str(tmp_path / "nowhere"))
+  with pytest.raises(bundle_lib.BundleError, match="version 99"):
+    bundle_lib.load_bundle(bad)
+  with pytest.raises(bundle_lib.BundleError, match="does not exist"):
+    bundle_lib.load_bundle(str(tmp_path / "nowhere"))
 
 
 def test_refuses_a_bundle_of_another_model(run, tmp_path):
   bundle_dir = run[3]
-  bundle = retrieve.load_bundle(bundle_dir)
+  bundle = bundle_lib.load_bundle(bundle_dir)
 
   # Another architecture's params (wider second stage).
   other = dict(bundle.spec, dims=[8, 24])
-  shapes = export.abstract_params(export.build_model(other), other)
+  shapes = bundle_lib.abstract_params(bundle_lib.build_model(other), other)
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   bad = copy_bundle(bundle_dir, tmp_path, "other_params")
-  export.save_params(os.path.join(bad, export.PARAMS), zeros)
-  with pytest.raises(retrieve.BundleError,
+  bundle_lib.save_params(os.path.join(bad, bundle_lib.PARAMS), zeros)
+  with pytest.raises(bundle_lib.BundleError,
                      match="params.safetensors has .*(bytes|SHA-256)"):
-    retrieve.load_bundle(bad)
+    bundle_lib.load_bundle(bad)
   _rewrite_manifest(bad)
-  with pytest.raises(retrieve.BundleError,
+  with pytest.raises(bundle_lib.BundleError,
                      match="another model's params.*differ in shape"):
-    retrieve.load_bundle(bad)
+    bundle_lib.load_bundle(bad)
 
   # The manifest describes another model than the params hold.
   bad = copy_bundle(bundle_dir, tmp_path, "other_spec")
   _edit_manifest(bad, lambda m: m["model"].update(dims=[8, 24]))
-  with pytest.raises(retrieve.BundleError, match="another model's params"):
-    retrieve.load_bundle(bad)
+  with pytest.raises(bundle_lib.BundleError, match="another model's params"):
+    bundle_lib.load_bundle(bad)
   bad = copy_bundle(bundle_dir, tmp_path, "other_fingerprint")
   _edit_manifest(bad, lambda m: m["model"].update(fingerprint="0" * 64))
-  with pytest.raises(retrieve.BundleError,
+  with pytest.raises(bundle_lib.BundleError,
                      match="manifest describes another model"):
-    retrieve.load_bundle(bad)
+    bundle_lib.load_bundle(bad)
 
   # Same architecture, other weights: the embeddings no longer match.
   bad = copy_bundle(bundle_dir, tmp_path, "other_weights")
-  export.save_params(os.path.join(bad, export.PARAMS),
-                     jax.tree.map(lambda x: x * 0.5, bundle.params))
+  bundle_lib.save_params(os.path.join(bad, bundle_lib.PARAMS),
+                         jax.tree.map(lambda x: x * 0.5, bundle.params))
   _rewrite_manifest(bad)
-  with pytest.raises(retrieve.BundleError,
+  with pytest.raises(bundle_lib.BundleError,
                      match="embeddings.npy was computed with other weights"):
-    retrieve.load_bundle(bad)
+    bundle_lib.load_bundle(bad)
 
 
 def test_without_scann_the_bundle_is_searched_exactly(run, tmp_path,
                                                       monkeypatch):
   """Where scann has no wheel (aarch64): the same retrieval, no index."""
   _, workdir, _, bundle_dir = run
-  with_index = retrieve.load_bundle(bundle_dir)
+  with_index = bundle_lib.load_bundle(bundle_dir)
   monkeypatch.setattr(knn, "scann_available", lambda: False)
   out = str(tmp_path / "exact")
   manifest = export.export(workdir, out)
   assert manifest["index"] == {"backend": "exact", "distance": "dot_product"}
-  assert not os.path.exists(os.path.join(out, export.INDEX_DIR))
-  exact = retrieve.load_bundle(out)
+  assert not os.path.exists(os.path.join(out, bundle_lib.INDEX_DIR))
+  exact = bundle_lib.load_bundle(out)
   queries = with_index.embeddings[:5] + 0.01
   scores_a, rows_a = with_index.search_embeddings(queries, 3)
   scores_b, rows_b = exact.search_embeddings(queries, 3)
   np.testing.assert_array_equal(rows_a, rows_b)
   np.testing.assert_allclose(scores_a, scores_b, rtol=1e-5)
-  with pytest.raises(retrieve.BundleError, match="scann package is not "
+  with pytest.raises(bundle_lib.BundleError, match="scann package is not "
                      "installed"):
-    retrieve.load_bundle(bundle_dir)
+    bundle_lib.load_bundle(bundle_dir)
   with pytest.raises(ValueError, match="scann package is not installed"):
     knn.knn(queries, with_index.embeddings, 2, backend="scann")
   assert knn._backend("auto", 10**6, 10**6) == "exact"  # pylint: disable=protected-access
@@ -372,11 +374,11 @@ def test_two_processes_export_the_same_bundle(run, tmp_path):
     assert code == 0, text[-3000:]
   assert '"num_references"' in texts[0] and '"num_references"' not in texts[1]
   np.testing.assert_allclose(
-      np.load(os.path.join(out, export.EMBEDDINGS)),
-      np.load(os.path.join(bundle_dir, export.EMBEDDINGS)), atol=1e-5)
-  assert (retrieve.read_manifest(out)["source"]
-          == retrieve.read_manifest(bundle_dir)["source"])
-  retrieve.load_bundle(out)  # Whole, and every file as the manifest says.
+      np.load(os.path.join(out, bundle_lib.EMBEDDINGS)),
+      np.load(os.path.join(bundle_dir, bundle_lib.EMBEDDINGS)), atol=1e-5)
+  assert (bundle_lib.read_manifest(out)["source"]
+          == bundle_lib.read_manifest(bundle_dir)["source"])
+  bundle_lib.load_bundle(out)  # Whole, and every file as the manifest says.
 
 
 def test_bundle_files_take_the_users_umask(run):
@@ -395,7 +397,7 @@ def test_retrieve_refuses_a_non_image_or_a_foreign_aspect(run, tmp_path):
   """One line and exit 2 each; the dataset's own queries pass the aspect
   check, a square crop of one does not (unless --any_aspect)."""
   _, _, ev, bundle_dir = run
-  manifest = retrieve.read_manifest(bundle_dir)
+  manifest = bundle_lib.read_manifest(bundle_dir)
   h, w = cv2.imread(ev.ground_paths[0]).shape[:2]
   assert manifest["preprocess"]["query_size"] == [h, w]
   own = {p: (h, w) for p in ev.ground_paths[:3]}

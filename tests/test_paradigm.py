@@ -22,11 +22,11 @@ from cvgl_jax import baseline
 from cvgl_jax import config_lib
 from cvgl_jax import embed as embed_lib
 from cvgl_jax import evaluate
-from cvgl_jax import export
 from cvgl_jax import main as main_lib
 from cvgl_jax import run_dir
 from cvgl_jax import pretrain
 from cvgl_jax import stages
+from cvgl_jax import trained as trained_lib
 from cvgl_jax.models import encoder
 from cvgl_jax.pseudo import views as views_lib
 from cvgl_jax.models import weights
@@ -166,8 +166,8 @@ def test_round_table_precision_equals_a_hand_count(demo_run):
   row = rounds[1]
   # The params at the start of round 1: the checkpoint of epoch 0's end.
   spe = row["step"]
-  trained = export.load_trained(workdir, stage="pseudo_label",
-                                checkpoint="latest")
+  trained = trained_lib.load_trained(workdir, stage="pseudo_label",
+                                     checkpoint="latest")
   params = loop.restore_params(
       os.path.join(workdir, "pseudo_label", run_dir.CHECKPOINTS),
       trained.params, step=spe)
@@ -225,7 +225,7 @@ def test_a_stage_hands_on_the_checkpoint_chosen_without_labels(demo_run):
     with open(os.path.join(workdir, stage, run_dir.SELECTED)) as f:
       assert json.load(f)["step"] == chosen["step"]
     assert summary["best"]["R@1"] == max(r["R@1"] for r in evals)
-  trained = export.load_trained(workdir)
+  trained = trained_lib.load_trained(workdir)
   assert (trained.stage, trained.step) == (
       "pseudo_label", results["pseudo_label"]["selected"]["step"])
 

@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 
 from cvgl_jax import config_lib
-from cvgl_jax import export
 from cvgl_jax import parallel
 from cvgl_jax import run_dir
 from cvgl_jax import stages
+from cvgl_jax import trained as trained_lib
 from cvgl_jax.data import image_io
 from cvgl_jax.data import synthetic
 from cvgl_jax.models import encoder
@@ -100,8 +100,8 @@ def run_main(world, workdir, cache, *flags, fault=None, max_file_bytes=None,
 
 
 def best_params(workdir):
-  trained = export.load_trained(workdir, stage=STAGE,
-                                mesh=parallel.make_mesh(jax.devices()[:1]))
+  trained = trained_lib.load_trained(
+      workdir, stage=STAGE, mesh=parallel.make_mesh(jax.devices()[:1]))
   return trained.step, jax.tree.map(np.asarray, trained.params)
 
 
