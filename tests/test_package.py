@@ -1,5 +1,12 @@
-"""Properties of the installed package itself."""
+"""Properties of the installed package itself.
 
+Run as a script (`python tests/test_package.py`) it prints the longest
+chain of module-level imports below `cvgl_jax.main` and which module
+imports which.
+"""
+
+import ast
+import functools
 import pathlib
 import shutil
 import subprocess
@@ -67,3 +74,100 @@ def test_scann_is_required_only_where_its_wheels_exist():
   assert "scann" not in needed("aarch64", "linux")
   assert "scann" not in needed("arm64", "darwin")
   assert needed("aarch64", "linux") == needed("x86_64", "linux") - {"scann"}
+
+
+PACKAGE = pathlib.Path(__file__).parents[1] / "cvgl_jax"
+# A command-line module may be imported only as listed here: the training
+# run ends by drawing its report.
+CLI_IMPORTS_ALLOWED = {("cvgl_jax.main", "cvgl_jax.report")}
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@functools.lru_cache(maxsize=1)
+def import_graph() -> dict[str, frozenset[str]]:
+  """{module: the cvgl_jax modules it imports when it is imported} (its
+  top-level statements; an import inside a function is not followed)."""
+  paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+  def top_level(body):
+    for node in body:
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                           ast.ClassDef)):
+        continue
+      yield node
+      for field in ("body", "orelse", "finalbody", "handlers"):
+        yield from top_level(getattr(node, field, []))
+
+  graph = {}
+  for name, path in paths.items():
+    found = set()
+    for node in top_level(ast.parse(path.read_text()).body):
+      if isinstance(node, ast.Import):
+        found.update(a.name for a in node.names if a.name in paths)
+      elif isinstance(node, ast.ImportFrom) and (
+          node.module or "").startswith("cvgl_jax"):
+        for a in node.names:
+          full = f"{node.module}.{a.name}"
+          found.add(full if full in paths else node.module)
+    graph[name] = frozenset(found - {name})
+  return graph
+
+
+def cli_modules() -> set[str]:
+  """The modules that run as programs (`python -m ...`)."""
+  return {_module_name(p) for p in PACKAGE.rglob("*.py")
+          if p.name == "__main__.py"
+          or 'if __name__ == "__main__":' in p.read_text()}
+
+
+def longest_chain(start: str) -> list[str]:
+  """The longest chain of imports from `start` (modules, `start` first)."""
+  graph = import_graph()
+
+  @functools.lru_cache(maxsize=None)
+  def chain(module):
+    return max(([module] + chain(m) for m in graph[module]), key=len,
+               default=[module])
+  return chain(start)
+
+
+def test_no_import_cycles():
+  graph = import_graph()
+  done, cycles = set(), []
+
+  def visit(module, stack):
+    if module in stack:
+      cycles.append(stack[stack.index(module):] + [module])
+      return
+    if module in done:
+      return
+    for m in sorted(graph[module]):
+      visit(m, stack + [module])
+    done.add(module)
+  for module in sorted(graph):
+    visit(module, [])
+  assert not cycles, cycles
+
+
+def test_no_module_imports_a_command_line_module():
+  """A CLI module is an entry point: what others need of it belongs in a
+  library module (the bundle's format in bundle.py, not in export.py)."""
+  clis = cli_modules()
+  assert {"cvgl_jax.export", "cvgl_jax.retrieve", "cvgl_jax.report",
+          "cvgl_jax.main"} <= clis
+  wrong = sorted((m, c) for m, imported in import_graph().items()
+                 for c in imported & clis
+                 if (m, c) not in CLI_IMPORTS_ALLOWED)
+  assert not wrong, wrong
+
+
+if __name__ == "__main__":
+  chain = longest_chain("cvgl_jax.main")
+  print(f"Longest import chain below cvgl_jax.main: {len(chain) - 1} "
+        f"imports\n  " + " -> ".join(chain))
+  for module, imported in sorted(import_graph().items()):
+    print(f"{module}: {', '.join(sorted(imported)) or '-'}")
