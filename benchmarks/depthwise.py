@@ -1,9 +1,9 @@
 r"""Depthwise 7x7 convolution, forward + backward, at ConvNeXt's stage shapes.
 
 Times, round robin in one process, at each stage's [B, H, W, C]:
-  native     ours on CPU (`depthwise_cpu.depthwise_native`: the C++ kernel
+  native     ours on CPU (`depthwise.depthwise_native`: the C++ kernel
              compiled on first use, called through XLA's FFI);
-  shifts     the pure-XLA path (`convnext.depthwise_shifts`: shifted-sum
+  shifts     the pure-XLA path (`depthwise.depthwise_shifts`: shifted-sum
              forward, hand-written VJP whose kernel gradient is one variadic
              reduction per example), what "auto" falls back to without a
              compiler;
@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvgl_jax.models import convnext
-from cvgl_jax.models import depthwise_cpu
+from cvgl_jax.cpu import depthwise
 import timing
 import torch_reference
 
@@ -51,7 +50,7 @@ def _tap_sums_bwd(res, dy):
   x, kernel = res
   pad = K // 2
   h, w = x.shape[1:3]
-  dx = convnext._shifted_sum(dy, kernel[::-1, ::-1])
+  dx = depthwise._shifted_sum(dy, kernel[::-1, ::-1])
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
   def add_example(acc, example):
@@ -65,8 +64,8 @@ def _tap_sums_bwd(res, dy):
   return dx, dk.reshape(kernel.shape)
 
 
-tap_sums = jax.custom_vjp(convnext._shifted_sum)
-tap_sums.defvjp(lambda x, k: (convnext._shifted_sum(x, k), (x, k)),
+tap_sums = jax.custom_vjp(depthwise._shifted_sum)
+tap_sums.defvjp(lambda x, k: (depthwise._shifted_sum(x, k), (x, k)),
                 _tap_sums_bwd)
 
 
@@ -111,10 +110,10 @@ def main(argv):
   del argv
   h, w = (int(v) // 4 for v in FLAGS.image)
   rng = np.random.default_rng(0)
-  if not depthwise_cpu.available():
+  if not depthwise.available():
     raise SystemExit("The native kernel did not build (see the warning).")
-  convs = {"native": depthwise_cpu.depthwise_native,
-           "shifts": convnext.depthwise_shifts, "tap_sums": tap_sums,
+  convs = {"native": depthwise.depthwise_native,
+           "shifts": depthwise.depthwise_shifts, "tap_sums": tap_sums,
            "conv": grouped_conv}
   names = list(convs)
   use_torch = FLAGS.torch and torch_reference.available()

@@ -28,7 +28,7 @@ does not see. --turn_warmup=0 times those steps too.
 By default (--isolate) each variant runs in its own worker process, started
 with the environment it runs with in practice: ours with
 `glibc.malloc.hugetlb=1`, as `python -m cvgl_jax.main` sets it
-(`cvgl_jax/hostmem.py`), torch with this process's environment. Why: in one
+(`cvgl_jax/cpu/hostmem.py`), torch with this process's environment. Why: in one
 process the two frameworks share glibc's heap, and on the dev CPU our step
 right after a torch step spent 11 s instead of 2.7 s in the kernel faulting
 in its 4.1 GB of temporaries (13.5 vs 9.3 s/step); huge pages make our step
@@ -82,8 +82,9 @@ from absl import flags
 import jax
 import numpy as np
 
-from cvgl_jax import hostmem
 from cvgl_jax import parallel
+from cvgl_jax.cpu import depthwise
+from cvgl_jax.cpu import hostmem
 from cvgl_jax.data import augment
 from cvgl_jax.data import pipeline
 from cvgl_jax.data import readers
@@ -101,7 +102,7 @@ flags.DEFINE_string("variant", "tiny", "ConvNeXt size of both towers.")
 flags.DEFINE_list("ground", ["128", "512"], "Ground image H,W.")
 flags.DEFINE_integer("satellite", 128, "Satellite image side.")
 flags.DEFINE_integer("batch", 16, "Pairs per step.")
-flags.DEFINE_enum("depthwise", "auto", list(convnext.IMPLS),
+flags.DEFINE_enum("depthwise", "auto", list(depthwise.IMPLS),
                   "Our DepthwiseConv impl (auto: the C++ kernel on CPU).")
 flags.DEFINE_enum("augment", "full", ["full", "none"],
                   "Augmentation on each side (module docstring).")
@@ -330,7 +331,7 @@ def main(argv):
                        f"{jax.device_count()} devices and divide --batch={b}"
                        " (more CPU devices: XLA_FLAGS=--xla_force_host_"
                        "platform_device_count=N).")
-  impl = convnext.resolve_impl(FLAGS.depthwise, (1, 1, 1, 96), np.float32,
+  impl = depthwise.resolve_impl(FLAGS.depthwise, (1, 1, 1, 96), np.float32,
                                7)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} "
         f"({jax.device_count()} device(s)); depthwise conv: {impl}")

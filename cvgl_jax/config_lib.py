@@ -18,10 +18,9 @@ import ml_collections
 
 from cvgl_jax import pretrain as pretrain_lib
 from cvgl_jax.cfp import translate as translate_lib
+from cvgl_jax.cpu import depthwise
 from cvgl_jax.data import image_check
 from cvgl_jax.data.synthetic import config as synthetic_config
-from cvgl_jax.models import convnext
-from cvgl_jax.models import depthwise_cpu
 
 STAGES = ("pretrain", "cfp", "translate", "intra", "cross_fake",
           "supervised", "pseudo_label")
@@ -398,16 +397,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   "init")
   if m.head not in ("safa", "gap"):
     errors.append(f"config.model.head={m.head!r}; choose 'safa' or 'gap'")
-  if m.depthwise_impl not in convnext.IMPLS:
+  if m.depthwise_impl not in depthwise.IMPLS:
     errors.append(f"config.model.depthwise_impl={m.depthwise_impl!r}; "
-                  f"choose one of {', '.join(convnext.IMPLS)}")
+                  f"choose one of {', '.join(depthwise.IMPLS)}")
   elif m.depthwise_impl == "native":
     if m.dtype != "float32":
       errors.append(f"config.model.depthwise_impl='native' runs in float32 "
                     f"only, but config.model.dtype={m.dtype!r}; use 'auto'")
     try:
-      depthwise_cpu.load()
-    except depthwise_cpu.NativeBuildError as e:
+      depthwise.load()
+    except depthwise.NativeBuildError as e:
       errors.append(f"config.model.depthwise_impl='native' cannot be built "
                     f"here ({e}); use 'auto', which falls back to 'shifts'")
   if m.dtype not in ("float32", "bfloat16"):

@@ -19,13 +19,13 @@ process I. DIR must be one folder every process sees (a shared file
 system): process 0 writes the files there, every process joins the
 checkpoints.
 
-On Linux with glibc >= 2.35 the command re-executes itself once, at start,
+On a Linux CPU host with glibc >= 2.35 the command re-executes itself once, at start,
 with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (huge pages for XLA:CPU's
-per-step temporaries, `cvgl_jax/hostmem.py`); set the tunable yourself
+per-step temporaries, `cvgl_jax/cpu/hostmem.py`); set the tunable yourself
 (e.g. to 0) to opt out.
 """
 
-from cvgl_jax import hostmem
+from cvgl_jax.cpu import hostmem
 
 if __name__ == "__main__":
   # Before jax and the rest are imported: the re-executed process imports
@@ -46,6 +46,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from cvgl_jax import cache
 from cvgl_jax import cli
 from cvgl_jax import config_lib
 from cvgl_jax import parallel
@@ -54,7 +55,6 @@ from cvgl_jax import report
 from cvgl_jax import run_dir
 from cvgl_jax import stages
 from cvgl_jax.data import readers
-from cvgl_jax.models import depthwise_cpu
 from cvgl_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -244,7 +244,7 @@ def _use_compilation_cache(setting: str) -> None:
   folder = setting
   if setting == "auto":
     folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
-        depthwise_cpu.cache_dirs()[0] / "jax")
+        cache.cache_dirs()[0] / "jax")
   jax.config.update("jax_compilation_cache_dir", folder)
 
 

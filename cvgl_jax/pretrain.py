@@ -32,7 +32,8 @@ import pathlib
 
 import ml_collections
 
-from cvgl_jax.models import depthwise_cpu
+from cvgl_jax import cache
+
 
 OBJECTIVES = ("instance", "pairs")
 AUGMENT = ("paper", "run")
@@ -105,7 +106,7 @@ def cache_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
   $XDG_CACHE_HOME/cvgl_jax or ~/.cache/cvgl_jax)."""
   if config.pretrain.cache_dir:
     return pathlib.Path(config.pretrain.cache_dir)
-  return depthwise_cpu.cache_dirs()[0] / "pretrain"
+  return cache.cache_dirs()[0] / "pretrain"
 
 
 def cached_file(config: ml_collections.ConfigDict) -> pathlib.Path:

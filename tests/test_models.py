@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cvgl_jax.cpu import depthwise
 from cvgl_jax.models import convnext
 from cvgl_jax.models import encoder
 from cvgl_jax.models import heads
 
 TINY = convnext.Variant((1, 1, 2, 1), (8, 16, 24, 32), conv_mlp=False)
-# On CPU "auto" is the native C++ kernel (tests/test_depthwise_cpu.py), which
+# On CPU "auto" is the native C++ kernel (tests/test_cpu_depthwise.py), which
 # compiles like XLA's grouped conv and ~2x faster than the shifted sum.
 DW = "auto"
 
@@ -245,14 +246,14 @@ def test_depthwise_shifts_gradients_equal_grouped_conv(k):
         x, kernel[:, :, None, :], (1, 1), [(k // 2, k // 2)] * 2,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
 
-  y, vjp = jax.vjp(convnext.depthwise_shifts, x, kernel)
+  y, vjp = jax.vjp(depthwise.depthwise_shifts, x, kernel)
   y_ref, vjp_ref = jax.vjp(grouped, x, kernel)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   for got, want in zip(vjp(dy), vjp_ref(dy)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
   # Under jit and remat (as ConvNeXt(remat=True) runs it) as well.
   loss = lambda f: lambda x, kr: jnp.sum(jax.checkpoint(f)(x, kr) * dy)
-  got = jax.jit(jax.grad(loss(convnext.depthwise_shifts), (0, 1)))(x, kernel)
+  got = jax.jit(jax.grad(loss(depthwise.depthwise_shifts), (0, 1)))(x, kernel)
   for g, w in zip(got, jax.jit(jax.grad(loss(grouped), (0, 1)))(x, kernel)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
 
@@ -265,11 +266,11 @@ def test_depthwise_shifts_bfloat16_gradients_accumulate_in_float32():
   kernel = jax.random.normal(kk, (7, 7, 8))
   dy = jax.random.normal(kg, (4, 16, 32, 8))
   lo = [a.astype(jnp.bfloat16) for a in (x, kernel, dy)]
-  _, vjp16 = jax.vjp(convnext.depthwise_shifts, lo[0], lo[1])
+  _, vjp16 = jax.vjp(depthwise.depthwise_shifts, lo[0], lo[1])
   dx16, dk16 = vjp16(lo[2])
   assert dx16.dtype == dk16.dtype == jnp.bfloat16
   # The reference sees the same rounded inputs.
-  _, vjp_ref = jax.vjp(convnext.depthwise_shifts,
+  _, vjp_ref = jax.vjp(depthwise.depthwise_shifts,
                        *[a.astype(jnp.float32) for a in lo[:2]])
   dk_ref = vjp_ref(lo[2].astype(jnp.float32))[1]
   np.testing.assert_allclose(dk16.astype(jnp.float32), dk_ref, rtol=1e-2,

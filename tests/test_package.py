@@ -38,7 +38,7 @@ def test_package_imports_without_torch_or_tensorflow():
 
 
 def test_wheel_ships_the_native_kernel_source(tmp_path):
-  # depthwise_cpu.py compiles its .cc on first use: a wheel without it would
+  # cpu/depthwise.py compiles its .cc on first use: a wheel without it would
   # silently fall back to the slower XLA path on every user's machine.
   # Built as a user's pip builds it (isolated, with the pinned backend),
   # from a copy without the checkout's build/ and egg-info leftovers.
@@ -53,8 +53,8 @@ def test_wheel_ships_the_native_kernel_source(tmp_path):
                  check=True, capture_output=True, cwd=tmp_path)
   (wheel,) = tmp_path.glob("cvgl_jax-*.whl")
   names = zipfile.ZipFile(wheel).namelist()
-  assert "cvgl_jax/models/depthwise_cpu.cc" in names
-  assert "cvgl_jax/models/depthwise_cpu.py" in names
+  assert "cvgl_jax/cpu/depthwise.cc" in names
+  assert "cvgl_jax/cpu/depthwise.py" in names
 
 
 def test_scann_is_required_only_where_its_wheels_exist():

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvgl_jax.models import depthwise_cpu
+from cvgl_jax.cpu import depthwise
 
 LN_EPS = 1e-6
-IMPLS = ("auto", "conv", "native", "shifts")  # DepthwiseConv's `impl`
+IMPLS = depthwise.IMPLS  # DepthwiseConv's `impl`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,97 +215,17 @@ class DropPath(nn.Module):
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
-def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """sum_ij pad(x)[:, i:i+H, j:j+W, :] * kernel[i, j]; one XLA loop fusion."""
-  k = kernel.shape[0]
-  pad = k // 2
-  h, w = x.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  return sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j]
-             for i in range(k) for j in range(k))
-
-
-@jax.custom_vjp
-def depthwise_shifts(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Depthwise k x k cross-correlation, stride 1, 'SAME' zero padding.
-
-  Args:
-    x: [B, H, W, C].
-    kernel: [k, k, C], k odd.
-
-  Returns:
-    [B, H, W, C], equal to `lax.conv_general_dilated(...,
-    feature_group_count=C)` with kernel[:, :, None, :].
-
-  The gradient is written by hand: autodiff of the shifted sum gives the
-  kernel gradient as k*k separate reductions over the whole batch, each
-  streaming both [B, H, W, C] tensors through memory (XLA:CPU fuses none
-  of them). Here the input gradient is the same shifted sum of the output
-  gradient with the kernel flipped, and the kernel gradient is accumulated
-  one example at a time (`lax.scan`), so an example's input and output
-  gradient stay in cache for all k*k taps: about 3x faster on CPU. The taps
-  are one variadic reduction (a single fused pass computing all of them):
-  the whole forward + backward another 1.08-1.43x faster at ConvNeXt-T's
-  stage 0-2 shapes (`benchmarks/depthwise.py`).
-  """
-  return _shifted_sum(x, kernel)
-
-
-def _depthwise_fwd(x, kernel):
-  return _shifted_sum(x, kernel), (x, kernel)
-
-
-def _depthwise_bwd(res, dy):
-  x, kernel = res
-  k = kernel.shape[0]
-  pad = k // 2
-  h, w = x.shape[1:3]
-  dx = _shifted_sum(dy, kernel[::-1, ::-1])
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-
-  def add_example(acc, example):
-    xe, dye = example
-    products = [(xe[i:i + h, j:j + w, :] * dye).astype(jnp.float32)
-                for i in range(k) for j in range(k)]
-    # One variadic reduction: XLA:CPU fuses all k*k products into a single
-    # pass over the example, where k*k separate sums each wrote and re-read
-    # their product.
-    taps = jax.lax.reduce(products, [jnp.float32(0)] * len(products),
-                          lambda a, b: [u + v for u, v in zip(a, b)], (0, 1))
-    return acc + jnp.stack(taps), None
-
-  acc = jnp.zeros((k * k, x.shape[-1]), jnp.float32)
-  dk, _ = jax.lax.scan(add_example, acc, (xp, dy))
-  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-depthwise_shifts.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
-def resolve_impl(impl: str, x_shape, dtype, kernel_size: int) -> str:
-  """The `DepthwiseConv` implementation that `impl` means for an input of
-  x_shape/dtype on the default backend ("auto" -> "native", "shifts" or
-  "conv"; anything else unchanged). May build the C++ kernel (once)."""
-  if impl != "auto":
-    return impl
-  if jax.default_backend() != "cpu":
-    return "conv"
-  native = (depthwise_cpu.supports(x_shape, dtype, kernel_size)
-            and depthwise_cpu.available())
-  return "native" if native else "shifts"
-
-
 class DepthwiseConv(nn.Module):
   """k x k depthwise convolution, stride 1, 'SAME' zero padding, with bias.
 
   Params are those of `nn.Conv(feature_group_count=C)`: kernel [k, k, 1, C],
   bias [C]. Three implementations of the same function:
     "conv": XLA's grouped convolution (fast on GPU/TPU, slow on CPU);
-    "native": a compiled C++ kernel for the CPU (`depthwise_cpu`; float32,
+    "native": a compiled C++ kernel for the CPU (`cvgl_jax.cpu.depthwise`; float32,
       C a multiple of 8), 2.4-4x faster forward + backward than "shifts"
       and faster than PyTorch's at ConvNeXt-T's shapes;
     "shifts": a sum of k*k shifted, channel-scaled copies of the input
-      (`depthwise_shifts`), which XLA:CPU fuses into one loop -- ~20x
+      (`cvgl_jax.cpu.depthwise.depthwise_shifts`), which XLA:CPU fuses into one loop -- ~20x
       faster forward and 6x backward than its grouped convolution there.
   "auto" picks "native" on CPU where it applies and can be built, else
   "shifts" on CPU, and "conv" elsewhere (benchmarks/depthwise.py,
@@ -323,22 +243,14 @@ class DepthwiseConv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
                                               dtype=self.dtype)
-    impl = resolve_impl(self.impl, x.shape, x.dtype, k)
-    pad = k // 2
+    impl = depthwise.resolve_impl(self.impl, x.shape, x.dtype, k)
     if impl == "conv":
+      pad = k // 2
       y = jax.lax.conv_general_dilated(
           x, kernel, (1, 1), [(pad, pad), (pad, pad)],
           dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-    elif impl == "shifts":
-      y = depthwise_shifts(x, kernel[:, :, 0, :])
-    elif impl == "native":
-      if jax.default_backend() != "cpu":
-        raise ValueError(f"DepthwiseConv impl='native' is the CPU kernel; on "
-                         f"{jax.default_backend()} use 'auto' or 'conv'.")
-      y = depthwise_cpu.depthwise_native(x, kernel[:, :, 0, :])
-    else:
-      raise ValueError(f"DepthwiseConv impl must be one of {IMPLS}, got "
-                       f"{impl!r}.")
+    else:  # The CPU seam: the same function, faster on XLA:CPU.
+      y = depthwise.depthwise_conv(x, kernel[:, :, 0, :], impl)
     return y + bias
 
 

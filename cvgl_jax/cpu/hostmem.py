@@ -13,12 +13,15 @@ round robin (`benchmarks/train_step.py --small_pages --torch=false`): 9.05 vs
 in between (BUILD_NOTES.md).
 
 glibc reads tunables only when a process starts, so `main` re-executes itself
-once with the tunable set. Setting `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
+once with the tunable set -- only when JAX will run on the CPU
+(`cpu_backend`): on a GPU or TPU host XLA's temporaries live on the device
+and the restart would only cost time. Setting `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
 (or any value) yourself turns this off: an explicit setting is never changed.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import sys
@@ -50,10 +53,28 @@ def glibc_version() -> tuple[int, ...] | None:
   return tuple(int(v) for v in version.split(".")[:2] if v.isdigit())
 
 
+# Device files of the accelerators JAX would pick before the CPU: NVIDIA
+# GPUs, AMD GPUs (ROCm's kernel driver), TPU chips.
+ACCELERATOR_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*")
+
+
+def cpu_backend(environ: Mapping[str, str],
+                accelerator_files: tuple[str, ...] = ACCELERATOR_FILES
+                ) -> bool:
+  """Whether JAX will run on the CPU, decided without importing it:
+  `JAX_PLATFORMS` names `cpu` first, or is unset and no GPU or TPU device
+  file exists (`accelerator_files`, glob patterns)."""
+  platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not any(glob.glob(pattern) for pattern in accelerator_files)
+
+
 def huge_page_environ(
     environ: Mapping[str, str],
     mode: str | None,
     glibc: tuple[int, ...] | None,
+    cpu: bool = True,
 ) -> dict[str, str] | None:
   """The environment to re-execute with, or None if there is nothing to do.
 
@@ -61,17 +82,18 @@ def huge_page_environ(
     environ: the current environment.
     mode: `thp_mode()`.
     glibc: glibc's (major, minor) version; None for another C library.
+    cpu: `cpu_backend(environ)`.
 
   Returns:
     A copy of `environ` with `glibc.malloc.hugetlb=1` appended to
-    GLIBC_TUNABLES, or None when the tunable is already set (whatever its
-    value), glibc is older than 2.35 or absent, or the kernel has no THP
-    ('never' or unknown).
+    GLIBC_TUNABLES, or None when JAX will not run on the CPU, the tunable
+    is already set (whatever its value), glibc is older than 2.35 or
+    absent, or the kernel has no THP ('never' or unknown).
   """
   tunables = environ.get("GLIBC_TUNABLES", "")
   already = any(item.split("=", 1)[0] == TUNABLE
                 for item in tunables.split(":") if item)
-  if (already or glibc is None or glibc < MIN_GLIBC
+  if (not cpu or already or glibc is None or glibc < MIN_GLIBC
       or mode not in ("always", "madvise")):
     return None
   env = dict(environ)
@@ -84,7 +106,8 @@ def main_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
   """The environment `python -m cvgl_jax.main` runs under when started with
   `environ` (default: this process's): with the tunable where it applies."""
   environ = os.environ if environ is None else environ
-  env = huge_page_environ(environ, thp_mode(), glibc_version())
+  env = huge_page_environ(environ, thp_mode(), glibc_version(),
+                          cpu_backend(environ))
   return dict(environ) if env is None else env
 
 
@@ -96,7 +119,8 @@ def reexec_with_huge_pages() -> None:
   (`sys.orig_argv`) and the process id is kept, so launchers (SLURM, mpirun)
   see no difference. Call it first thing in a program's entry point.
   """
-  env = huge_page_environ(os.environ, thp_mode(), glibc_version())
+  env = huge_page_environ(os.environ, thp_mode(), glibc_version(),
+                          cpu_backend(os.environ))
   if env is None:
     return
   sys.stdout.flush()

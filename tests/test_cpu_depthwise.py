@@ -1,4 +1,4 @@
-"""Tests of the compiled C++ depthwise convolution (`depthwise_cpu`)."""
+"""Tests of the compiled C++ depthwise convolution (`cvgl_jax.cpu.depthwise`)."""
 
 import os
 import pathlib
@@ -15,7 +15,7 @@ import pytest
 
 from cvgl_jax import config_lib
 from cvgl_jax.models import convnext
-from cvgl_jax.models import depthwise_cpu
+from cvgl_jax.cpu import depthwise
 
 
 def _grouped(x, kernel):
@@ -35,7 +35,7 @@ def _inputs(seed, shape, k):
 def test_builds_here():
   # CI and the dev machine have a C++ compiler: the kernel must build, or
   # every other test here would pass on the fallback without running it.
-  assert depthwise_cpu.available()
+  assert depthwise.available()
 
 
 # Widths below, at and above the register tile (4 pixels) plus the padding,
@@ -46,7 +46,7 @@ def test_builds_here():
     (5, (1, 7, 13, 8)), (1, (2, 3, 5, 8)), (7, (2, 12, 17, 40))])
 def test_values_and_gradients_equal_grouped_conv(k, shape):
   x, kernel, dy = _inputs(k + shape[2], shape, k)
-  y, vjp = jax.vjp(depthwise_cpu.depthwise_native, x, kernel)
+  y, vjp = jax.vjp(depthwise.depthwise_native, x, kernel)
   y_ref, vjp_ref = jax.vjp(_grouped, x, kernel)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
   for got, want in zip(vjp(dy), vjp_ref(dy)):
@@ -56,7 +56,7 @@ def test_values_and_gradients_equal_grouped_conv(k, shape):
 def test_under_jit_and_remat_and_deterministic():
   x, kernel, dy = _inputs(0, (4, 8, 16, 16), 7)
   loss = lambda f: lambda x, kr: jnp.sum(jax.checkpoint(f)(x, kr) * dy)
-  grad = jax.jit(jax.grad(loss(depthwise_cpu.depthwise_native), (0, 1)))
+  grad = jax.jit(jax.grad(loss(depthwise.depthwise_native), (0, 1)))
   got = grad(x, kernel)
   for g, w in zip(got, jax.grad(loss(_grouped), (0, 1))(x, kernel)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
@@ -73,7 +73,7 @@ def test_batch_sharded_runs_per_shard_without_gathering():
   x, kernel, dy = _inputs(1, (16, 6, 10, 16), 7)
 
   def fwd_bwd(x, kernel, dy):
-    y, vjp = jax.vjp(depthwise_cpu.depthwise_native, x, kernel)
+    y, vjp = jax.vjp(depthwise.depthwise_native, x, kernel)
     return (y,) + vjp(dy)
 
   step = jax.jit(fwd_bwd)
@@ -93,12 +93,12 @@ def test_batch_sharded_runs_per_shard_without_gathering():
 def test_rejects_what_the_kernel_does_not_handle():
   x = jnp.zeros((2, 5, 5, 6))
   with pytest.raises(ValueError, match=r"multiple of 8.*\(2, 5, 5, 6\)"):
-    depthwise_cpu.depthwise_native(x, jnp.zeros((7, 7, 6)))
+    depthwise.depthwise_native(x, jnp.zeros((7, 7, 6)))
   with pytest.raises(ValueError, match="float32"):
-    depthwise_cpu.depthwise_native(jnp.zeros((2, 5, 5, 8), jnp.bfloat16),
+    depthwise.depthwise_native(jnp.zeros((2, 5, 5, 8), jnp.bfloat16),
                                    jnp.zeros((7, 7, 8), jnp.bfloat16))
   with pytest.raises(ValueError, match="k odd"):
-    depthwise_cpu.depthwise_native(jnp.zeros((1, 4, 4, 8)),
+    depthwise.depthwise_native(jnp.zeros((1, 4, 4, 8)),
                                    jnp.zeros((4, 4, 8)))
 
 
@@ -123,16 +123,16 @@ def test_layer_auto_uses_native_where_it_applies():
 
 def test_library_is_cached_and_keyed_on_source(tmp_path, monkeypatch):
   monkeypatch.setenv("CVGL_JAX_CACHE_DIR", str(tmp_path))
-  path = depthwise_cpu.build()
+  path = depthwise.build()
   assert path.parent == tmp_path and path.exists()
   mtime = path.stat().st_mtime_ns
-  assert depthwise_cpu.build() == path
+  assert depthwise.build() == path
   assert path.stat().st_mtime_ns == mtime  # not rebuilt
   assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp left
   edited = tmp_path / "edited.cc"
-  edited.write_text(depthwise_cpu.SOURCE.read_text() + "\n// edit\n")
-  monkeypatch.setattr(depthwise_cpu, "SOURCE", edited)
-  assert depthwise_cpu.library_name(depthwise_cpu.compiler()) != path.name
+  edited.write_text(depthwise.SOURCE.read_text() + "\n// edit\n")
+  monkeypatch.setattr(depthwise, "SOURCE", edited)
+  assert depthwise.library_name(depthwise.compiler()) != path.name
 
 
 def test_read_only_cache_falls_back_to_the_temporary_folder(tmp_path,
@@ -144,13 +144,13 @@ def test_read_only_cache_falls_back_to_the_temporary_folder(tmp_path,
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
   (tmp_path / "tmp").mkdir()
-  path = depthwise_cpu.build()
+  path = depthwise.build()
   assert path.parent.parent == tmp_path / "tmp" and path.exists()
   # An explicit folder is the only one tried, and a failure names it.
   monkeypatch.setenv("CVGL_JAX_CACHE_DIR", str(tmp_path / "home" / "x"))
-  with pytest.raises(depthwise_cpu.NativeBuildError,
+  with pytest.raises(depthwise.NativeBuildError,
                      match=r"CVGL_JAX_CACHE_DIR.*home/x"):
-    depthwise_cpu.build()
+    depthwise.build()
 
 
 def test_failed_build_names_the_compiler_and_its_output(tmp_path,
@@ -162,23 +162,24 @@ def test_failed_build_names_the_compiler_and_its_output(tmp_path,
   fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
   monkeypatch.setenv("CVGL_JAX_CACHE_DIR", str(tmp_path / "cache"))
   monkeypatch.setenv("CXX", str(fake))
-  with pytest.raises(depthwise_cpu.NativeBuildError,
+  with pytest.raises(depthwise.NativeBuildError,
                      match=r"(?s)fake-cxx.*fatal: no such header"):
-    depthwise_cpu.build()
+    depthwise.build()
   assert not list((tmp_path / "cache").iterdir())  # no half-written file
   monkeypatch.setenv("CXX", str(tmp_path / "missing-cxx"))
-  with pytest.raises(depthwise_cpu.NativeBuildError, match="missing-cxx"):
-    depthwise_cpu.build()
+  with pytest.raises(depthwise.NativeBuildError, match="missing-cxx"):
+    depthwise.build()
 
 
 def test_without_the_kernel_auto_falls_back_to_shifts(tmp_path):
   # A fresh process: `available()` is decided once per process.
   code = ("import jax, jax.numpy as jnp\n"
-          "from cvgl_jax.models import convnext, depthwise_cpu\n"
+          "from cvgl_jax.cpu import depthwise\n"
+          "from cvgl_jax.models import convnext\n"
           "x = jnp.ones((1, 6, 6, 16))\n"
           "layer = convnext.DepthwiseConv(16, 7)\n"
           "p = layer.init(jax.random.key(0), x)\n"
-          "print(depthwise_cpu.available(),\n"
+          "print(depthwise.available(),\n"
           "      'custom_partitioning' in str(jax.make_jaxpr(\n"
           "          lambda p: layer.apply(p, x))(p)))\n")
   root = pathlib.Path(__file__).parents[1]

@@ -1,4 +1,4 @@
-"""Tests of cvgl_jax.hostmem: when to re-execute, and that it takes effect."""
+"""Tests of cvgl_jax.cpu.hostmem: when to re-execute, and that it takes effect."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from cvgl_jax import hostmem
+from cvgl_jax.cpu import hostmem
 
 GLIBC = (2, 36)
 
@@ -52,7 +52,7 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
 _CHILD = textwrap.dedent("""
     import ctypes, os
     print("pid", os.getpid(), flush=True)
-    from cvgl_jax import hostmem
+    from cvgl_jax.cpu import hostmem
     hostmem.reexec_with_huge_pages()
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
@@ -93,3 +93,19 @@ def test_reexec_gives_glibc_mappings_huge_pages():
   pids, kb, tunables = _run_child(environ)
   assert len(pids) == 1 and tunables == "glibc.malloc.hugetlb=0"
   assert kb < 64 * 1024
+
+
+def test_no_restart_where_jax_runs_on_an_accelerator(tmp_path):
+  glibc, thp = (2, 39), "madvise"
+  assert hostmem.huge_page_environ({}, thp, glibc, cpu=False) is None
+  assert hostmem.cpu_backend({"JAX_PLATFORMS": "cpu"}, ())
+  assert hostmem.cpu_backend({"JAX_PLATFORMS": "CPU,cuda"}, ())
+  assert not hostmem.cpu_backend({"JAX_PLATFORMS": "cuda,cpu"}, ())
+  assert not hostmem.cpu_backend({"JAX_PLATFORMS": "tpu"}, ())
+  gpu = tmp_path / "nvidia0"
+  pattern = str(tmp_path / "nvidia[0-9]*")
+  assert hostmem.cpu_backend({}, (pattern,))
+  gpu.write_text("")
+  assert not hostmem.cpu_backend({}, (pattern,))
+  # An explicit JAX_PLATFORMS wins over the device files.
+  assert hostmem.cpu_backend({"JAX_PLATFORMS": "cpu"}, (pattern,))

@@ -1,5 +1,5 @@
 // Depthwise k x k convolution (stride 1, 'SAME' zero padding) on the CPU,
-// as two XLA FFI handlers; `cvgl_jax/models/depthwise_cpu.py` compiles this
+// as two XLA FFI handlers; `cvgl_jax/cpu/depthwise.py` compiles this
 // file on first use and calls it from `DepthwiseConv(impl="native")`.
 //
 //   DepthwiseConvForward(x [B, H, W, C], kernel [k, k, C]) -> y [B, H, W, C]
