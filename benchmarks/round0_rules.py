@@ -29,7 +29,6 @@ Rules (S: [G, R] cosine similarities, ground rows):
 
 import argparse
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
