@@ -16,10 +16,8 @@ from typing import Any
 
 import ml_collections
 
+from cvgl_jax import cpu
 from cvgl_jax import pretrain as pretrain_lib
-from cvgl_jax.cfp import translate as translate_lib
-from cvgl_jax.cpu import depthwise
-from cvgl_jax.data import image_check
 from cvgl_jax.data.synthetic import config as synthetic_config
 
 STAGES = ("pretrain", "cfp", "translate", "intra", "cross_fake",
@@ -27,6 +25,12 @@ STAGES = ("pretrain", "cfp", "translate", "intra", "cross_fake",
 TRAINING_STAGES = ("intra", "cross_fake", "supervised", "pseudo_label")
 DATASETS = ("cvusa", "cvact", "vigor")
 SELECT = ("label_free", "final")
+# Choices of `data.on_bad_image` and `data.odd_image_size`
+# (`cvgl_jax.data.image_check`).
+ON_BAD_IMAGE = ("error", "skip")
+ODD_IMAGE_SIZE = ("error", "resize")
+# Domain A of the translation (`translate.source`).
+TRANSLATE_SOURCES = ("g2a", "panorama")
 
 
 class ConfigError(ValueError):
@@ -146,7 +150,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.cfp.batch_size = 16
   c.cfp.wrap = False              # interpolate across the seam
 
-  c.translate = translate_lib.get_config()
+  c.translate = translate_defaults()
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128        # global, across all devices and hosts
@@ -298,6 +302,94 @@ def supervised(dataset: str, model: str = "paper") -> ml_collections.ConfigDict:
   return config
 
 
+def translate_defaults() -> ml_collections.ConfigDict:
+  """Defaults of the authors' CycleGAN run (UCVGL `CFP/CycleGAN` options).
+
+  The authors' `base_options.py` resizes both domains to `load_size` = 360
+  and takes random `crop_size` = 320 crops (plus random horizontal flips);
+  at test time it resizes to `crop_size` and does not crop, so the written
+  fakes are `crop_size` square.
+  """
+  config = ml_collections.ConfigDict()
+  # Domain A: "g2a" (the BEV projections, the paper) or "panorama" (the
+  # ground images themselves, squashed square: the paper's "without BEV"
+  # ablation). The fakes go to `g2a_sat/` either way.
+  config.source = "g2a"
+  config.ngf = 64
+  config.ndf = 64
+  config.n_blocks = 9
+  config.n_layers_d = 3
+  config.load_size = 360
+  config.crop_size = 320
+  config.flip = True
+  config.batch_size = 1
+  config.n_epochs = 100
+  config.n_epochs_decay = 100
+  config.lr = 2e-4
+  config.beta1 = 0.5
+  config.beta2 = 0.999
+  config.lambda_cycle = 10.0
+  config.lambda_identity = 0.5
+  config.pool_size = 50
+  config.init_gain = 0.02
+  config.seed = 0
+  # Bookkeeping of the stage (translate_stage.py).
+  config.ckpt_every_steps = 2000
+  config.keep_checkpoints = 2
+  config.log_every_steps = 100
+  config.translate_batch_size = 8
+  config.num_threads = 4
+  return config
+
+
+# Keys of the translate section that count things (>= 1) or weigh them
+# (>= 0).
+_TRANSLATE_COUNTS = ("ngf", "ndf", "n_blocks", "n_layers_d", "load_size",
+                     "crop_size", "batch_size", "ckpt_every_steps",
+                     "keep_checkpoints", "log_every_steps",
+                     "translate_batch_size", "num_threads")
+_TRANSLATE_WEIGHTS = ("n_epochs", "n_epochs_decay", "pool_size",
+                      "lambda_cycle", "lambda_identity")
+
+
+def translate_problems(t: ml_collections.ConfigDict,
+                       prefix: str = "config.translate.") -> list[str]:
+  """What is wrong with the values of a translate section `t` whose keys
+  and kinds are right (`_check_tree`), one sentence each."""
+  errors = []
+  if t.source not in TRANSLATE_SOURCES:
+    errors.append(f"{prefix}source={t.source!r}; choose one of "
+                  f"{TRANSLATE_SOURCES}")
+  errors += [f"{prefix}{key}={t[key]} must be >= 1"
+             for key in _TRANSLATE_COUNTS if t[key] < 1]
+  errors += [f"{prefix}{key}={t[key]} must be >= 0"
+             for key in _TRANSLATE_WEIGHTS if t[key] < 0]
+  if t.n_epochs + t.n_epochs_decay < 1:
+    errors.append(f"{prefix}n_epochs + n_epochs_decay must be >= 1")
+  if t.crop_size % 4:
+    errors.append(f"{prefix}crop_size={t.crop_size} must be a multiple of "
+                  "4 (the generator halves it twice)")
+  if t.crop_size > t.load_size:
+    errors.append(f"{prefix}crop_size={t.crop_size} must not exceed "
+                  f"load_size={t.load_size}")
+  if not t.lr > 0:
+    errors.append(f"{prefix}lr={t.lr} must be > 0")
+  return errors
+
+
+def section_problems(section: ml_collections.ConfigDict,
+                     defaults: ml_collections.ConfigDict,
+                     prefix: str) -> list[str]:
+  """Unknown keys (with the closest known one), missing keys and values of
+  the wrong kind in `section` against `defaults`; `prefix` names the
+  section in the messages (e.g. "translate.")."""
+  errors: list[str] = []
+  _check_tree(section, defaults, prefix, errors)
+  errors += [f"config.{prefix}{key} is missing; start from the defaults"
+             for key in defaults.keys() if key not in section]
+  return errors
+
+
 def _check_tree(config, defaults, prefix: str, errors: list[str]) -> None:
   for key in config.keys():
     name = f"{prefix}{key}"
@@ -380,8 +472,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.num_threads < 0:
     errors.append(f"config.data.num_threads={d.num_threads} must be >= 0 "
                   "(0: from the cores and devices)")
-  for key, choices in (("on_bad_image", image_check.ON_BAD),
-                       ("odd_image_size", image_check.ODD_SIZE)):
+  for key, choices in (("on_bad_image", ON_BAD_IMAGE),
+                       ("odd_image_size", ODD_IMAGE_SIZE)):
     if d[key] not in choices:
       errors.append(f"config.data.{key}={d[key]!r}; choose one of "
                     f"{choices}")
@@ -397,18 +489,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   "init")
   if m.head not in ("safa", "gap"):
     errors.append(f"config.model.head={m.head!r}; choose 'safa' or 'gap'")
-  if m.depthwise_impl not in depthwise.IMPLS:
+  if m.depthwise_impl not in cpu.DEPTHWISE_IMPLS:
     errors.append(f"config.model.depthwise_impl={m.depthwise_impl!r}; "
-                  f"choose one of {', '.join(depthwise.IMPLS)}")
-  elif m.depthwise_impl == "native":
-    if m.dtype != "float32":
-      errors.append(f"config.model.depthwise_impl='native' runs in float32 "
-                    f"only, but config.model.dtype={m.dtype!r}; use 'auto'")
-    try:
-      depthwise.load()
-    except depthwise.NativeBuildError as e:
-      errors.append(f"config.model.depthwise_impl='native' cannot be built "
-                    f"here ({e}); use 'auto', which falls back to 'shifts'")
+                  f"choose one of {', '.join(cpu.DEPTHWISE_IMPLS)}")
+  elif m.depthwise_impl == "native" and m.dtype != "float32":
+    errors.append(f"config.model.depthwise_impl='native' runs in float32 "
+                  f"only, but config.model.dtype={m.dtype!r}; use 'auto'")
   if m.dtype not in ("float32", "bfloat16"):
     errors.append(f"config.model.dtype={m.dtype!r}; choose 'float32' or "
                   "'bfloat16'")
@@ -431,9 +517,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     errors.append(f"config.cross_fake.fake_folder="
                   f"{config.cross_fake.fake_folder!r}; choose 'g2a_sat' (the "
                   "translated BEV) or 'g2a' (the BEV)")
-  if config.translate.source not in translate_lib.SOURCES:
-    errors.append(f"config.translate.source={config.translate.source!r}; "
-                  f"choose one of {translate_lib.SOURCES}")
+  errors.extend(translate_problems(config.translate))
   a = config.augment
   for key in ("dropout_p", "jitter_p", "grayscale_p", "blur_p", "warp_p",
               "paired_flip_p", "paired_rotate_p"):

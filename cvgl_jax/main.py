@@ -73,10 +73,17 @@ def run(config, workdir: str, *, force_config_change: bool = False) -> dict:
   """Runs `config.stages` under `workdir`; returns {stage: results}.
 
   Raises:
+    config_lib.ConfigError: the config is invalid (`config_lib.validate`).
     run_dir.RunDirError: the workdir is in use by another run, or was run
       with another config (and not `force_config_change`).
   """
   config_lib.validate(config)
+  return _run_validated(config, workdir, force_config_change)
+
+
+def _run_validated(config, workdir: str, force_config_change: bool) -> dict:
+  """`run` after `config_lib.validate`, which the command line calls
+  earlier (before the processes join) and not again."""
   main = parallel.is_main_process()
   with contextlib.ExitStack() as stack:
     refused = ""
@@ -270,8 +277,8 @@ def main(argv):
   _use_compilation_cache(config.compilation_cache_dir)
   parallel.watch_for_preemption()
   try:
-    results = run(config, _WORKDIR.value,
-                  force_config_change=_FORCE_CONFIG_CHANGE.value)
+    results = _run_validated(config, _WORKDIR.value,
+                             _FORCE_CONFIG_CHANGE.value)
   except (run_dir.RunDirError, config_lib.ConfigError,
           readers.DatasetError) as e:
     cli.user_error(e)

@@ -42,6 +42,7 @@ from cvgl_jax import records
 from cvgl_jax import run_dir
 from cvgl_jax.cfp import project
 from cvgl_jax.cfp import translate_stage
+from cvgl_jax.cpu import depthwise
 from cvgl_jax.data import augment
 from cvgl_jax.data import derived
 from cvgl_jax.data import image_check
@@ -144,7 +145,8 @@ def preflight(config: ml_collections.ConfigDict,
   """What the config asks of this job's devices and files, checked before
   any stage runs (CFP and the translation take hours on real data): the
   batch sizes split over the devices and processes, and the user's
-  `model.pretrained` file fits `model` (shapes only; no device work).
+  `model.pretrained` file fits `model` (shapes only; no device work), and
+  `model.depthwise_impl="native"` can be built here.
 
   Raises:
     config_lib.ConfigError naming every problem and the fix.
@@ -162,6 +164,12 @@ def preflight(config: ml_collections.ConfigDict,
                                  "translate.batch_size")
     except ValueError as e:
       errors.append(f"config.{e}")
+  if config.model.depthwise_impl == "native":
+    try:
+      depthwise.load()
+    except depthwise.NativeBuildError as e:
+      errors.append(f"config.model.depthwise_impl='native' cannot be built "
+                    f"here ({e}); use 'auto', which falls back to 'shifts'")
   path = config.model.pretrained
   if path:
     model = encoder.from_config(config.model)
@@ -179,9 +187,8 @@ def preflight(config: ml_collections.ConfigDict,
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Validates the config against the job (`preflight`), reads (or
-  generates) the data, builds the mesh."""
-  config_lib.validate(config)
+  """Checks a validated config (`config_lib.validate`) against the job
+  (`preflight`), reads (or generates) the data, builds the mesh."""
   mesh = parallel.make_mesh()
   preflight(config, mesh)
   dropped = []

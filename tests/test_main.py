@@ -118,6 +118,7 @@ def test_validation_names_every_bad_key(tmp_path):
   config.data.root = str(tmp_path)
   config.cross_fake.fake_folder = "bev"
   config.translate.source = "street"
+  config.translate.crop_size = 30
   config.augment.blur_p = 1.5
   config.report.num_examples = -1
   with pytest.raises(config_lib.ConfigError) as e:
@@ -125,6 +126,8 @@ def test_validation_names_every_bad_key(tmp_path):
   msg = str(e.value)
   assert "cross_fake.fake_folder='bev'" in msg
   assert "translate.source='street'" in msg
+  # Before the run, not when the translate stage starts hours later.
+  assert "config.translate.crop_size=30 must be a multiple of 4" in msg
   assert "augment.blur_p=1.5" in msg
   assert "report.num_examples=-1 must be >= 0" in msg
   config = load_config("cvusa_unsup")

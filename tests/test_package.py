@@ -37,6 +37,22 @@ def test_package_imports_without_torch_or_tensorflow():
   assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_config_validation_loads_no_jax():
+  # The validator runs before anything else (and before the processes of a
+  # job join): it must not pay for JAX, Flax or the data pipeline, nor
+  # build the CPU kernel.
+  code = ("import sys\n"
+          "from cvgl_jax import config_lib\n"
+          "config = config_lib.default_config()\n"
+          "config.data.root = '.'\n"
+          "config_lib.validate(config)\n"
+          "print(sorted(m for m in ('jax', 'flax', 'grain', 'orbax') "
+          "if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_wheel_ships_the_native_kernel_source(tmp_path):
   # cpu/depthwise.py compiles its .cc on first use: a wheel without it would
   # silently fall back to the slower XLA path on every user's machine.

@@ -45,48 +45,15 @@ import ml_collections
 import numpy as np
 import optax
 
+from cvgl_jax import config_lib
 
-SOURCES = ("g2a", "panorama")  # domain A of the translation
+
+SOURCES = config_lib.TRANSLATE_SOURCES  # domain A of the translation
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """Defaults of the authors' CycleGAN run (UCVGL `CFP/CycleGAN` options).
-
-  The authors' `base_options.py` resizes both domains to `load_size` = 360
-  and takes random `crop_size` = 320 crops (plus random horizontal flips);
-  at test time it resizes to `crop_size` and does not crop, so the written
-  fakes are `crop_size` square.
-  """
-  config = ml_collections.ConfigDict()
-  # Domain A: "g2a" (the BEV projections, the paper) or "panorama" (the
-  # ground images themselves, squashed square: the paper's "without BEV"
-  # ablation). The fakes go to `g2a_sat/` either way.
-  config.source = "g2a"
-  config.ngf = 64
-  config.ndf = 64
-  config.n_blocks = 9
-  config.n_layers_d = 3
-  config.load_size = 360
-  config.crop_size = 320
-  config.flip = True
-  config.batch_size = 1
-  config.n_epochs = 100
-  config.n_epochs_decay = 100
-  config.lr = 2e-4
-  config.beta1 = 0.5
-  config.beta2 = 0.999
-  config.lambda_cycle = 10.0
-  config.lambda_identity = 0.5
-  config.pool_size = 50
-  config.init_gain = 0.02
-  config.seed = 0
-  # Bookkeeping of the stage (translate_stage.py).
-  config.ckpt_every_steps = 2000
-  config.keep_checkpoints = 2
-  config.log_every_steps = 100
-  config.translate_batch_size = 8
-  config.num_threads = 4
-  return config
+  """The translate section's defaults (`config_lib.translate_defaults`)."""
+  return config_lib.translate_defaults()
 
 
 def _conv_init(gain: float):

@@ -48,6 +48,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
+from cvgl_jax import config_lib
 from cvgl_jax import parallel
 from cvgl_jax import records
 from cvgl_jax import run_dir
@@ -62,52 +63,13 @@ from cvgl_jax.data import image_io
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the key if `config` cannot drive a run."""
-  defaults = tr.get_config()
-  unknown = sorted(set(config.keys()) - set(defaults.keys()))
-  if unknown:
-    raise ValueError(f"translate config: unknown key(s) {unknown}; known "
-                     f"keys are {sorted(defaults.keys())}.")
-  missing = sorted(set(defaults.keys()) - set(config.keys()))
-  if missing:
-    raise ValueError(f"translate config: missing key(s) {missing}; start "
-                     "from cvgl_jax.cfp.translate.get_config().")
-  if config.source not in tr.SOURCES:
-    raise ValueError(f"translate config: source={config.source!r}; choose "
-                     f"one of {tr.SOURCES}.")
-  for key, default in defaults.items():
-    value = config[key]
-    kind = type(default)
-    if kind is str:
-      continue
-    ok = (isinstance(value, bool) if kind is bool else
-          isinstance(value, (int, float)) and not isinstance(value, bool)
-          if kind is float else
-          isinstance(value, int) and not isinstance(value, bool))
-    if not ok:
-      raise ValueError(f"translate config: {key}={value!r} should be a "
-                       f"{kind.__name__}.")
-  for key in ("ngf", "ndf", "n_blocks", "n_layers_d", "load_size",
-              "crop_size", "batch_size", "ckpt_every_steps",
-              "keep_checkpoints", "log_every_steps", "translate_batch_size",
-              "num_threads"):
-    if config[key] < 1:
-      raise ValueError(f"translate config: {key}={config[key]} must be >= 1.")
-  for key in ("n_epochs", "n_epochs_decay", "pool_size", "lambda_cycle",
-              "lambda_identity"):
-    if config[key] < 0:
-      raise ValueError(f"translate config: {key}={config[key]} must be >= 0.")
-  if config.n_epochs + config.n_epochs_decay < 1:
-    raise ValueError("translate config: n_epochs + n_epochs_decay must be "
-                     ">= 1.")
-  if config.crop_size % 4:
-    raise ValueError(f"translate config: crop_size={config.crop_size} must be "
-                     "a multiple of 4 (the generator halves it twice).")
-  if config.crop_size > config.load_size:
-    raise ValueError(f"translate config: crop_size={config.crop_size} must "
-                     f"not exceed load_size={config.load_size}.")
-  if not config.lr > 0:
-    raise ValueError(f"translate config: lr={config.lr} must be > 0.")
+  """Raises ValueError naming every bad key of a translate section (the
+  checks `config_lib.validate` runs on `config.translate`)."""
+  errors = config_lib.section_problems(config, tr.get_config(), "translate.")
+  if not errors:
+    errors = config_lib.translate_problems(config)
+  if errors:
+    raise ValueError("translate config: " + "; ".join(errors) + ".")
 
 
 def _decodable(path: str) -> bool:

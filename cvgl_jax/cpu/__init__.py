@@ -14,4 +14,10 @@ it runs on GPU or TPU:
 The model (`cvgl_jax.models.convnext.DepthwiseConv`) calls
 `depthwise.depthwise_conv` only when the resolved implementation is not
 "conv".
+
+This file imports nothing, so that config validation can name the choices
+(`DEPTHWISE_IMPLS`) without loading JAX.
 """
+
+# `convnext.DepthwiseConv`'s implementations (`depthwise.resolve_impl`).
+DEPTHWISE_IMPLS = ("auto", "conv", "native", "shifts")

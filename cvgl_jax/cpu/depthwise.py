@@ -49,10 +49,11 @@ import jax.numpy as jnp
 import jaxlib
 
 from cvgl_jax import cache
+from cvgl_jax import cpu
 
 SOURCE = pathlib.Path(__file__).with_name("depthwise.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wall")
-IMPLS = ("auto", "conv", "native", "shifts")  # `resolve_impl`'s choices
+IMPLS = cpu.DEPTHWISE_IMPLS  # `resolve_impl`'s choices
 LANES = 8
 MAX_KERNEL = 7
 _FORWARD = "cvgl_jax_depthwise_conv_forward"
