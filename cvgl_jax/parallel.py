@@ -323,6 +323,15 @@ def check_batch_size(global_batch: int, mesh: jax.sharding.Mesh,
         f"e.g. {max(n_dev, n_dev * round(max(global_batch, 1) / n_dev))}.")
 
 
+def process_batch_size(global_batch: int, mesh: jax.sharding.Mesh,
+                       name: str = "batch_size") -> int:
+  """The rows each process loads of a `global_batch` (a config's batch
+  sizes are global): global_batch / process count, after
+  `check_batch_size`."""
+  check_batch_size(global_batch, mesh, name)
+  return global_batch // jax.process_count()
+
+
 def to_global(batch: Mapping[str, np.ndarray],
               mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """This process's share of a batch -> global arrays sharded on `data`.

@@ -120,7 +120,8 @@ def example_panels(workdir: str, config: ml_collections.ConfigDict,
   # chosen without labels), not the checkpoint with the best R@1.
   trained = trained_lib.load_trained(workdir, mesh=mesh)
   index = stages.read_data(config, workdir)[1]
-  batch = int(config.train.eval_batch_size) // jax.process_count()
+  batch = parallel.process_batch_size(int(config.train.eval_batch_size),
+                                     trained.mesh, "train.eval_batch_size")
   common = dict(batch_size=batch, mesh=trained.mesh,
                 num_threads=int(config.data.num_threads))
   embed_g, embed_s = embed_lib.embed_fns(trained.model, trained.mesh)

@@ -373,7 +373,8 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
   eval_fn = evaluate.make_eval_fn(
       model, run.eval, ground_size=c.data.ground_size,
       satellite_size=c.data.satellite_size,
-      batch_size=c.train.eval_batch_size // jax.process_count(),
+      batch_size=parallel.process_batch_size(
+          c.train.eval_batch_size, run.mesh, "train.eval_batch_size"),
       mesh=run.mesh, num_threads=c.data.num_threads,
       label_free_tau=c.pseudo_label.tau)
   epoch_start_fn = make_epoch_start(model) if make_epoch_start else None
@@ -392,12 +393,10 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
 
 def _pipe_options(run: Run) -> dict:
   c = run.config
-  parallel.check_batch_size(c.train.batch_size, run.mesh, "train.batch_size")
-  parallel.check_batch_size(c.train.eval_batch_size, run.mesh,
-                            "train.eval_batch_size")
   return dict(ground_size=c.data.ground_size,
               satellite_size=c.data.satellite_size,
-              batch_size=c.train.batch_size // jax.process_count(),
+              batch_size=parallel.process_batch_size(
+                  c.train.batch_size, run.mesh, "train.batch_size"),
               seed=c.seed, num_threads=c.data.num_threads)
 
 
@@ -449,8 +448,9 @@ def run_pseudo_label(run: Run) -> dict:
   shape_pairs = np.stack([np.arange(index.num_ground),
                           np.zeros(index.num_ground, np.int64)], 1)
   pipe = pipeline.pseudo_pairs(index, **_pipe_options(run))
-  embed_options = dict(batch_size=c.train.eval_batch_size //
-                       jax.process_count(), mesh=run.mesh,
+  embed_options = dict(batch_size=parallel.process_batch_size(
+                           c.train.eval_batch_size, run.mesh,
+                           "train.eval_batch_size"), mesh=run.mesh,
                        num_threads=c.data.num_threads,
                        ground_size=c.data.ground_size,
                        satellite_size=c.data.satellite_size)
