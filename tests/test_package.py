@@ -14,43 +14,39 @@ import sys
 import zipfile
 
 
+def _modules_loaded_by(code: str, modules: tuple[str, ...]) -> list[str]:
+  """Runs `code` in a fresh interpreter (another test may have imported
+  anything) and returns which of `modules` it loaded."""
+  probe = (f"\nimport sys\nprint(sorted(m for m in {modules!r} "
+           f"if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code + probe],
+                       capture_output=True, text=True, check=True)
+  return eval(out.stdout.strip().splitlines()[-1])  # pylint: disable=eval-used
+
+
 def test_scann_imports_without_tensorflow():
-  # A fresh interpreter: another test may have imported anything.
-  code = ("import sys, numpy as np, scann\n"
+  code = ("import numpy as np, scann\n"
           "db = np.eye(4, dtype=np.float32)\n"
           "s = scann.scann_ops_pybind.builder(db, 1, 'dot_product')"
           ".score_brute_force().build()\n"
-          "assert s.search(db[2])[0][0] == 2\n"
-          "print('tensorflow' in sys.modules)")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                       text=True, check=True)
-  assert out.stdout.strip() == "False", out.stdout + out.stderr
+          "assert s.search(db[2])[0][0] == 2")
+  assert _modules_loaded_by(code, ("tensorflow",)) == []
 
 
 def test_package_imports_without_torch_or_tensorflow():
-  code = ("import sys\n"
-          "import cvgl_jax.main, cvgl_jax.stages, cvgl_jax.models.weights\n"
-          "print(sorted(m for m in ('torch', 'tensorflow') "
-          "if m in sys.modules))")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                       text=True, check=True)
-  assert out.stdout.strip() == "[]", out.stdout + out.stderr
+  code = "import cvgl_jax.main, cvgl_jax.stages, cvgl_jax.models.weights"
+  assert _modules_loaded_by(code, ("torch", "tensorflow")) == []
 
 
 def test_config_validation_loads_no_jax():
   # The validator runs before anything else (and before the processes of a
   # job join): it must not pay for JAX, Flax or the data pipeline, nor
   # build the CPU kernel.
-  code = ("import sys\n"
-          "from cvgl_jax import config_lib\n"
+  code = ("from cvgl_jax import config_lib\n"
           "config = config_lib.default_config()\n"
           "config.data.root = '.'\n"
-          "config_lib.validate(config)\n"
-          "print(sorted(m for m in ('jax', 'flax', 'grain', 'orbax') "
-          "if m in sys.modules))")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                       text=True, check=True)
-  assert out.stdout.strip() == "[]", out.stdout + out.stderr
+          "config_lib.validate(config)")
+  assert _modules_loaded_by(code, ("jax", "flax", "grain", "orbax")) == []
 
 
 def test_wheel_ships_the_native_kernel_source(tmp_path):
