@@ -330,7 +330,7 @@ def pretrained_file(run: Run) -> Optional[str]:
 
 def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
                  make_step: Callable,
-                 epoch_pairs: Optional[np.ndarray] = None,
+                 epoch_rows: Optional[int] = None,
                  make_epoch_start: Optional[Callable] = None,
                  first_epoch: int = 0, lr: Optional[float] = None,
                  carry_optimizer: bool = False) -> dict:
@@ -339,16 +339,16 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
   handed on (its selected checkpoint, `config.train.select`), else from
   `pretrained_file`, else from scratch.
 
-  Pseudo-pair pipelines: `epoch_pairs` [Q, 2] has an epoch's length (for
-  the schedule), and `make_epoch_start(model)` returns the loop's hook that
+  Pseudo-pair pipelines: every epoch has `epoch_rows` rows (for the
+  schedule), and `make_epoch_start(model)` returns the loop's hook that
   hands each epoch its pairing. `first_epoch`: the cosine schedule starts
   at this epoch of `config[stage].epochs` (the stage trains the rest).
   `lr`: the peak rate (default `config.train.lr`). `carry_optimizer`: load
   the previous stage's AdamW moments."""
   c = run.config
   model = encoder.from_config(c.model)
-  spe = pipe.steps_per_epoch(
-      None if epoch_pairs is None else pipe.check_pairs(epoch_pairs, None))
+  spe = (pipe.steps_per_epoch() if epoch_rows is None
+         else pipe.steps_for_rows(epoch_rows))
   tx = state_lib.create_optimizer(lr or c.train.lr, c.train.weight_decay,
                                   spe, c[stage].epochs, first_epoch)
   previous = previous_training_stage(c, stage)
@@ -425,7 +425,7 @@ def run_supervised(run: Run) -> dict:
   pairs = np.stack([known, positive[known]], axis=1).astype(np.int64)
   pipe = pipeline.pseudo_pairs(run.train, **_pipe_options(run))
   return _train_stage(
-      run, "supervised", pipe, steps.make_cross_step, epoch_pairs=pairs,
+      run, "supervised", pipe, steps.make_cross_step, epoch_rows=len(pairs),
       make_epoch_start=lambda model: lambda state, epoch: {"pairs": pairs})
 
 
@@ -444,9 +444,6 @@ def run_pseudo_label(run: Run) -> dict:
       margin_filter=p.margin_filter, curriculum=p.curriculum,
       keep_ties=index.semi_positives is not None, backend=p.knn_backend)
   truth = np.asarray(index.positive)
-  # Every epoch has one row per ground image (`pairing.epoch_rows`).
-  shape_pairs = np.stack([np.arange(index.num_ground),
-                          np.zeros(index.num_ground, np.int64)], 1)
   pipe = pipeline.pseudo_pairs(index, **_pipe_options(run))
   embed_options = dict(batch_size=parallel.process_batch_size(
                            c.train.eval_batch_size, run.mesh,
@@ -509,7 +506,8 @@ def run_pseudo_label(run: Run) -> dict:
     return epoch_start
 
   summary = _train_stage(run, "pseudo_label", pipe, steps.make_partial_step,
-                         epoch_pairs=shape_pairs,
+                         # One row per ground image (`pairing.epoch_rows`).
+                         epoch_rows=index.num_ground,
                          make_epoch_start=make_epoch_start,
                          first_epoch=first_epoch, lr=p.lr or None,
                          carry_optimizer=p.carry_optimizer)

@@ -293,7 +293,12 @@ class TrainPipeline:
   def steps_per_epoch(self, rows: Optional[np.ndarray] = None) -> int:
     """Batches per epoch, the same on every process (rows: the pairing's
     [M, 3] rows for pseudo_pairs)."""
-    num_rows = len(rows) if self.needs_pairs else self.num_rows
+    return self.steps_for_rows(len(rows) if self.needs_pairs
+                               else self.num_rows)
+
+  def steps_for_rows(self, num_rows: int) -> int:
+    """Batches in an epoch of `num_rows` rows (all processes together); a
+    pseudo_pairs stage knows its epochs' length before their pairing."""
     global_batch = self.batch_size * self.process_count
     if num_rows < global_batch:
       raise ValueError(f"An epoch has {num_rows} rows, fewer than one global "
