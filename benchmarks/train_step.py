@@ -102,7 +102,7 @@ flags.DEFINE_string("variant", "tiny", "ConvNeXt size of both towers.")
 flags.DEFINE_list("ground", ["128", "512"], "Ground image H,W.")
 flags.DEFINE_integer("satellite", 128, "Satellite image side.")
 flags.DEFINE_integer("batch", 16, "Pairs per step.")
-flags.DEFINE_enum("depthwise", "auto", list(depthwise.IMPLS),
+flags.DEFINE_enum("depthwise", "auto", list(convnext.IMPLS),
                   "Our DepthwiseConv impl (auto: the C++ kernel on CPU).")
 flags.DEFINE_enum("augment", "full", ["full", "none"],
                   "Augmentation on each side (module docstring).")

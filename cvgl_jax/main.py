@@ -19,10 +19,10 @@ process I. DIR must be one folder every process sees (a shared file
 system): process 0 writes the files there, every process joins the
 checkpoints.
 
-On a Linux CPU host with glibc >= 2.35 the command re-executes itself once, at start,
-with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (huge pages for XLA:CPU's
-per-step temporaries, `cvgl_jax/cpu/hostmem.py`); set the tunable yourself
-(e.g. to 0) to opt out.
+On a Linux CPU host with glibc >= 2.35 the command re-executes itself once,
+at start, with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (huge pages for
+XLA:CPU's per-step temporaries, `cvgl_jax/cpu/hostmem.py`); set the
+tunable yourself (e.g. to 0) to opt out.
 """
 
 from cvgl_jax.cpu import hostmem

@@ -177,9 +177,22 @@ def test_no_module_imports_a_command_line_module():
   assert not wrong, wrong
 
 
+def reachable(start: str) -> set[str]:
+  """Every cvgl_jax module that importing `start` loads (`start` too)."""
+  graph, seen, todo = import_graph(), set(), [start]
+  while todo:
+    module = todo.pop()
+    if module not in seen:
+      seen.add(module)
+      todo.extend(graph[module])
+  return seen
+
+
 if __name__ == "__main__":
   chain = longest_chain("cvgl_jax.main")
   print(f"Longest import chain below cvgl_jax.main: {len(chain) - 1} "
         f"imports\n  " + " -> ".join(chain))
+  for cli in sorted(cli_modules()):
+    print(f"{cli} loads {len(reachable(cli)) - 1} other cvgl_jax modules")
   for module, imported in sorted(import_graph().items()):
     print(f"{module}: {', '.join(sorted(imported)) or '-'}")

@@ -16,9 +16,9 @@ PyTorch's oneDNN kernel (`benchmarks/depthwise.py`, BUILD_NOTES.md).
 
 The C++ source ships with the package and is compiled on first use with the
 system's C++ compiler (`$CXX`, else `c++`, else `g++`; ~3 s) for this CPU
-(`-march=native`) into the user's cache folder (`cvgl_jax.cache`). The library's file
-name hashes the source, the compiler, the flags, jaxlib's version and the
-CPU's feature flags, so a shared home folder on a mixed cluster keeps one
+(`-march=native`) into the user's cache folder (`cvgl_jax.cache`). The
+library's file name hashes the source, the compiler, the flags, jaxlib's
+version and the CPU's feature flags, so a shared home folder on a mixed cluster keeps one
 library per CPU kind, and a new version never loads a stale build.
 `available()` says whether the kernel can be used; without a compiler it
 logs why once and `DepthwiseConv(impl="auto")` keeps the shifted sum.
@@ -53,7 +53,6 @@ from cvgl_jax import cpu
 
 SOURCE = pathlib.Path(__file__).with_name("depthwise.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wall")
-IMPLS = cpu.DEPTHWISE_IMPLS  # `resolve_impl`'s choices
 LANES = 8
 MAX_KERNEL = 7
 _FORWARD = "cvgl_jax_depthwise_conv_forward"
@@ -405,5 +404,5 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
       raise ValueError(f"DepthwiseConv impl='native' is the CPU kernel; on "
                        f"{jax.default_backend()} use 'auto' or 'conv'.")
     return depthwise_native(x, kernel)
-  raise ValueError(f"DepthwiseConv impl must be one of {IMPLS}, got "
-                   f"{impl!r}.")
+  raise ValueError(f"DepthwiseConv impl must be one of "
+                   f"{cpu.DEPTHWISE_IMPLS}, got {impl!r}.")

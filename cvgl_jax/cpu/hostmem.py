@@ -15,8 +15,9 @@ in between (BUILD_NOTES.md).
 glibc reads tunables only when a process starts, so `main` re-executes itself
 once with the tunable set -- only when JAX will run on the CPU
 (`cpu_backend`): on a GPU or TPU host XLA's temporaries live on the device
-and the restart would only cost time. Setting `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
-(or any value) yourself turns this off: an explicit setting is never changed.
+and the restart would only cost time. Setting
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` (or any value) yourself turns this
+off: an explicit setting is never changed.
 """
 
 from __future__ import annotations

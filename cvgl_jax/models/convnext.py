@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cvgl_jax import cpu
 from cvgl_jax.cpu import depthwise
 
 LN_EPS = 1e-6
-IMPLS = depthwise.IMPLS  # DepthwiseConv's `impl`
+IMPLS = cpu.DEPTHWISE_IMPLS  # DepthwiseConv's `impl`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,11 +222,13 @@ class DepthwiseConv(nn.Module):
   Params are those of `nn.Conv(feature_group_count=C)`: kernel [k, k, 1, C],
   bias [C]. Three implementations of the same function:
     "conv": XLA's grouped convolution (fast on GPU/TPU, slow on CPU);
-    "native": a compiled C++ kernel for the CPU (`cvgl_jax.cpu.depthwise`; float32,
+    "native": a compiled C++ kernel for the CPU (`cvgl_jax.cpu.depthwise`;
+      float32,
       C a multiple of 8), 2.4-4x faster forward + backward than "shifts"
       and faster than PyTorch's at ConvNeXt-T's shapes;
     "shifts": a sum of k*k shifted, channel-scaled copies of the input
-      (`cvgl_jax.cpu.depthwise.depthwise_shifts`), which XLA:CPU fuses into one loop -- ~20x
+      (`cvgl_jax.cpu.depthwise.depthwise_shifts`), which XLA:CPU fuses into
+      one loop -- ~20x
       faster forward and 6x backward than its grouped convolution there.
   "auto" picks "native" on CPU where it applies and can be built, else
   "shifts" on CPU, and "conv" elsewhere (benchmarks/depthwise.py,
