@@ -171,7 +171,7 @@ def _print_rates(times: dict, items: int, unit: str, what: str) -> dict:
 
 def demo_synthetic_config(path: str) -> synthetic.SyntheticConfig:
   """The demo's SyntheticConfig, from the config file's `config.synthetic`
-  (the fields `cvgl_jax.stages.synthetic_root` passes on)."""
+  (the fields `cvgl_jax.stages.synthetic_world` passes on)."""
   if not os.path.isfile(path):
     raise app.UsageError(f"--demo_config={path}: no such file.")
   spec = importlib.util.spec_from_file_location("_demo_config", path)

@@ -23,10 +23,10 @@ import argparse
 
 import numpy as np
 
-from cvgl_jax import stages
 from cvgl_jax import trained as trained_lib
 from cvgl_jax.embed import embed_fns
 from cvgl_jax.embed import embed_split
+from cvgl_jax.data import splits
 from round0_rules import mutual_pairs  # benchmarks/: the same definition
 
 GALLERY = 500
@@ -81,7 +81,7 @@ def main():
                      mesh=trained.mesh, num_threads=config.data.num_threads)
       scores, train_sim = {}, None
       for name, split in zip(("train", "val"),
-                             stages.read_data(config, workdir)):
+                             splits.read_splits(config, workdir)):
         ground = embed_split(embed_g, trained.params, split.ground_paths,
                              size=config.data.ground_size, **options)
         satellite = embed_split(embed_s, trained.params,

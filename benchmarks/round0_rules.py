@@ -32,11 +32,11 @@ import argparse
 import jax.numpy as jnp
 import numpy as np
 
-from cvgl_jax import stages
 from cvgl_jax import trained as trained_lib
 from cvgl_jax.embed import embed_fns
 from cvgl_jax.embed import embed_split
 from cvgl_jax.pseudo import refine as refine_lib
+from cvgl_jax.data import splits
 
 
 def paired_views(ground_w: int):
@@ -157,7 +157,7 @@ def main():
   for workdir in args.workdirs:
     trained = trained_lib.load_trained(workdir, stage=args.stage)
     config = trained.config
-    train, _ = stages.read_data(config, workdir)
+    train, _ = splits.read_splits(config, workdir)
     embed_g, embed_s = embed_fns(trained.model, trained.mesh)
     views = paired_views(config.data.ground_size[1])
     sims = {}

@@ -82,6 +82,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from cvgl_jax import cpu
 from cvgl_jax import parallel
 from cvgl_jax.cpu import depthwise
 from cvgl_jax.cpu import hostmem
@@ -102,7 +103,7 @@ flags.DEFINE_string("variant", "tiny", "ConvNeXt size of both towers.")
 flags.DEFINE_list("ground", ["128", "512"], "Ground image H,W.")
 flags.DEFINE_integer("satellite", 128, "Satellite image side.")
 flags.DEFINE_integer("batch", 16, "Pairs per step.")
-flags.DEFINE_enum("depthwise", "auto", list(convnext.IMPLS),
+flags.DEFINE_enum("depthwise", "auto", list(cpu.DEPTHWISE_IMPLS),
                   "Our DepthwiseConv impl (auto: the C++ kernel on CPU).")
 flags.DEFINE_enum("augment", "full", ["full", "none"],
                   "Augmentation on each side (module docstring).")

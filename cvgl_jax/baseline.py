@@ -33,6 +33,7 @@ from cvgl_jax import metrics as metrics_lib
 from cvgl_jax.cfp import geometry
 from cvgl_jax.cfp import project
 from cvgl_jax.data import image_io
+from cvgl_jax.data import splits
 
 RESULT_FILE = "baseline_ncc.json"
 
@@ -68,8 +69,7 @@ def bev_images(paths: Sequence[str], cfp: ml_collections.ConfigDict,
 def ncc_recall(config: ml_collections.ConfigDict, workdir: str,
                size: int = 32) -> dict[str, float]:
   """R@1/5/10/1 % (in %) of NCC on the config's evaluation split."""
-  from cvgl_jax import stages  # pylint: disable=g-import-not-at-top
-  _, index = stages.read_data(config, workdir)
+  _, index = splits.read_splits(config, workdir)
   positive = np.asarray(index.positive)
   known = np.flatnonzero(positive >= 0)
   bevs = grey_unit(bev_images([index.ground_paths[i] for i in known],

@@ -71,8 +71,6 @@ from typing import Any, Optional, Sequence
 
 import flax.traverse_util
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -98,8 +96,6 @@ REFERENCE_KEYS = ("ids", "paths", "coordinates", "world",
                   "model_fingerprint", "params_sha256")
 QUERY_KEYS = ("paths", "ids", "reference_row")
 
-MODEL_KEYS = ("variant", "depths", "dims", "head", "share_weights",
-              "num_safa_heads", "dtype", "depthwise_impl")
 COORD_LABELS = {"latlon": ("lat_deg", "lon_deg"),
                 "utm": ("northing_m", "easting_m"),
                 "synthetic": ("east_m", "north_m"), "": ()}
@@ -170,38 +166,6 @@ class QueryResult:
 
 
 # ------------------------------------------------------------- the model ----
-
-
-def model_spec(config: ml_collections.ConfigDict) -> dict:
-  """What rebuilds the run's TwoTower: `config.model`'s architecture keys
-  and the (H, W) image sizes (SAFA's params depend on them)."""
-  m = config.model
-  spec = {k: m[k] for k in MODEL_KEYS}
-  spec.update(depths=[int(v) for v in m.depths],
-              dims=[int(v) for v in m.dims],
-              share_weights=bool(m.share_weights),
-              num_safa_heads=int(m.num_safa_heads),
-              ground_size=[int(v) for v in config.data.ground_size],
-              satellite_size=[int(v) for v in config.data.satellite_size])
-  return spec
-
-
-def build_model(spec: dict) -> encoder.TwoTower:
-  """The TwoTower of a `model_spec`."""
-  missing = [k for k in MODEL_KEYS + ("ground_size", "satellite_size")
-             if k not in spec]
-  if missing:
-    raise ValueError(f"Model spec lacks {missing}; it has {sorted(spec)}.")
-  return encoder.from_config(
-      ml_collections.ConfigDict({k: spec[k] for k in MODEL_KEYS}))
-
-
-def abstract_params(model: encoder.TwoTower, spec: dict) -> Any:
-  """The param tree of `model` as ShapeDtypeStructs (nothing computed)."""
-  ground = jnp.zeros((1, *spec["ground_size"], 3), jnp.float32)
-  satellite = jnp.zeros((1, *spec["satellite_size"], 3), jnp.float32)
-  return jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), ground, satellite))["params"]
 
 
 def param_shapes(params: Any) -> dict[str, list]:
@@ -293,7 +257,7 @@ def write_bundle(out: str, *, spec: dict, params: Any,
 
   Args:
     out: the bundle folder.
-    spec: the model spec (`model_spec`).
+    spec: the model spec (`encoder.model_spec`).
     params: the TwoTower's param tree (host or replicated).
     embeddings: [R, D] float32 unit embeddings of the references (the
       reference tower, computed with `params`).
@@ -430,7 +394,7 @@ def _load_params(folder: str, model, spec: dict) -> Any:
   except (safetensors.SafetensorError, OSError, ValueError) as e:
     raise BundleError(f"Bundle {folder}: cannot read {PARAMS} ({e}).") from e
   expected = flax.traverse_util.flatten_dict(
-      abstract_params(model, spec), sep="/")
+      encoder.abstract_params(model, spec), sep="/")
   missing = sorted(set(expected) - set(flat))
   extra = sorted(set(flat) - set(expected))
   wrong = [(k, flat[k].shape, expected[k].shape) for k in sorted(expected)
@@ -472,7 +436,7 @@ class Bundle:
   Attributes:
     folder: the bundle folder.
     manifest: its manifest.
-    spec: the model spec (`model_spec`).
+    spec: the model spec (`encoder.model_spec`).
     model: the TwoTower.
     params: host param tree.
     embeddings: [R, D] float32 reference embeddings.
@@ -650,7 +614,7 @@ def load_bundle(folder: str, *, verify: bool = True) -> Bundle:
   spec = {k: v for k, v in manifest["model"].items()
           if k not in ("fingerprint", "embedding_dim")}
   try:
-    model = build_model(spec)
+    model = encoder.build_model(spec)
   except (ValueError, KeyError, TypeError) as e:
     raise BundleError(f"Bundle {folder}: the manifest's model cannot be "
                       f"built: {e}") from e

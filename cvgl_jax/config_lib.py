@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from cvgl_jax import cpu
+from cvgl_jax import data
 from cvgl_jax import pretrain as pretrain_lib
 from cvgl_jax.data.synthetic import config as synthetic_config
 
@@ -25,10 +26,6 @@ STAGES = ("pretrain", "cfp", "translate", "intra", "cross_fake",
 TRAINING_STAGES = ("intra", "cross_fake", "supervised", "pseudo_label")
 DATASETS = ("cvusa", "cvact", "vigor")
 SELECT = ("label_free", "final")
-# Choices of `data.on_bad_image` and `data.odd_image_size`
-# (`cvgl_jax.data.image_check`).
-ON_BAD_IMAGE = ("error", "skip")
-ODD_IMAGE_SIZE = ("error", "resize")
 # Domain A of the translation (`translate.source`).
 TRANSLATE_SOURCES = ("g2a", "panorama")
 
@@ -472,8 +469,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.num_threads < 0:
     errors.append(f"config.data.num_threads={d.num_threads} must be >= 0 "
                   "(0: from the cores and devices)")
-  for key, choices in (("on_bad_image", ON_BAD_IMAGE),
-                       ("odd_image_size", ODD_IMAGE_SIZE)):
+  for key, choices in (("on_bad_image", data.ON_BAD_IMAGE),
+                       ("odd_image_size", data.ODD_IMAGE_SIZE)):
     if d[key] not in choices:
       errors.append(f"config.data.{key}={d[key]!r}; choose one of "
                     f"{choices}")

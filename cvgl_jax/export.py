@@ -26,10 +26,10 @@ from cvgl_jax import cli
 from cvgl_jax import embed as embed_lib
 from cvgl_jax import parallel
 from cvgl_jax import run_dir
-from cvgl_jax import stages
 from cvgl_jax import trained as trained_lib
 from cvgl_jax.data import image_io
-from cvgl_jax.data import synthetic
+from cvgl_jax.data import splits
+from cvgl_jax.data.synthetic import layouts
 from cvgl_jax.data.index import PairIndex
 
 # `--help` prints the module docstring: the usage above, then the format.
@@ -48,7 +48,7 @@ class ExportError(ValueError):
 def _synthetic_coordinates(index: PairIndex, paths: np.ndarray):
   """Tile centres of a synthetic CVUSA world ([R, 2] east, north metres and
   [R] world), from its truth file; None when there is no truth file."""
-  path = os.path.join(index.root, synthetic.TRUTH_FILE)
+  path = os.path.join(index.root, layouts.TRUTH_FILE)
   if not os.path.isfile(path):
     return None
   with open(path) as f:
@@ -158,10 +158,10 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None,
   except trained_lib.NoTrainedModel as e:
     raise ExportError(str(e)) from e
   config, spec = trained.config, trained.spec
-  train, evaluation = stages.read_data(config, workdir)
-  splits = {"eval": [evaluation], "train": [train],
+  train, evaluation = splits.read_splits(config, workdir)
+  chosen = {"eval": [evaluation], "train": [train],
             "all": [evaluation, train]}[references]
-  refs = reference_table(splits)
+  refs = reference_table(chosen)
   queries = query_table([evaluation, train], refs["abs_paths"])
 
   # Images per process per batch, a multiple of its devices.

@@ -52,9 +52,9 @@ from cvgl_jax import parallel
 from cvgl_jax import plots
 from cvgl_jax import records
 from cvgl_jax import run_dir
-from cvgl_jax import stages
 from cvgl_jax import trained as trained_lib
 from cvgl_jax.data import image_io
+from cvgl_jax.data import splits
 from cvgl_jax.pseudo import knn
 
 
@@ -119,7 +119,7 @@ def example_panels(workdir: str, config: ml_collections.ConfigDict,
   # What the run hands on (the last training stage's selected checkpoint,
   # chosen without labels), not the checkpoint with the best R@1.
   trained = trained_lib.load_trained(workdir, mesh=mesh)
-  index = stages.read_data(config, workdir)[1]
+  index = splits.read_splits(config, workdir)[1]
   batch = parallel.process_batch_size(int(config.train.eval_batch_size),
                                      trained.mesh, "train.eval_batch_size")
   common = dict(batch_size=batch, mesh=trained.mesh,

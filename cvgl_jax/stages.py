@@ -45,10 +45,10 @@ from cvgl_jax.cfp import translate_stage
 from cvgl_jax.cpu import depthwise
 from cvgl_jax.data import augment
 from cvgl_jax.data import derived
-from cvgl_jax.data import image_check
 from cvgl_jax.data import pipeline
-from cvgl_jax.data import readers
-from cvgl_jax.data import synthetic
+from cvgl_jax.data import splits
+from cvgl_jax.data.synthetic import config as synthetic_config
+from cvgl_jax.data.synthetic import layouts
 from cvgl_jax.data.index import PairIndex
 from cvgl_jax.models import encoder
 from cvgl_jax.models import weights
@@ -74,15 +74,16 @@ class Run:
     return run_dir.stage_dir(self.workdir, stage)
 
 
-def synthetic_root(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Generates the config's synthetic world under workdir unless present.
+def synthetic_world(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Generates the config's synthetic world under workdir unless present
+  (`splits.world_root`); returns its folder.
 
   The world is written to a temporary folder and renamed when complete, so
   an interrupted generation is redone rather than used half-written.
   """
   s = config.synthetic
-  root = os.path.join(workdir, run_dir.SYNTHETIC_WORLD)
-  cfg = synthetic.SyntheticConfig.from_run_config(s).validate()
+  root = splits.world_root(workdir)
+  cfg = synthetic_config.SyntheticConfig.from_run_config(s).validate()
   # Only process 0 looks and writes; every process passes the barrier, so
   # none can read before the rename, whatever each saw on the disk.
   if parallel.is_main_process() and not os.path.isdir(root):
@@ -90,54 +91,10 @@ def synthetic_root(config: ml_collections.ConfigDict, workdir: str) -> str:
     shutil.rmtree(partial, ignore_errors=True)
     logging.info("Generating a synthetic %s world of %d pairs in %s",
                  s.layout, s.num_pairs, root)
-    synthetic.write_dataset(s.layout, partial, cfg, s.num_pairs, s.seed)
+    layouts.write_dataset(s.layout, partial, cfg, s.num_pairs, s.seed)
     os.replace(partial, root)
   parallel.sync("synthetic_world")
   return root
-
-
-def _usable_images(split: PairIndex, d: ml_collections.ConfigDict,
-                   dropped: list[str]) -> PairIndex:
-  """`split` without the image files no stage could use (`image_check`):
-  process 0 probes them, every process drops the same ones, and `dropped`
-  gets what was left out and why."""
-  ground = np.zeros(split.num_ground, bool)
-  satellite = np.zeros(split.num_satellite, bool)
-  problems = []
-  if parallel.is_main_process():
-    ground, satellite, problems = image_check.bad_masks(
-        split, odd_size=d.odd_image_size, num_threads=d.num_threads)
-  ground, satellite = parallel.from_main_process((ground, satellite))
-  kept, problems = image_check.drop_bad(split, ground, satellite, problems,
-                                        on_bad=d.on_bad_image)
-  dropped += problems
-  return kept
-
-
-def read_data(config: ml_collections.ConfigDict, workdir: str, *,
-              dropped: Optional[list[str]] = None
-              ) -> tuple[PairIndex, PairIndex]:
-  """(train split, evaluation split) named by `config.data`, without the
-  image files that cannot be used (`config.data.on_bad_image`); `dropped`,
-  when given, receives what was left out and why."""
-  dropped = [] if dropped is None else dropped
-  d = config.data
-  if config.synthetic.enabled:
-    dataset, root = config.synthetic.layout, synthetic_root(config, workdir)
-  else:
-    dataset, root = d.dataset, d.root
-  options = {"max_missing_fraction": d.max_missing_fraction}
-  if dataset == "vigor":
-    options["mode"] = d.vigor_mode
-  train, evaluation = (
-      _usable_images(readers.read_split(dataset, root, split, **options), d,
-                     dropped)
-      for split in (d.train_split, d.eval_split))
-  logging.info("Data: %s train %d ground / %d satellite, %s eval %d / %d",
-               train.name, train.num_ground, train.num_satellite,
-               evaluation.name, evaluation.num_ground,
-               evaluation.num_satellite)
-  return train, evaluation
 
 
 def preflight(config: ml_collections.ConfigDict,
@@ -191,8 +148,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   (`preflight`), reads (or generates) the data, builds the mesh."""
   mesh = parallel.make_mesh()
   preflight(config, mesh)
+  if config.synthetic.enabled:
+    synthetic_world(config, workdir)
   dropped = []
-  train, evaluation = read_data(config, workdir, dropped=dropped)
+  train, evaluation = splits.read_splits(config, workdir, dropped=dropped)
   problem = missing_fakes(config, train)
   if problem:
     raise config_lib.ConfigError(problem)

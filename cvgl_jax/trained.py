@@ -2,7 +2,7 @@
 
 `load_trained` restores what a finished (or interrupted) run trained: the
 run's config (`read_config`, keys added since the run at their defaults),
-the TwoTower it describes (`bundle.model_spec` / `bundle.build_model`, the
+the TwoTower it describes (`encoder.model_spec` / `encoder.build_model`, the
 spec a bundle records) and the params of a training stage's best or latest
 checkpoint, replicated on a mesh. The export (`cvgl_jax.export`), the
 report (`cvgl_jax.report`) and the benchmarks that re-embed a run read a
@@ -17,7 +17,6 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from cvgl_jax import bundle as bundle_lib
 from cvgl_jax import config_lib
 from cvgl_jax import parallel
 from cvgl_jax import run_dir
@@ -48,7 +47,7 @@ class Trained:
     stage: the training stage, e.g. "pseudo_label".
     checkpoint: "best" or "latest" (what was found).
     step: the checkpoint's training step.
-    spec: `bundle.model_spec(config)`.
+    spec: `encoder.model_spec(config)`.
     model: the TwoTower.
     params: the param tree, replicated on `mesh`.
     mesh: the data mesh the params live on.
@@ -97,11 +96,11 @@ def load_trained(workdir: str, *, stage: Optional[str] = None,
   except run_dir.RunDirError as e:
     raise NoTrainedModel(str(e)) from e
   mesh = parallel.make_mesh() if mesh is None else mesh
-  spec = bundle_lib.model_spec(config)
-  model = bundle_lib.build_model(spec)
+  spec = encoder.model_spec(config)
+  model = encoder.build_model(spec)
   sharding = parallel.replicated(mesh)
   like = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      bundle_lib.abstract_params(model, spec))
+      encoder.abstract_params(model, spec))
   params = loop.restore_params(folder, like, step)
   return Trained(config, stage, kind, step, spec, model, params, mesh)

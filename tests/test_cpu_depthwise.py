@@ -105,7 +105,8 @@ def test_rejects_what_the_kernel_does_not_handle():
 def test_layer_auto_uses_native_where_it_applies():
   def impl_used(channels, dtype=jnp.float32):
     x = jnp.ones((1, 6, 6, channels))
-    layer = convnext.DepthwiseConv(channels, 7, dtype=dtype)
+    layer = convnext.DepthwiseConv(channels, 7, dtype=dtype,
+                                   conv=depthwise.for_impl("auto"))
     params = layer.init(jax.random.key(0), x)
     jaxpr = str(jax.make_jaxpr(lambda p: layer.apply(p, x))(params))
     return "custom_partitioning" in jaxpr
@@ -116,7 +117,7 @@ def test_layer_auto_uses_native_where_it_applies():
   ref = nn.Conv(16, (7, 7), padding=3, feature_group_count=16)
   params = ref.init(jax.random.key(1), x)
   params = jax.tree.map(lambda p: p + 0.1, params)
-  layer = convnext.DepthwiseConv(16, 7, impl="native")
+  layer = convnext.DepthwiseConv(16, 7, conv=depthwise.for_impl("native"))
   np.testing.assert_allclose(layer.apply(params, x), ref.apply(params, x),
                              rtol=1e-5, atol=1e-5)
 
@@ -177,7 +178,8 @@ def test_without_the_kernel_auto_falls_back_to_shifts(tmp_path):
           "from cvgl_jax.cpu import depthwise\n"
           "from cvgl_jax.models import convnext\n"
           "x = jnp.ones((1, 6, 6, 16))\n"
-          "layer = convnext.DepthwiseConv(16, 7)\n"
+          "layer = convnext.DepthwiseConv(16, 7, conv=depthwise.for_impl("
+          "'auto'))\n"
           "p = layer.init(jax.random.key(0), x)\n"
           "print(depthwise.available(),\n"
           "      'custom_partitioning' in str(jax.make_jaxpr(\n"

@@ -27,9 +27,10 @@ from cvgl_jax import plots
 from cvgl_jax import run_dir
 from cvgl_jax import report
 from cvgl_jax import retrieve
-from cvgl_jax import stages
 from cvgl_jax import trained as trained_lib
+from cvgl_jax.models import encoder
 from cvgl_jax.pseudo import knn
+from cvgl_jax.data import splits
 import processes
 
 MARK = (0x1a, 0x9e, 0x3f)  # plots.TRUE_COLOUR, the true tile's frame, RGB.
@@ -42,7 +43,7 @@ def run(demo_run, tmp_path_factory):
   config, workdir, _ = demo_run
   bundle = str(tmp_path_factory.mktemp("export") / "bundle")
   export.export(workdir, bundle)
-  evaluation = stages.read_data(config, workdir)[1]
+  evaluation = splits.read_splits(config, workdir)[1]
   return config, workdir, evaluation, bundle
 
 
@@ -212,7 +213,7 @@ def test_refuses_a_bundle_of_another_model(run, tmp_path):
 
   # Another architecture's params (wider second stage).
   other = dict(bundle.spec, dims=[8, 24])
-  shapes = bundle_lib.abstract_params(bundle_lib.build_model(other), other)
+  shapes = encoder.abstract_params(encoder.build_model(other), other)
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   bad = copy_bundle(bundle_dir, tmp_path, "other_params")
   bundle_lib.save_params(os.path.join(bad, bundle_lib.PARAMS), zeros)

@@ -15,6 +15,7 @@ from cvgl_jax import pretrain as pretrain_lib
 from cvgl_jax import run_dir
 from cvgl_jax import stages
 from cvgl_jax.data import derived
+from cvgl_jax.data import splits
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
@@ -163,7 +164,7 @@ def test_demo_stages_run_end_to_end_and_a_rerun_skips_them(demo_run):
   assert list(results) == ["pretrain", "cfp", "translate", "intra",
                            "cross_fake", "pseudo_label"]
   world = os.path.join(workdir, run_dir.SYNTHETIC_WORLD)
-  train = stages.read_data(config, workdir)[0]
+  train = splits.read_splits(config, workdir)[0]
   for folder in ("g2a", "g2a_sat"):
     assert sorted(os.listdir(os.path.join(world, folder))) == sorted(
         [f"{i}.png" for i in train.ground_ids] + [derived.STAMP])
@@ -197,7 +198,7 @@ def test_pseudo_label_stage_reports_rounds_with_precision(demo_run):
             if json.loads(line)["kind"] == "epoch_start"]
   assert [r["epoch"] for r in rounds] == [0, 1]
   warm, first = rounds
-  train = stages.read_data(config, workdir)[0]
+  train = splits.read_splits(config, workdir)[0]
   num_gt = int(config.pseudo_label.gt_ratio * train.num_ground)
   # Warm-up: the labelled fraction's true pairs only.
   assert warm["warmup"] == 1.0 and warm["num_labels"] == num_gt

@@ -17,6 +17,7 @@ TINY = convnext.Variant((1, 1, 2, 1), (8, 16, 24, 32), conv_mlp=False)
 # On CPU "auto" is the native C++ kernel (tests/test_cpu_depthwise.py), which
 # compiles like XLA's grouped conv and ~2x faster than the shifted sum.
 DW = "auto"
+DW_FN = depthwise.for_impl(DW)  # what encoder.Tower hands ConvNeXt
 
 
 def _images(key, n, h, w):
@@ -54,14 +55,14 @@ def _jitted_apply(module, static):
 
 
 def test_backbone_output_shape_and_stride():
-  model = convnext.ConvNeXt(TINY.depths, TINY.dims, depthwise_impl=DW)
+  model = convnext.ConvNeXt(TINY.depths, TINY.dims, depthwise=DW_FN)
   x = _images(0, 2, 64, 96)
   params = _random_params(model, x)
   assert _apply(model, params, x).shape == (2, 2, 3, 32)
 
 
 def test_stage0_has_no_downsample_and_names_match_timm_structure():
-  model = convnext.ConvNeXt(TINY.depths, TINY.dims, depthwise_impl=DW)
+  model = convnext.ConvNeXt(TINY.depths, TINY.dims, depthwise=DW_FN)
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, 32, 32, 3)))["params"]
   assert "stage0_downsample_conv" not in shapes
@@ -81,10 +82,10 @@ def test_gelu_is_exact_erf():
 
 def test_stochastic_depth_only_in_training():
   model = convnext.ConvNeXt(TINY.depths, TINY.dims, drop_path_rate=0.5,
-                            depthwise_impl=DW)
+                            depthwise=DW_FN)
   x = _images(1, 4, 32, 32)
   params = _random_params(model, x)
-  no_drop = convnext.ConvNeXt(TINY.depths, TINY.dims, depthwise_impl=DW)
+  no_drop = convnext.ConvNeXt(TINY.depths, TINY.dims, depthwise=DW_FN)
   ref = _apply(no_drop, params, x)
   for seed in (1, 2):
     out = _apply(model, params, x, train=False,
@@ -110,9 +111,9 @@ def test_drop_path_drops_whole_examples_and_keeps_expectation():
 
 def test_remat_gives_same_values_and_gradients():
   x = _images(2, 2, 32, 32)
-  plain = convnext.ConvNeXt(TINY.depths, TINY.dims, depthwise_impl=DW)
+  plain = convnext.ConvNeXt(TINY.depths, TINY.dims, depthwise=DW_FN)
   remat = convnext.ConvNeXt(TINY.depths, TINY.dims, remat=True,
-                           depthwise_impl=DW)
+                           depthwise=DW_FN)
   params = _random_params(plain, x)
 
   def loss(model, p):
@@ -167,7 +168,7 @@ def test_safa_rejects_other_image_size_naming_both():
 
 def test_gap_head_is_mean_then_layernorm():
   x = jax.random.normal(jax.random.key(0), (2, 3, 4, 6))
-  head = heads.GlobalAveragePool()
+  head = heads.GlobalAveragePool(convnext.LN_EPS)
   params = head.init(jax.random.key(1), x)  # No PRNG: scale 1, bias 0.
   m = np.asarray(x).mean((1, 2))
   ref = (m - m.mean(-1, keepdims=True)) / np.sqrt(m.var(-1, keepdims=True)
@@ -216,7 +217,7 @@ def test_depthwise_implementations_agree_with_grouped_conv():
   params = _random_params(ref, x)
   expected = _apply(ref, params, x)
   for impl in ("conv", "shifts"):
-    layer = convnext.DepthwiseConv(6, 7, impl=impl)
+    layer = convnext.DepthwiseConv(6, 7, conv=depthwise.for_impl(impl))
     assert jax.tree.map(jnp.shape, jax.eval_shape(
         layer.init, jax.random.key(1), x)) == (
         jax.tree.map(jnp.shape, params))
@@ -229,7 +230,7 @@ def test_depthwise_implementations_agree_with_grouped_conv():
                                                          atol=1e-4),
                  grad, ref_grad)
   with pytest.raises(ValueError, match="'fft'"):
-    convnext.DepthwiseConv(6, impl="fft").init(jax.random.key(0), x)
+    depthwise.for_impl("fft")
 
 
 @pytest.mark.parametrize("k", [3, 7])
@@ -317,7 +318,7 @@ def test_block_with_folded_affine_equals_timm_order():
   # reference applies them in timm's order with flax layers.
   dim = 8
   x = jax.random.normal(jax.random.key(0), (2, 6, 7, dim))
-  block = convnext.Block(dim, depthwise_impl=DW)
+  block = convnext.Block(dim, depthwise=DW_FN)
   params = _random_params(block, x)["params"]
 
   def reference(p, x):

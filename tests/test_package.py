@@ -177,6 +177,23 @@ def test_no_module_imports_a_command_line_module():
   assert not wrong, wrong
 
 
+def test_at_most_five_floors_below_main():
+  """The layers of docs/ARCHITECTURE.md: main -> stages and report ->
+  the stage modules, trained, splits -> models, loop, embed -> ... -> the
+  leaves. A longer chain means a module imports one above its layer (the
+  model importing the CPU kernel, the report the stages) for a reason that
+  belongs elsewhere."""
+  chain = longest_chain("cvgl_jax.main")
+  assert len(chain) - 1 <= 5, " -> ".join(chain)
+
+
+def test_the_model_imports_no_backend_seam():
+  # The paper's model reads as the paper's model: the CPU kernels are
+  # handed in (`encoder.Tower`), never imported by convnext or the heads.
+  for module in ("cvgl_jax.models.convnext", "cvgl_jax.models.heads"):
+    assert not {m for m in reachable(module) if m != module}, module
+
+
 def reachable(start: str) -> set[str]:
   """Every cvgl_jax module that importing `start` loads (`start` too)."""
   graph, seen, todo = import_graph(), set(), [start]

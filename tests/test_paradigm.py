@@ -27,6 +27,7 @@ from cvgl_jax import run_dir
 from cvgl_jax import pretrain
 from cvgl_jax import stages
 from cvgl_jax import trained as trained_lib
+from cvgl_jax.data import splits
 from cvgl_jax.models import encoder
 from cvgl_jax.pseudo import views as views_lib
 from cvgl_jax.models import weights
@@ -171,7 +172,7 @@ def test_round_table_precision_equals_a_hand_count(demo_run):
   params = loop.restore_params(
       os.path.join(workdir, "pseudo_label", run_dir.CHECKPOINTS),
       trained.params, step=spe)
-  train = stages.read_data(config, workdir)[0]
+  train = splits.read_splits(config, workdir)[0]
   sim = _round_similarity(config, trained.model, trained.mesh, params, train)
   # The combined similarity is a mean of cosines: the plain view's scale.
   assert np.abs(sim).max() <= 1 + 1e-5
@@ -277,7 +278,7 @@ def test_schedule_counts_skipped_epochs_and_moments_carry():
 def test_ncc_baseline_beats_chance_on_the_tiny_world(demo_run):
   config, workdir, _ = demo_run
   result = baseline.ncc_recall(config, workdir, size=16)
-  evaluation = stages.read_data(config, workdir)[1]
+  evaluation = splits.read_splits(config, workdir)[1]
   assert result["num_queries"] == evaluation.num_ground
   assert result["num_references"] == evaluation.num_satellite
   for k in ("R@1", "R@5", "R@10"):
@@ -287,7 +288,7 @@ def test_ncc_baseline_beats_chance_on_the_tiny_world(demo_run):
   np.testing.assert_allclose(vectors.mean(1), 0, atol=1e-6)
   np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, rtol=1e-5)
   # The geometry alone finds tiles: true pairs correlate more than others.
-  train = stages.read_data(config, workdir)[1]
+  train = splits.read_splits(config, workdir)[1]
   bevs = baseline.grey_unit(baseline.bev_images(train.ground_paths,
                                                 config.cfp), 16)
   from cvgl_jax.data import image_io
@@ -302,7 +303,7 @@ def test_missing_fakes_are_one_line_before_any_stage(demo_run, tmp_path):
   """fake_view needs each ground's fake tile: a run in which no stage
   writes them and they are not there stops before its first stage."""
   config, workdir, _ = demo_run
-  train = stages.read_data(config, workdir)[0]
+  train = splits.read_splits(config, workdir)[0]
   assert stages.missing_fakes(config, train, written=True) == ""
   other = config.copy_and_resolve_references()
   other.cross_fake.fake_folder = "g2a"  # CFP's BEVs: written by the run.

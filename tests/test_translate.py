@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cvgl_jax import config_lib
 from cvgl_jax import parallel
 from cvgl_jax.cfp import project
 from cvgl_jax.cfp import translate as tr
@@ -30,7 +31,7 @@ SMALL_WORLD = synthetic_config.SyntheticConfig(
 
 
 def tiny_config(**overrides):
-  config = tr.get_config()
+  config = config_lib.translate_defaults()
   config.ngf = 8
   config.ndf = 8
   config.n_blocks = 2

@@ -55,7 +55,7 @@ def test_converted_backbone_reproduces_timm(golden_io, key, file):
   x = golden_io["input_nchw"].transpose(0, 2, 3, 1)
   backbone = convnext.ConvNeXt(variant.depths, variant.dims,
                                drop_path_rate=0.1)
-  pool = heads.GlobalAveragePool()
+  pool = heads.GlobalAveragePool(convnext.LN_EPS)
   sd = weights.read_state_dict(_golden(file))
   ref_features = golden_io[f"{key}/features_nchw"].transpose(0, 2, 3, 1)
   params, head_norm = weights.convert_convnext(
@@ -166,7 +166,7 @@ def test_parameter_counts_equal_timm():
     entry = counts[f"convnext_{name}"]
     assert convnext.num_params(name) == entry["backbone"], name
     norm = jax.eval_shape(
-        heads.GlobalAveragePool().init, jax.random.key(0),
+        heads.GlobalAveragePool(convnext.LN_EPS).init, jax.random.key(0),
         jnp.zeros((1, 1, 1, convnext.VARIANTS[name].dims[-1])))
     head = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(norm))
     assert head == entry["head_norm"], name

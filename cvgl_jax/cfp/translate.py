@@ -45,16 +45,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from cvgl_jax import config_lib
-
-
-SOURCES = config_lib.TRANSLATE_SOURCES  # domain A of the translation
-
-
-def get_config() -> ml_collections.ConfigDict:
-  """The translate section's defaults (`config_lib.translate_defaults`)."""
-  return config_lib.translate_defaults()
-
 
 def _conv_init(gain: float):
   return nn.initializers.normal(stddev=gain)

@@ -65,7 +65,8 @@ from cvgl_jax.data import image_io
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming every bad key of a translate section (the
   checks `config_lib.validate` runs on `config.translate`)."""
-  errors = config_lib.section_problems(config, tr.get_config(), "translate.")
+  errors = config_lib.section_problems(config, config_lib.translate_defaults(),
+                                      "translate.")
   if not errors:
     errors = config_lib.translate_problems(config)
   if errors:
@@ -219,7 +220,7 @@ def train_translation(bev_paths: Sequence[str],
     bev_paths: domain A images (geometric BEVs).
     satellite_paths: domain B images (satellite tiles).
     workdir: this stage's folder.
-    config: see `cvgl_jax.cfp.translate.get_config`.
+    config: see `config_lib.translate_defaults`.
     max_steps: stop after this many steps in total (e.g. a time-boxed job);
       None trains the whole schedule.
     progress: show a tqdm bar.
@@ -408,7 +409,7 @@ def translate(index, workdir: str, config: ml_collections.ConfigDict, *,
   Args:
     index: a `cvgl_jax.data.index.PairIndex` (the training split).
     workdir: the run's workdir; this stage uses `workdir/translate`.
-    config: see `cvgl_jax.cfp.translate.get_config`.
+    config: see `config_lib.translate_defaults`.
     progress: show progress bars.
 
   Returns:

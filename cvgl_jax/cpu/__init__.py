@@ -6,18 +6,18 @@ it runs on GPU or TPU:
 
   depthwise   the ConvNeXt 7x7 depthwise convolution: a compiled C++ kernel
               (XLA FFI) and a pure-XLA shifted sum, chosen by
-              `depthwise.resolve_impl` ("auto" is XLA's grouped
+              `depthwise.for_impl` ("auto" is XLA's grouped
               convolution on every other backend);
   hostmem     `python -m cvgl_jax.main` re-executes itself once with
               glibc's huge-page malloc tunable (a Linux CPU host setting).
 
-The model (`cvgl_jax.models.convnext.DepthwiseConv`) calls
-`depthwise.depthwise_conv` only when the resolved implementation is not
-"conv".
+The model does not import this package: `cvgl_jax.models.encoder.Tower`
+hands `convnext.ConvNeXt` the function `depthwise.for_impl` returns (None,
+XLA's grouped convolution, off the CPU).
 
 This file imports nothing, so that config validation can name the choices
 (`DEPTHWISE_IMPLS`) without loading JAX.
 """
 
-# `convnext.DepthwiseConv`'s implementations (`depthwise.resolve_impl`).
+# `config.model.depthwise_impl`'s choices (`depthwise.for_impl`).
 DEPTHWISE_IMPLS = ("auto", "conv", "native", "shifts")

@@ -1,10 +1,11 @@
 """The ConvNeXt depthwise convolution on the CPU: two faster forms of XLA's.
 
-`depthwise_conv(x, kernel, impl)` is what `convnext.DepthwiseConv` calls
-when `resolve_impl` does not choose XLA's grouped convolution ("conv", the
-choice on GPU and TPU): "shifts" (`depthwise_shifts`, a sum of k*k shifted
-copies that XLA:CPU fuses into one loop, with a hand-written gradient) or
-"native" (`depthwise_native`, a compiled C++ kernel).
+`for_impl(impl)` is the function `encoder.Tower` hands the model's
+`convnext.DepthwiseConv` (None: XLA's grouped convolution, the choice on
+GPU and TPU): "shifts" (`depthwise_shifts`, a sum of k*k shifted copies
+that XLA:CPU fuses into one loop, with a hand-written gradient), "native"
+(`depthwise_native`, a compiled C++ kernel) or, for "auto" on the CPU, the
+kernel where it applies and the shifted sum elsewhere.
 
 `depthwise_native(x, kernel)` computes what `depthwise_shifts`
 does -- a k x k depthwise cross-correlation, stride 1, 'SAME' zero padding,
@@ -41,6 +42,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from typing import Callable, Optional
 
 from absl import logging
 import jax
@@ -384,25 +386,40 @@ def resolve_impl(impl: str, x_shape, dtype, kernel_size: int) -> str:
   return "native" if native else "shifts"
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
-  """Depthwise k x k cross-correlation, stride 1, 'SAME' zero padding, by
-  the CPU implementation `impl` ("shifts" or "native").
+def _cpu_auto(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """"auto" on the CPU: the C++ kernel where it applies and can be built,
+  else the shifted sum (decided per shape, at trace time)."""
+  impl = resolve_impl("auto", x.shape, x.dtype, kernel.shape[0])
+  return (depthwise_native if impl == "native" else depthwise_shifts)(x, kernel)
+
+
+_CONVS = {"auto": _cpu_auto, "native": depthwise_native,
+          "shifts": depthwise_shifts}
+
+
+def for_impl(impl: str) -> Optional[Callable[[jax.Array, jax.Array],
+                                             jax.Array]]:
+  """The depthwise convolution that `impl` means on the default backend, as
+  `convnext.DepthwiseConv(conv=...)` takes it.
 
   Args:
-    x: [B, H, W, C].
-    kernel: [k, k, C], k odd.
-    impl: a resolved implementation (`resolve_impl`), not "conv" (XLA's,
-      which the model calls itself) or "auto".
+    impl: one of `cvgl_jax.cpu.DEPTHWISE_IMPLS`.
 
   Returns:
-    [B, H, W, C].
+    None for XLA's grouped convolution ("conv"; "auto" off the CPU), else a
+    function (x [B, H, W, C], kernel [k, k, C]) -> [B, H, W, C]. Module-level
+    functions, so two models built from one config compare equal.
+
+  Raises:
+    ValueError: an unknown `impl`, or "native" off the CPU.
   """
-  if impl == "shifts":
-    return depthwise_shifts(x, kernel)
-  if impl == "native":
-    if jax.default_backend() != "cpu":
-      raise ValueError(f"DepthwiseConv impl='native' is the CPU kernel; on "
-                       f"{jax.default_backend()} use 'auto' or 'conv'.")
-    return depthwise_native(x, kernel)
-  raise ValueError(f"DepthwiseConv impl must be one of "
-                   f"{cpu.DEPTHWISE_IMPLS}, got {impl!r}.")
+  if impl not in cpu.DEPTHWISE_IMPLS:
+    raise ValueError(f"DepthwiseConv impl must be one of "
+                     f"{cpu.DEPTHWISE_IMPLS}, got {impl!r}.")
+  backend = jax.default_backend()
+  if impl == "conv" or (impl == "auto" and backend != "cpu"):
+    return None
+  if impl == "native" and backend != "cpu":
+    raise ValueError(f"DepthwiseConv impl='native' is the CPU kernel; on "
+                     f"{backend} use 'auto' or 'conv'.")
+  return _CONVS[impl]

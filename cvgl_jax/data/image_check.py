@@ -29,14 +29,14 @@ import time
 from absl import logging
 import numpy as np
 
-from cvgl_jax import config_lib
+from cvgl_jax import data
 from cvgl_jax.data import image_io
 from cvgl_jax.data import index as index_lib
 from cvgl_jax.data import pipeline
 from cvgl_jax.data import readers
 
-ON_BAD = config_lib.ON_BAD_IMAGE
-ODD_SIZE = config_lib.ODD_IMAGE_SIZE
+ON_BAD = data.ON_BAD_IMAGE
+ODD_SIZE = data.ODD_IMAGE_SIZE
 # How many bad files an error message names.
 _NUM_NAMED = 5
 

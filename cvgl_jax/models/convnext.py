@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvgl_jax import cpu
-from cvgl_jax.cpu import depthwise
-
 LN_EPS = 1e-6
-IMPLS = cpu.DEPTHWISE_IMPLS  # DepthwiseConv's `impl`
+
+# A depthwise convolution: (x [B, H, W, C], kernel [k, k, C]) -> [B, H, W, C],
+# stride 1, 'SAME' zero padding, no bias.
+DepthwiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,24 +220,16 @@ class DepthwiseConv(nn.Module):
   """k x k depthwise convolution, stride 1, 'SAME' zero padding, with bias.
 
   Params are those of `nn.Conv(feature_group_count=C)`: kernel [k, k, 1, C],
-  bias [C]. Three implementations of the same function:
-    "conv": XLA's grouped convolution (fast on GPU/TPU, slow on CPU);
-    "native": a compiled C++ kernel for the CPU (`cvgl_jax.cpu.depthwise`;
-      float32,
-      C a multiple of 8), 2.4-4x faster forward + backward than "shifts"
-      and faster than PyTorch's at ConvNeXt-T's shapes;
-    "shifts": a sum of k*k shifted, channel-scaled copies of the input
-      (`cvgl_jax.cpu.depthwise.depthwise_shifts`), which XLA:CPU fuses into
-      one loop -- ~20x
-      faster forward and 6x backward than its grouped convolution there.
-  "auto" picks "native" on CPU where it applies and can be built, else
-  "shifts" on CPU, and "conv" elsewhere (benchmarks/depthwise.py,
-  BUILD_NOTES.md).
+  bias [C]. `conv` computes the convolution: None is XLA's grouped
+  convolution (the choice on GPU and TPU); a function computes the same
+  thing another way (the CPU's faster forms, `cvgl_jax.cpu.depthwise`,
+  which `encoder.Tower` passes in on the CPU). The model itself knows no
+  backend.
   """
   features: int
   kernel_size: int = 7
   dtype: Any = jnp.float32
-  impl: str = "auto"
+  conv: Optional[DepthwiseFn] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -246,14 +238,12 @@ class DepthwiseConv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
                                               dtype=self.dtype)
-    impl = depthwise.resolve_impl(self.impl, x.shape, x.dtype, k)
-    if impl == "conv":
-      pad = k // 2
-      y = jax.lax.conv_general_dilated(
-          x, kernel, (1, 1), [(pad, pad), (pad, pad)],
-          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-    else:  # The CPU seam: the same function, faster on XLA:CPU.
-      y = depthwise.depthwise_conv(x, kernel[:, :, 0, :], impl)
+    if self.conv is not None:
+      return self.conv(x, kernel[:, :, 0, :]) + bias
+    pad = k // 2
+    y = jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), [(pad, pad), (pad, pad)],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
     return y + bias
 
 
@@ -263,14 +253,13 @@ class Block(nn.Module):
   drop_path: float = 0.0
   ls_init_value: float = 1e-6
   dtype: Any = jnp.float32
-  depthwise_impl: str = "auto"
+  depthwise: Optional[DepthwiseFn] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     shortcut = x
     c = self.dim
-    x = DepthwiseConv(c, 7, self.dtype, self.depthwise_impl,
-                      name="conv_dw")(x)
+    x = DepthwiseConv(c, 7, self.dtype, self.depthwise, name="conv_dw")(x)
     scale, shift = LayerNormParams(name="norm")(c)
     w1, b1 = DenseParams(4 * c, name="fc1")(c)
     w2, b2 = DenseParams(c, name="fc2")(4 * c)
@@ -308,7 +297,8 @@ class ConvNeXt(nn.Module):
     dtype: computation dtype (e.g. jnp.bfloat16); params stay float32.
     remat: recompute each block's activations in the backward pass to save
       memory.
-    depthwise_impl: one of `IMPLS` (see `DepthwiseConv`).
+    depthwise: how the blocks' depthwise convolutions are computed (see
+      `DepthwiseConv`; None: XLA's grouped convolution).
 
   Input [B, H, W, 3] (normalised images); output [B, H/32, W/32, dims[-1]].
   """
@@ -318,7 +308,7 @@ class ConvNeXt(nn.Module):
   ls_init_value: float = 1e-6
   dtype: Any = jnp.float32
   remat: bool = False
-  depthwise_impl: str = "auto"
+  depthwise: Optional[DepthwiseFn] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -343,7 +333,7 @@ class ConvNeXt(nn.Module):
       x = x.astype(jnp.float32)
       for j in range(depth):
         x = block_cls(dim, float(rates[k]), self.ls_init_value, self.dtype,
-                      self.depthwise_impl, name=f"stage{i}_block{j}")(x, train)
+                      self.depthwise, name=f"stage{i}_block{j}")(x, train)
         k += 1
     return x.astype(self.dtype)
 

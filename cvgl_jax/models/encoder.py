@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cvgl_jax.cpu import depthwise
 from cvgl_jax.models import convnext
 from cvgl_jax.models import heads
 
@@ -49,12 +50,13 @@ class Tower(nn.Module):
                        f"{self.head!r}.")
     self.backbone = convnext.convnext(
         self.variant, drop_path_rate=self.drop_path_rate, dtype=self.dtype,
-        remat=self.remat, depthwise_impl=self.depthwise_impl)
+        remat=self.remat, depthwise=depthwise.for_impl(self.depthwise_impl))
     if self.head == "safa":
       self.pool = heads.SAFA(self.num_safa_heads, dtype=self.dtype,
                              name="head")
     else:
-      self.pool = heads.GlobalAveragePool(dtype=self.dtype, name="head")
+      self.pool = heads.GlobalAveragePool(convnext.LN_EPS, dtype=self.dtype,
+                                          name="head")
 
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     features = self.backbone(images, train)
@@ -74,7 +76,8 @@ class TwoTower(nn.Module):
     drop_path_rate: stochastic depth of the backbones (0.2 in the paper).
     dtype: computation dtype; params are float32 and embeddings float32.
     remat: rematerialise backbone blocks in the backward pass.
-    depthwise_impl: one of `convnext.IMPLS` (`convnext.DepthwiseConv`).
+    depthwise_impl: one of `cvgl_jax.cpu.DEPTHWISE_IMPLS`: how the depthwise
+      convolutions are computed (`cvgl_jax.cpu.depthwise.for_impl`).
   """
   variant: str | convnext.Variant = "base"
   head: str = "safa"
@@ -134,3 +137,41 @@ def from_config(cfg: ml_collections.ConfigDict) -> TwoTower:
       drop_path_rate=cfg.get("drop_path_rate", 0.0),
       dtype=dtypes[dtype], remat=cfg.get("remat", False),
       depthwise_impl=cfg.get("depthwise_impl", "auto"))
+
+
+# The keys of `config.model` that rebuild a TwoTower (`model_spec`).
+MODEL_KEYS = ("variant", "depths", "dims", "head", "share_weights",
+              "num_safa_heads", "dtype", "depthwise_impl")
+
+
+def model_spec(config: ml_collections.ConfigDict) -> dict:
+  """What rebuilds a run's TwoTower (a bundle records it): `config.model`'s
+  architecture keys and the (H, W) image sizes (SAFA's params depend on
+  them)."""
+  m = config.model
+  spec = {k: m[k] for k in MODEL_KEYS}
+  spec.update(depths=[int(v) for v in m.depths],
+              dims=[int(v) for v in m.dims],
+              share_weights=bool(m.share_weights),
+              num_safa_heads=int(m.num_safa_heads),
+              ground_size=[int(v) for v in config.data.ground_size],
+              satellite_size=[int(v) for v in config.data.satellite_size])
+  return spec
+
+
+def build_model(spec: dict) -> TwoTower:
+  """The TwoTower of a `model_spec`."""
+  missing = [k for k in MODEL_KEYS + ("ground_size", "satellite_size")
+             if k not in spec]
+  if missing:
+    raise ValueError(f"Model spec lacks {missing}; it has {sorted(spec)}.")
+  return from_config(
+      ml_collections.ConfigDict({k: spec[k] for k in MODEL_KEYS}))
+
+
+def abstract_params(model: TwoTower, spec: dict) -> Any:
+  """The param tree of `model` as ShapeDtypeStructs (nothing computed)."""
+  ground = jnp.zeros((1, *spec["ground_size"], 3), jnp.float32)
+  satellite = jnp.zeros((1, *spec["satellite_size"], 3), jnp.float32)
+  return jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), ground, satellite))["params"]

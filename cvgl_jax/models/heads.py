@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cvgl_jax.models import convnext
 
 
 class SAFA(nn.Module):
@@ -87,6 +86,7 @@ class GlobalAveragePool(nn.Module):
   Equal to timm's ConvNeXt `forward_head(x, pre_logits=True)`; the norm's
   params load from the checkpoint's `head.norm`.
   """
+  epsilon: float  # the norm's, ConvNeXt's (`convnext.LN_EPS`)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -94,5 +94,5 @@ class GlobalAveragePool(nn.Module):
                image_hw: Optional[tuple[int, int]] = None) -> jax.Array:
     del image_hw  # Any size works.
     x = jnp.mean(x.astype(self.dtype), axis=(1, 2))
-    return nn.LayerNorm(epsilon=convnext.LN_EPS, dtype=self.dtype,
+    return nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype,
                         name="norm")(x)
