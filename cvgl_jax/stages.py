@@ -338,15 +338,13 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
       label_free_tau=c.pseudo_label.tau)
   epoch_start_fn = make_epoch_start(model) if make_epoch_start else None
   select = {"label_free": evaluate.LABEL_FREE, "final": None}
-  _, summary = loop.train(
-      state, step_fn, pipe, mesh=run.mesh, workdir=run.workdir, stage=stage,
-      num_epochs=c[stage].epochs - first_epoch, steps_per_epoch=spe,
-      ckpt_every_steps=c.train.checkpoint_every_steps,
-      log_every_steps=c.train.log_every_steps, eval_fn=eval_fn,
-      eval_every_epochs=c.train.eval_every_epochs,
-      select_metric=select[c.train.select],
-      max_skipped_steps=c.train.max_skipped_steps,
-      epoch_start_fn=epoch_start_fn, progress=parallel.is_main_process())
+  loop_config = loop.LoopConfig.from_config(
+      c.train, stage=stage, num_epochs=c[stage].epochs - first_epoch,
+      steps_per_epoch=spe, select_metric=select[c.train.select],
+      progress=parallel.is_main_process())
+  _, summary = loop.train(state, step_fn, pipe, loop_config, mesh=run.mesh,
+                          workdir=run.workdir, eval_fn=eval_fn,
+                          epoch_start_fn=epoch_start_fn)
   return summary
 
 

@@ -224,14 +224,16 @@ def _train(engine, world, workdir, step_fn, seed=0, **kw):
     hook_calls.append(epoch)
     return {"metrics": {"epoch_seen": epoch}}
   evals = iter([10.0, 30.0, 20.0])
-  args = dict(mesh=engine.mesh, workdir=str(workdir), stage="cross",
-              num_epochs=2, steps_per_epoch=SPE, ckpt_every_steps=3,
-              log_every_steps=1, eval_every_epochs=1,
-              eval_fn=lambda s: {"R@1": next(evals)}, epoch_start_fn=hook,
-              progress=False)
+  options = dict(stage="cross", num_epochs=2, steps_per_epoch=SPE,
+                 ckpt_every_steps=3, log_every_steps=1, eval_every_epochs=1,
+                 progress=False)
+  options.update({k: kw.pop(k) for k in list(kw)
+                  if k in loop.LoopConfig.__dataclass_fields__})
+  args = dict(mesh=engine.mesh, workdir=str(workdir),
+              eval_fn=lambda s: {"R@1": next(evals)}, epoch_start_fn=hook)
   args.update(kw)
   state, summary = loop.train(engine.state(seed), step_fn, _pipe(world),
-                              **args)
+                              loop.LoopConfig(**options), **args)
   return state, summary, hook_calls
 
 
@@ -370,9 +372,10 @@ def test_train_rejects_a_started_state_without_checkpoint(engine, world,
   state = state.replace(step=parallel.put_replicated(np.int32(5),
                                                      engine.mesh))
   with pytest.raises(ValueError, match="step 5, not 0"):
-    loop.train(state, engine.step, _pipe(world), mesh=engine.mesh,
-               workdir=str(tmp_path), stage="x", num_epochs=1,
-               steps_per_epoch=SPE, progress=False)
+    loop.train(state, engine.step, _pipe(world),
+               loop.LoopConfig("x", num_epochs=1, steps_per_epoch=SPE,
+                               progress=False),
+               mesh=engine.mesh, workdir=str(tmp_path))
 
 
 def test_pseudo_pair_epochs_take_the_hooks_pairing_and_resume_it(
@@ -390,11 +393,12 @@ def test_pseudo_pair_epochs_take_the_hooks_pairing_and_resume_it(
       hook_calls.append(epoch)
       return {"pairs": np.stack([ground, (ground + epoch + 1) % Q], 1),
               "labeled": ground % 2 == 0}
-    return loop.train(engine.state(seed), step_fn, pipe(), mesh=engine.mesh,
-                      workdir=str(tmp_path), stage="pseudo", num_epochs=3,
-                      steps_per_epoch=SPE, ckpt_every_steps=3,
-                      log_every_steps=10, epoch_start_fn=hook,
-                      progress=False)
+    return loop.train(engine.state(seed), step_fn, pipe(),
+                      loop.LoopConfig("pseudo", num_epochs=3,
+                                      steps_per_epoch=SPE, ckpt_every_steps=3,
+                                      log_every_steps=10, progress=False),
+                      mesh=engine.mesh, workdir=str(tmp_path),
+                      epoch_start_fn=hook)
 
   calls_a, calls_b = [], []
   crashing = _Recorder(engine.step, crash_at=4)  # Checkpoint at step 3.
@@ -432,3 +436,11 @@ def test_create_state_loads_pretrained_backbones_replicated(engine):
     assert leaf.sharding.is_fully_replicated
     assert len(leaf.sharding.device_set) == 8
   assert int(state.step) == 0
+
+
+def test_loop_config_names_a_bad_value():
+  with pytest.raises(ValueError, match="steps_per_epoch must be > 0, got 0"):
+    loop.LoopConfig("x", num_epochs=1, steps_per_epoch=0)
+  with pytest.raises(ValueError, match="eval_every_epochs must be >= 0"):
+    loop.LoopConfig("x", num_epochs=1, steps_per_epoch=1, eval_every_epochs=-1)
+  assert loop.LoopConfig("x", num_epochs=3, steps_per_epoch=4).total_steps == 12

@@ -50,11 +50,11 @@ import tqdm
 
 from cvgl_jax import config_lib
 from cvgl_jax import parallel
-from cvgl_jax import records
 from cvgl_jax import run_dir
 from cvgl_jax.cfp import translate as tr
 from cvgl_jax.data import derived
 from cvgl_jax.data import image_io
+from cvgl_jax.train import loop
 
 
 # ----------------------------------------------------------------------------
@@ -251,18 +251,13 @@ def train_translation(bev_paths: Sequence[str],
   if main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
-  mngr = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(
-          preservation_policy=ocp.checkpoint_managers.LatestN(
-              config.keep_checkpoints),
-          cleanup_tmp_directories=True))
+  mngr = loop.checkpoint_manager(os.path.join(workdir, "checkpoints"),
+                                 config.keep_checkpoints)
   key = jax.random.PRNGKey(config.seed)
   latest = mngr.latest_step()
-  if main:  # A resumed run writes the records after its checkpoint again.
-    run_dir.truncate_records(os.path.dirname(os.path.abspath(workdir)),
-                             os.path.basename(os.path.abspath(workdir)),
-                             latest)
+  loop.drop_rewritten_records(os.path.dirname(os.path.abspath(workdir)),
+                              os.path.basename(os.path.abspath(workdir)),
+                              latest)
   if latest is None:
     state = parallel.replicate_local(model.init(key, spe), mesh)
   else:
@@ -286,12 +281,10 @@ def train_translation(bev_paths: Sequence[str],
           f"{spe}: the image lists or batch_size changed. Use a new workdir.")
   step = int(state.step)
 
-  writer = records.MetricWriter(workdir, enabled=main)
-  bar = tqdm.tqdm(total=stop, initial=step, disable=not (progress and main),
-                  desc="translate: train", unit="step")
+  log = loop.StageLog(workdir, desc="translate: train", total=stop,
+                      initial=step, progress=progress)
   # Step 1 is logged too, to show the starting losses (not a resumed run's
   # first step: its records must be those of an uninterrupted run).
-  t0, n0 = time.perf_counter(), step
   try:
     while step < stop:
       epoch, pos = divmod(step, spe)
@@ -301,37 +294,27 @@ def train_translation(bev_paths: Sequence[str],
         state, metrics = model.jit_train_step(
             state, parallel.to_global(batch, mesh))
         step += 1
-        bar.update(1)
+        log.bar.update(1)
         preempted = parallel.preemption_point()
         save = (step % config.ckpt_every_steps == 0 or step % spe == 0
                 or step == stop or preempted)
-        log = step % config.log_every_steps == 0 or step == 1
-        if save or log:
+        due = step % config.log_every_steps == 0 or step == 1
+        if save or due:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           check_finite(metrics, step)
-          now = time.perf_counter()
-          rate = (step - n0) * config.batch_size / max(now - t0, 1e-9)
-          t0, n0 = now, step
-          writer.write(step, epoch, "train",
-                       dict(metrics, images_per_s=rate))
-          bar.set_postfix({"img/s": f"{rate:.1f}",
-                           "G": f"{metrics['g_total']:.3f}",
-                           "D_A": f"{metrics['d_a']:.3f}",
-                           "D_B": f"{metrics['d_b']:.3f}"})
+          log.write(step, epoch, metrics, config.batch_size,
+                    {"G": "g_total", "D_A": "d_a", "D_B": "d_b"})
         if save:
           mngr.save(step, args=ocp.args.StandardSave(state))
           run_dir.fault_point("translate.checkpoint", step,
                               mngr.wait_until_finished)
         if preempted:
           raise parallel.Preempted(
-              f"The translation stopped at step {step} on SIGTERM, "
-              f"checkpointed in {mngr.directory}; rerun the same command "
-              f"to resume.")
+              loop.preempted_message("translate", step, str(mngr.directory)))
         if step >= stop or step % spe == 0:
           break
   finally:
-    bar.close()
-    writer.close()
+    log.close()
     mngr.wait_until_finished()
     mngr.close()
   return state

@@ -40,6 +40,7 @@ takes part in orbax saves and restores, as orbax requires.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import os
 import signal
@@ -50,6 +51,7 @@ from absl import logging
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
@@ -75,9 +77,12 @@ def _split(state: state_lib.TrainState) -> dict:
                     "rng": state.rng}}
 
 
-def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  # A save cut short leaves a temporary folder; it is removed on the next
-  # start rather than left to collide with the step saved again.
+def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  """The orbax manager of a stage's checkpoints, keeping the `keep` latest.
+
+  A save cut short leaves a temporary folder; it is removed on the next
+  start rather than left to collide with the step saved again.
+  """
   return ocp.CheckpointManager(
       os.path.abspath(directory),
       options=ocp.CheckpointManagerOptions(
@@ -114,7 +119,7 @@ def restore_opt_state(directory: str, opt_state_like: Any) -> Any:
 
 def _restore_item(directory: str, item: str, like: Any,
                   step: Optional[int] = None) -> Any:
-  with _manager(directory, 1) as mngr:
+  with checkpoint_manager(directory, 1) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {directory}: train that "
@@ -208,9 +213,60 @@ def divergence_onset(history: list[tuple[int, float, float]],
   return history[first][0], sign(*history[first][1:])
 
 
-def _preempted_message(stage: str, step: int, ckpt_dir: str) -> str:
+def preempted_message(stage: str, step: int, ckpt_dir: str) -> str:
+  """What a stage stopped by SIGTERM tells the user."""
   return (f"Stage {stage!r} stopped at step {step} on SIGTERM, "
           f"checkpointed in {ckpt_dir}; rerun the same command to resume.")
+
+
+def drop_rewritten_records(workdir: str, stage: str, latest: Optional[int],
+                           kinds_at_latest: tuple[str, ...] = ()) -> None:
+  """Before a stage (re)starts at checkpoint `latest` (None: from scratch),
+  drops the records it will write again -- those after `latest`, and of
+  `kinds_at_latest` at it -- so a resumed run's records are those of an
+  uninterrupted one. Process 0 only."""
+  if parallel.is_main_process():
+    run_dir.truncate_records(workdir, stage, latest, kinds_at_latest)
+
+
+class StageLog:
+  """The console bar and the train records of one stage's steps.
+
+  `write` records one interval's train metrics with the images per second
+  since the previous write (or `restart`), and shows them on the bar after
+  `postfix` (e.g. the pseudo-label round). Only process 0 writes or shows.
+  """
+
+  def __init__(self, folder: str, *, desc: str, total: int, initial: int,
+               progress: bool):
+    main = parallel.is_main_process()
+    self.writer = records.MetricWriter(folder, enabled=main)
+    self.bar = tqdm.tqdm(total=total, initial=initial, desc=desc,
+                         unit="step", disable=not (progress and main))
+    self.postfix = {}
+    self.restart(initial)
+
+  def restart(self, step: int) -> None:
+    """Counts the image rate from `step` on (after a pause or a resume)."""
+    self._t0, self._n0 = time.perf_counter(), step
+
+  def write(self, step: int, epoch: int, metrics: Mapping[str, float],
+            images_per_step: int, shown: Mapping[str, str]) -> dict:
+    """Records `metrics` of the steps up to `step` (+ "images_per_s") and
+    shows the `shown` ones ({label: metric}); returns what was recorded."""
+    now = time.perf_counter()
+    rate = images_per_step * (step - self._n0) / max(now - self._t0, 1e-9)
+    metrics = dict(metrics, images_per_s=rate)
+    self._t0, self._n0 = now, step
+    self.writer.write(step, epoch, "train", metrics)
+    self.bar.set_postfix({**self.postfix, "img/s": f"{rate:.1f}",
+                          **{label: f"{metrics[key]:.4f}"
+                             for label, key in shown.items()}})
+    return metrics
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
 
 
 def _mean(fetched):
@@ -284,25 +340,81 @@ def _check_restored(stage, mngr, ckpt_dir, step, params):
         f"stage over.")
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """How `train` runs one stage: its length, checkpoints, logs, evaluation.
+
+  Attributes:
+    stage: the stage's name, e.g. "intra"; it trains under workdir/<stage>.
+    num_epochs: epochs of the stage (E of the cosine schedule).
+    steps_per_epoch: steps of every epoch, as the optimizer schedule was
+      built with; each epoch's iterator must agree (pseudo-pair epochs must
+      be filled to this length).
+    ckpt_every_steps: checkpoint interval, besides every epoch end.
+    log_every_steps: interval of train metrics (means over the interval).
+    eval_every_epochs: evaluate after every this many epochs (with an
+      eval_fn); 0 evaluates only after the last epoch.
+    select_metric: the eval metric whose maximum is the stage's output,
+      kept in workdir/<stage>/best; None keeps the last evaluation. Choose
+      a metric that reads no labels (`evaluate.LABEL_FREE`) when the run
+      has none: R@1 is reported as telemetry ("best") either way.
+    keep_checkpoints: how many of the latest checkpoints to keep.
+    max_skipped_steps: this many steps in a row skipped for a non-finite
+      loss or gradient norm end the stage as diverged (`DivergedError`).
+    progress: show a tqdm bar (process 0).
+  """
+  stage: str
+  num_epochs: int
+  steps_per_epoch: int
+  ckpt_every_steps: int = 1000
+  log_every_steps: int = 50
+  eval_every_epochs: int = 0
+  select_metric: Optional[str] = None
+  keep_checkpoints: int = 2
+  max_skipped_steps: int = 10
+  progress: bool = True
+
+  def __post_init__(self):
+    for name in ("num_epochs", "steps_per_epoch", "ckpt_every_steps",
+                 "log_every_steps", "keep_checkpoints", "max_skipped_steps"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"train({self.stage!r}): {name} must be > 0, got "
+                         f"{getattr(self, name)}.")
+    if self.eval_every_epochs < 0:
+      raise ValueError(f"train({self.stage!r}): eval_every_epochs must be "
+                       f">= 0, got {self.eval_every_epochs}.")
+
+  @property
+  def total_steps(self) -> int:
+    return self.num_epochs * self.steps_per_epoch
+
+  @classmethod
+  def from_config(cls, train_config: ml_collections.ConfigDict, *,
+                  stage: str, num_epochs: int, steps_per_epoch: int,
+                  select_metric: Optional[str], progress: bool
+                  ) -> "LoopConfig":
+    """The intervals and limits of `config.train` for one stage."""
+    return cls(stage=stage, num_epochs=num_epochs,
+               steps_per_epoch=steps_per_epoch,
+               ckpt_every_steps=train_config.checkpoint_every_steps,
+               log_every_steps=train_config.log_every_steps,
+               eval_every_epochs=train_config.eval_every_epochs,
+               select_metric=select_metric,
+               max_skipped_steps=train_config.max_skipped_steps,
+               progress=progress)
+
+
 def train(state: state_lib.TrainState,
           step_fn: Callable,
           pipe: pipeline_lib.TrainPipeline,
+          loop_config: LoopConfig,
           *,
           mesh: jax.sharding.Mesh,
           workdir: str,
-          stage: str,
-          num_epochs: int,
-          steps_per_epoch: int,
-          ckpt_every_steps: int = 1000,
-          log_every_steps: int = 50,
           eval_fn: Optional[EvalFn] = None,
-          eval_every_epochs: int = 0,
-          select_metric: Optional[str] = None,
-          epoch_start_fn: Optional[EpochStartFn] = None,
-          keep_checkpoints: int = 2,
-          max_skipped_steps: int = 10,
-          progress: bool = True) -> tuple[state_lib.TrainState, dict]:
-  """Trains one stage for `num_epochs` epochs, resuming from `workdir`.
+          epoch_start_fn: Optional[EpochStartFn] = None
+          ) -> tuple[state_lib.TrainState, dict]:
+  """Trains one stage as `loop_config` says, resuming from `workdir`.
 
   Args:
     state: the starting state (`create_state`, possibly with params of an
@@ -310,31 +422,16 @@ def train(state: state_lib.TrainState,
     step_fn: jitted (state, batch) -> (state, metrics), e.g.
       `steps.make_cross_step(...)`; it donates the state.
     pipe: the stage's `TrainPipeline` (batch_size per process).
+    loop_config: the stage's length, intervals, selection and limits.
     mesh: the data mesh.
     workdir: the run's folder; this stage writes under workdir/<stage>.
-    stage: the stage's name, e.g. "intra".
-    num_epochs: epochs of the stage (E of the cosine schedule).
-    steps_per_epoch: steps of every epoch, as the optimizer schedule was
-      built with; each epoch's iterator must agree (pseudo-pair epochs must
-      be filled to this length).
-    ckpt_every_steps: checkpoint interval, besides every epoch end.
-    log_every_steps: interval of train metrics (means over the interval).
     eval_fn: state -> metrics (e.g. `evaluate.make_eval_fn`); run after
       every `eval_every_epochs`-th epoch and after the last one.
-    eval_every_epochs: 0 evaluates only after the last epoch (with eval_fn).
-    select_metric: the eval metric whose maximum is the stage's output,
-      kept in workdir/<stage>/best; None keeps the last evaluation. Choose
-      a metric that reads no labels (`evaluate.LABEL_FREE`) when the run
-      has none: R@1 is reported as telemetry ("best") either way.
     epoch_start_fn: optional hook (state, epoch) -> None or a dict with
       "pairs" [M, 2], "labeled" [M] (the epoch's pairing, for pseudo-pair
       pipelines) and/or "metrics" {name: float} to log; called at the start
       of every epoch this run starts (not for an epoch resumed mid-way,
       whose pairing the checkpoint holds).
-    keep_checkpoints: how many of the latest checkpoints to keep.
-    max_skipped_steps: this many steps in a row skipped for a non-finite
-      loss or gradient norm end the stage as diverged (`DivergedError`).
-    progress: show a tqdm bar (process 0).
 
   Returns:
     (state, summary): the state after the last step taken; summary = {
@@ -347,35 +444,25 @@ def train(state: state_lib.TrainState,
   Raises:
     DivergedError: `max_skipped_steps` non-finite steps in a row, or a
       checkpoint with non-finite params (both set aside for the rerun).
-    ValueError: bad arguments, or an epoch whose length differs from
-      `steps_per_epoch`.
+    ValueError: an epoch whose length differs from `steps_per_epoch`, or a
+      starting state not at step 0 without a checkpoint.
   """
-  for name, value in (("num_epochs", num_epochs),
-                      ("steps_per_epoch", steps_per_epoch),
-                      ("ckpt_every_steps", ckpt_every_steps),
-                      ("log_every_steps", log_every_steps),
-                      ("keep_checkpoints", keep_checkpoints),
-                      ("max_skipped_steps", max_skipped_steps)):
-    if int(value) <= 0:
-      raise ValueError(f"train({stage!r}): {name} must be > 0, got {value}.")
-  if eval_every_epochs < 0:
-    raise ValueError(f"train({stage!r}): eval_every_epochs must be >= 0, "
-                     f"got {eval_every_epochs}.")
+  c = loop_config
+  stage, num_epochs, steps_per_epoch = (c.stage, c.num_epochs,
+                                        c.steps_per_epoch)
+  max_skipped_steps, select_metric = c.max_skipped_steps, c.select_metric
   main = parallel.is_main_process()
   ckpt_dir = run_dir.checkpoints_dir(workdir, stage)
-  total = num_epochs * steps_per_epoch
+  total = c.total_steps
 
-  mngr = _manager(ckpt_dir, keep_checkpoints)
-  best_mngr = _manager(run_dir.best_dir(workdir, stage), 1)
+  mngr = checkpoint_manager(ckpt_dir, c.keep_checkpoints)
+  best_mngr = checkpoint_manager(run_dir.best_dir(workdir, stage), 1)
   it = None
   latest = mngr.latest_step()
-  if main:
-    # What a resumed run writes again (the steps after its checkpoint, and
-    # the start of the epoch it begins there) is dropped, not duplicated.
-    at_boundary = latest is not None and latest % steps_per_epoch == 0
-    run_dir.truncate_records(workdir, stage, latest,
-                             ("epoch_start",) if at_boundary else ())
-  writer = records.MetricWriter(run_dir.stage_dir(workdir, stage), enabled=main)
+  # A run resumed at an epoch's end starts the next epoch again.
+  at_boundary = latest is not None and latest % steps_per_epoch == 0
+  drop_rewritten_records(workdir, stage, latest,
+                         ("epoch_start",) if at_boundary else ())
   if latest is not None:
     it = _placeholder_iterator(pipe)
     restored = mngr.restore(latest, args=ocp.args.Composite(
@@ -411,13 +498,13 @@ def train(state: state_lib.TrainState,
              "best": best, "selected": selected, "skipped_steps": 0}
   history = collections.deque(maxlen=_HISTORY)
   skipped_run = 0
-  bar = tqdm.tqdm(total=total, initial=step, desc=stage, unit="step",
-                  disable=not (progress and main))
+  log = StageLog(run_dir.stage_dir(workdir, stage), desc=stage, total=total,
+                 initial=step, progress=c.progress)
   pending = []
-  t0, n0, images = time.perf_counter(), step, 0
+  images = 0
 
   def flush(epoch):
-    nonlocal pending, t0, n0, skipped_run
+    nonlocal pending, skipped_run
     if not pending:
       return
     fetched = jax.device_get(pending)
@@ -434,10 +521,7 @@ def train(state: state_lib.TrainState,
     if skipped_run and not bool(_all_finite(state.params)):
       raise _diverged(stage, mngr, ckpt_dir, list(history), skipped_run,
                       step, False)
-    now = time.perf_counter()
-    metrics = _mean(fetched)
-    metrics["images_per_s"] = images * (step - n0) / max(now - t0, 1e-9)
-    t0, n0 = now, step
+    metrics = log.write(step, epoch, _mean(fetched), images, {"loss": "loss"})
     summary["train"] = metrics
     if metrics["skipped"]:
       summary["skipped_steps"] += int(metrics["skipped"])
@@ -445,10 +529,6 @@ def train(state: state_lib.TrainState,
           "Stage %s: %d of the steps to %d had a non-finite loss or gradient "
           "norm and were skipped (%d so far).", stage, metrics["skipped"],
           step, summary["skipped_steps"])
-    writer.write(step, epoch, "train", metrics)
-    bar.set_postfix({**round_postfix,
-                     "img/s": f"{metrics['images_per_s']:.1f}",
-                     "loss": f"{metrics['loss']:.4f}"})
 
   def save(epoch):
     nonlocal last_saved
@@ -462,24 +542,23 @@ def train(state: state_lib.TrainState,
       run_dir.fault_point("checkpoint", step, mngr.wait_until_finished)
 
   preempted = False
-  round_postfix = {}
   try:
     epoch = step // steps_per_epoch
     while step < total:
       if step % steps_per_epoch == 0:
         plan = dict((epoch_start_fn and epoch_start_fn(state, epoch)) or {})
         if plan.get("metrics"):
-          writer.write(step, epoch, "epoch_start", plan["metrics"])
+          log.writer.write(step, epoch, "epoch_start", plan["metrics"])
           # The round's labels on the bar (the log has every statistic).
           if "num_labels" in plan["metrics"]:
-            round_postfix = {"round": epoch,
-                             "labels": int(plan["metrics"]["num_labels"])}
+            log.postfix = {"round": epoch,
+                           "labels": int(plan["metrics"]["num_labels"])}
         pairs = {k: plan[k] for k in ("pairs", "labeled") if k in plan}
         if it is None:
           it = pipe.iterator(epoch, **pairs)
         else:
           it.set_epoch(epoch, **pairs)
-        t0, n0 = time.perf_counter(), step
+        log.restart(step)
       elif it.epoch != epoch:
         raise ValueError(f"Checkpoint {ckpt_dir}/{latest} holds data epoch "
                          f"{it.epoch} at step {step}, which is epoch {epoch} "
@@ -504,7 +583,7 @@ def train(state: state_lib.TrainState,
         state, metrics = step_fn(state, parallel.to_global(batch, mesh))
         step += 1
         pending.append((step, metrics))
-        bar.update(1)
+        log.bar.update(1)
         if run_dir.fault_requested("sigterm", step):
           os.kill(os.getpid(), signal.SIGTERM)
         # Asked once per step on every process (the sync point counts the
@@ -513,21 +592,21 @@ def train(state: state_lib.TrainState,
         preempted = parallel.preemption_point()
         if preempted and step != epoch_end:
           save(epoch)
-          raise parallel.Preempted(_preempted_message(stage, step, ckpt_dir))
-        if step % log_every_steps == 0:
+          raise parallel.Preempted(preempted_message(stage, step, ckpt_dir))
+        if step % c.log_every_steps == 0:
           flush(epoch)
-        if step % ckpt_every_steps == 0 and step != epoch_end:
+        if step % c.ckpt_every_steps == 0 and step != epoch_end:
           save(epoch)
       flush(epoch)
       epoch += 1
       if eval_fn is not None and (
           epoch == num_epochs
-          or (eval_every_epochs and epoch % eval_every_epochs == 0)):
+          or (c.eval_every_epochs and epoch % c.eval_every_epochs == 0)):
         result = {k: float(v) for k, v in eval_fn(state).items()}
         if run_dir.fault_requested("disagree"):  # This process's own view.
           result = {k: -v for k, v in result.items()}
         summary["eval"] = result
-        writer.write(step, epoch, "eval", result)
+        log.writer.write(step, epoch, "eval", result)
         if select_metric is not None and select_metric not in result:
           raise KeyError(f"eval_fn returned {sorted(result)}, without "
                          f"select_metric {select_metric!r}.")
@@ -554,10 +633,9 @@ def train(state: state_lib.TrainState,
       else:
         save(epoch - 1)
       if preempted:
-        raise parallel.Preempted(_preempted_message(stage, step, ckpt_dir))
+        raise parallel.Preempted(preempted_message(stage, step, ckpt_dir))
   finally:
-    bar.close()
-    writer.close()
+    log.close()
     for m in (mngr, best_mngr):
       m.wait_until_finished()
       m.close()
