@@ -33,7 +33,7 @@ LR = 1e-3
 
 def _model(dtype=jnp.float32):
   return encoder.TwoTower(variant=convnext.Variant((1, 1), (8, 16), False),
-                          head="safa", dtype=dtype,
+                          head="safa", dtype=dtype, drop_path_rate=0.0,
                           depthwise_impl="conv")
 
 

@@ -211,6 +211,18 @@ def test_from_config_builds_custom_and_rejects_bad_values():
     encoder.from_config(ml_collections.ConfigDict(dict(variant="huge")))
 
 
+def test_a_key_the_config_lacks_takes_config_libs_default():
+  # One source of defaults: what from_config does not get is TwoTower's
+  # default, which must be config_lib's (drop path once differed).
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from cvgl_jax import config_lib  # pylint: disable=g-import-not-at-top
+  defaults = config_lib.default_config().model
+  model = encoder.from_config(ml_collections.ConfigDict(dict(variant="base")))
+  for key in ("variant", "head", "share_weights", "num_safa_heads",
+              "drop_path_rate", "remat", "depthwise_impl"):
+    assert getattr(model, key) == defaults[key], key
+
+
 def test_depthwise_implementations_agree_with_grouped_conv():
   x = jax.random.normal(jax.random.key(0), (2, 9, 11, 6))
   ref = nn.Conv(6, (7, 7), padding=3, feature_group_count=6)

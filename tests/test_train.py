@@ -47,7 +47,7 @@ PAIRED_OFF = augment.PairedConfig(flip_p=0.0, rotate_p=0.0)
 def _model():
   return encoder.TwoTower(
       variant=convnext.Variant((1, 1), (8, 16), False),
-      head="gap")
+      head="gap", drop_path_rate=0.0)
 
 
 @pytest.fixture(scope="module")

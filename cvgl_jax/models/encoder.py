@@ -73,7 +73,8 @@ class TwoTower(nn.Module):
     head: "safa" or "gap".
     share_weights: one encoder for both views (Sample4Geo) or two (paper).
     num_safa_heads: SAFA spatial weightings.
-    drop_path_rate: stochastic depth of the backbones (0.2 in the paper).
+    drop_path_rate: stochastic depth of the backbones (the paper's 0.2,
+      as `config_lib`'s default; 0 turns it off).
     dtype: computation dtype; params are float32 and embeddings float32.
     remat: rematerialise backbone blocks in the backward pass.
     depthwise_impl: one of `cvgl_jax.cpu.DEPTHWISE_IMPLS`: how the depthwise
@@ -83,7 +84,7 @@ class TwoTower(nn.Module):
   head: str = "safa"
   share_weights: bool = False
   num_safa_heads: int = 8
-  drop_path_rate: float = 0.0
+  drop_path_rate: float = 0.2
   dtype: Any = jnp.float32
   remat: bool = False
   depthwise_impl: str = "auto"
@@ -118,7 +119,8 @@ def from_config(cfg: ml_collections.ConfigDict) -> TwoTower:
   """Builds a TwoTower from `config.model` (keys as the attributes).
 
   `variant="custom"` takes `depths` and `dims` from the config (tiny models
-  for tests and demos).
+  for tests and demos). A key the config lacks keeps TwoTower's default,
+  which is `config_lib`'s: there is no third set of defaults here.
   """
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
   dtype = cfg.get("dtype", "float32")
@@ -130,13 +132,10 @@ def from_config(cfg: ml_collections.ConfigDict) -> TwoTower:
     variant = convnext.Variant(tuple(cfg.depths), tuple(cfg.dims),
                                conv_mlp=False)
   convnext.get_variant(variant)
-  return TwoTower(
-      variant=variant, head=cfg.get("head", "safa"),
-      share_weights=cfg.get("share_weights", False),
-      num_safa_heads=cfg.get("num_safa_heads", 8),
-      drop_path_rate=cfg.get("drop_path_rate", 0.0),
-      dtype=dtypes[dtype], remat=cfg.get("remat", False),
-      depthwise_impl=cfg.get("depthwise_impl", "auto"))
+  given = {k: cfg[k] for k in ("head", "share_weights", "num_safa_heads",
+                               "drop_path_rate", "remat", "depthwise_impl")
+           if k in cfg}
+  return TwoTower(variant=variant, dtype=dtypes[dtype], **given)
 
 
 # The keys of `config.model` that rebuild a TwoTower (`model_spec`).
