@@ -9,7 +9,7 @@ training pairs labelled (e.g. `no_mutual@10`), the training seed S
 another world of `WORLDS` (`ours_0+dense`: the same rows on a world made
 with other generator settings, so that no conclusion rests on one world;
 the stand-in is the same, its source world does not follow). Every row starts
-from `base()`: the demo config (`configs/synthetic_unsup.py`) on a larger
+from `base()`: the demo config (`config_lib.synthetic_demo`) on a larger
 world -- 2,500 pairs, 2,000 train / 500 val (one query is 0.2 %), so the
 pseudo-labelled set spans many batches -- and changes only what its name
 says:
@@ -46,8 +46,7 @@ says:
 `benchmarks/synthetic_table.py` runs the rows and writes the table.
 """
 
-import importlib.util
-import os
+from cvgl_jax import config_lib
 
 # Second worlds: `config.synthetic` settings besides the benchmark's.
 WORLDS = {
@@ -63,18 +62,9 @@ ROWS = ("ours_0", "ours_10", "ours_0_views", "ours_10_views", "ours_100", "super
         "no_mutual", "no_threshold", "no_curriculum")
 
 
-def _demo_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "synthetic_unsup.py")
-  spec = importlib.util.spec_from_file_location("synthetic_unsup", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def base():
   """The benchmark's common config: the demo's on a 2,500-pair world."""
-  config = _demo_config()
+  config = config_lib.synthetic_demo()
   config.synthetic.num_pairs = 2500
   # The rows compare as the paper (one view, no fake) unless named _views.
   config.pseudo_label.paired_views = 1
