@@ -53,7 +53,7 @@ from cvgl_jax.data.index import PairIndex
 from cvgl_jax.models import encoder
 from cvgl_jax.models import weights
 from cvgl_jax.pseudo import pairing
-from cvgl_jax.pseudo import refine as refine_lib
+from cvgl_jax.pseudo import rounds as rounds_lib
 from cvgl_jax.pseudo import views as views_lib
 from cvgl_jax.train import loop
 from cvgl_jax.train import state as state_lib
@@ -387,87 +387,37 @@ def run_supervised(run: Run) -> dict:
 
 
 def run_pseudo_label(run: Run) -> dict:
-  """Stage 3: rounds of pseudo labelling and partial-label training."""
+  """Stage 3: rounds of pseudo labelling and partial-label training
+  (`pseudo.rounds`: each epoch's pairs from the model of its start)."""
   c, p = run.config, run.config.pseudo_label
   index = run.train
+  problem = missing_fakes(c, index, written=True)
+  if problem:
+    raise config_lib.ConfigError(problem)
   gt_pairs = pairing.gt_subset(index.positive, p.gt_ratio, c.seed)
-  # The warm-up epochs train the true pairs alone. Without any, the
-  # authors' warm-up trains nothing but its epochs still count in the
-  # cosine rate and the curriculum: the stage starts at epoch `warmup`.
-  warmup = p.warmup_epochs
-  first_epoch = 0 if len(gt_pairs) else warmup
-  settings = refine_lib.RefineSettings(
-      tau=p.tau, epochs=p.epochs, mutual=p.mutual,
-      margin_filter=p.margin_filter, curriculum=p.curriculum,
-      keep_ties=index.semi_positives is not None, backend=p.knn_backend)
-  truth = np.asarray(index.positive)
-  pipe = pipeline.pseudo_pairs(index, **_pipe_options(run))
+  views = views_lib.PairingViews(
+      paired_views=p.paired_views,
+      fake_folder=c.cross_fake.fake_folder if p.fake_view else None)
   embed_options = dict(batch_size=parallel.process_batch_size(
                            c.train.eval_batch_size, run.mesh,
                            "train.eval_batch_size"), mesh=run.mesh,
                        num_threads=c.data.num_threads,
                        ground_size=c.data.ground_size,
                        satellite_size=c.data.satellite_size)
-  views = views_lib.PairingViews(
-      paired_views=p.paired_views,
-      fake_folder=c.cross_fake.fake_folder if p.fake_view else None)
-  problem = missing_fakes(c, index, written=True)
-  if problem:
-    raise config_lib.ConfigError(problem)
 
   def make_epoch_start(model):
     embedders = views_lib.make_embedders(model, run.mesh, views)
+    embed = lambda params: views_lib.pairing_embeddings(
+        embedders, params, index, views, **embed_options)
+    return rounds_lib.make_epoch_start(c, index, gt_pairs, embed)
 
-    def epoch_start(state, loop_epoch):
-      epoch = first_epoch + loop_epoch
-      rng = np.random.default_rng([c.seed, epoch])
-      if epoch < warmup:
-        rows, labeled, info = pairing.epoch_rows(
-            np.zeros((0, 2)), gt_pairs, index.num_ground,
-            index.num_satellite, 1.0, rng)
-        return {"pairs": rows, "labeled": labeled,
-                "metrics": dict(info, warmup=1.0,
-                                schedule_epoch=float(epoch))}
-      ground, satellite = views_lib.pairing_embeddings(
-          embedders, state.params, index, views, **embed_options)
-      # Process 0 alone refines and decides the pairing (and whether there
-      # is any): the shards of an epoch fit together, no process raises
-      # alone, and the others do not repeat the search.
-      rows = np.zeros((index.num_ground, 2), np.int64)
-      labeled = np.zeros(index.num_ground, bool)
-      info, stats, problem = {}, {}, ""
-      if parallel.is_main_process():
-        result = refine_lib.refine(ground, satellite, epoch, settings,
-                                   true_positive=truth)
-        stats = result.stats
-        try:
-          rows, labeled, info = pairing.epoch_rows(
-              result.pairs, gt_pairs, index.num_ground, index.num_satellite,
-              p.labeled_ratio, rng)
-        except ValueError as e:
-          problem = str(e)
-      failed, rows, labeled = parallel.from_main_process(
-          (np.bool_(bool(problem)), rows, labeled))
-      if failed:
-        # The config cannot drive this run (one line, exit 2); the earlier
-        # stages are kept and a rerun with a lower tau
-        # (--force_config_change) starts from them.
-        raise config_lib.ConfigError(
-            (problem or "Process 0 found no pseudo or ground-truth labels "
-             "this epoch; its log says more.") + " The finished stages are "
-            "kept: rerun with the change and --force_config_change.")
-      metrics = dict(stats, **info, warmup=0.0, schedule_epoch=float(epoch))
-      # Every statistic is in metrics.jsonl and the end's round table.
-      logging.debug("Pseudo labels, epoch %d: %s", epoch, metrics)
-      return {"pairs": rows, "labeled": labeled, "metrics": metrics}
-    return epoch_start
-
-  summary = _train_stage(run, "pseudo_label", pipe, steps.make_partial_step,
-                         # One row per ground image (`pairing.epoch_rows`).
-                         epoch_rows=index.num_ground,
-                         make_epoch_start=make_epoch_start,
-                         first_epoch=first_epoch, lr=p.lr or None,
-                         carry_optimizer=p.carry_optimizer)
+  summary = _train_stage(
+      run, "pseudo_label", pipeline.pseudo_pairs(index, **_pipe_options(run)),
+      steps.make_partial_step,
+      # One row per ground image (`pairing.epoch_rows`).
+      epoch_rows=index.num_ground, make_epoch_start=make_epoch_start,
+      first_epoch=rounds_lib.first_epoch(gt_pairs, p.warmup_epochs),
+      lr=p.lr or None, carry_optimizer=p.carry_optimizer)
   rounds = records.round_table(run_dir.read_records(run.workdir,
                                                    "pseudo_label"))
   summary["rounds"] = rounds
