@@ -219,8 +219,23 @@ def test_a_key_the_config_lacks_takes_config_libs_default():
   defaults = config_lib.default_config().model
   model = encoder.from_config(ml_collections.ConfigDict(dict(variant="base")))
   for key in ("variant", "head", "share_weights", "num_safa_heads",
-              "drop_path_rate", "remat", "depthwise_impl"):
-    assert getattr(model, key) == defaults[key], key
+              "drop_path_rate", "remat", "depthwise_impl", "dtype"):
+    want = jnp.dtype(defaults[key]) if key == "dtype" else defaults[key]
+    assert getattr(model, key) == want, key
+
+
+def test_two_models_of_one_config_compare_equal():
+  # embed.embed_fns caches per model: the depthwise function the encoder
+  # hands ConvNeXt (cpu.depthwise.for_impl) must not make two builds of one
+  # config differ, or every export and report would compile again.
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(dict(variant="custom", depths=[1, 1],
+                                       dims=[8, 16], depthwise_impl="auto"))
+  a, b = encoder.from_config(cfg), encoder.from_config(cfg)
+  assert a == b and hash(a) == hash(b)
+  x = jnp.zeros((1, 32, 32, 3))
+  tower = lambda m: m.bind(m.init(jax.random.key(0), x, x)).query.backbone
+  assert tower(a).depthwise is tower(b).depthwise
 
 
 def test_depthwise_implementations_agree_with_grouped_conv():

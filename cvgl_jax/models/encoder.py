@@ -123,19 +123,20 @@ def from_config(cfg: ml_collections.ConfigDict) -> TwoTower:
   which is `config_lib`'s: there is no third set of defaults here.
   """
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-  dtype = cfg.get("dtype", "float32")
-  if dtype not in dtypes:
-    raise ValueError(f"config.model.dtype must be one of {sorted(dtypes)}, "
-                     f"got {dtype!r}.")
+  given = {k: cfg[k] for k in ("head", "share_weights", "num_safa_heads",
+                               "drop_path_rate", "remat", "depthwise_impl")
+           if k in cfg}
+  if "dtype" in cfg:
+    if cfg.dtype not in dtypes:
+      raise ValueError(f"config.model.dtype must be one of {sorted(dtypes)}, "
+                       f"got {cfg.dtype!r}.")
+    given["dtype"] = dtypes[cfg.dtype]
   variant = cfg.variant
   if variant == "custom":
     variant = convnext.Variant(tuple(cfg.depths), tuple(cfg.dims),
                                conv_mlp=False)
   convnext.get_variant(variant)
-  given = {k: cfg[k] for k in ("head", "share_weights", "num_safa_heads",
-                               "drop_path_rate", "remat", "depthwise_impl")
-           if k in cfg}
-  return TwoTower(variant=variant, dtype=dtypes[dtype], **given)
+  return TwoTower(variant=variant, **given)
 
 
 # The keys of `config.model` that rebuild a TwoTower (`model_spec`).
