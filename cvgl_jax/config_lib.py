@@ -160,6 +160,12 @@ def default_config() -> ml_collections.ConfigDict:
   # Steps in a row skipped for a non-finite loss that end a stage as
   # diverged (a single bad batch is skipped and the run goes on).
   c.train.max_skipped_steps = 10
+  # Gradient cache (`cvgl_jax/train/grad_cache.py`): take each step's
+  # gradient in chunks of this many rows of the global batch -- the same
+  # InfoNCE over the whole batch, with the activation memory of a batch of
+  # this size, for ~1.3x the time. 0: off. Divides train.batch_size; a
+  # multiple of the device count.
+  c.train.grad_cache_chunk = 0
   # Which checkpoint a stage hands on (to the next stage, the report and
   # the export): "final" -- the last evaluation; "label_free" -- the one
   # with the most mutual nearest pairs above the margin `pseudo_label.tau`
@@ -578,6 +584,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "max_skipped_steps"):
     if t[key] < 1:
       errors.append(f"config.train.{key}={t[key]} must be >= 1")
+  if t.grad_cache_chunk:
+    chunk = t.grad_cache_chunk
+    if chunk < 0 or t.batch_size % chunk:
+      errors.append(f"config.train.grad_cache_chunk={chunk} must divide "
+                    f"config.train.batch_size={t.batch_size} (0 turns the "
+                    "gradient cache off)")
   for stage in TRAINING_STAGES:
     if config[stage].epochs < 1:
       errors.append(f"config.{stage}.epochs must be >= 1")

@@ -96,6 +96,8 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
               "checkpoint_every_steps", "log_every_steps",
               "max_skipped_steps"):
     shaping["train"].pop(key, None)
+  if not shaping["train"].get("grad_cache_chunk"):  # Off: the old hash.
+    shaping["train"].pop("grad_cache_chunk", None)
   text = json.dumps(shaping, sort_keys=True, default=list)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 

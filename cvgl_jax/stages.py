@@ -55,6 +55,7 @@ from cvgl_jax.models import weights
 from cvgl_jax.pseudo import pairing
 from cvgl_jax.pseudo import rounds as rounds_lib
 from cvgl_jax.pseudo import views as views_lib
+from cvgl_jax.train import grad_cache
 from cvgl_jax.train import loop
 from cvgl_jax.train import state as state_lib
 from cvgl_jax.train import steps
@@ -115,6 +116,11 @@ def preflight(config: ml_collections.ConfigDict,
         parallel.check_batch_size(config.train[key], mesh, f"train.{key}")
       except ValueError as e:
         errors.append(f"config.{e}")
+    problem = grad_cache.chunk_problem(config.train.grad_cache_chunk,
+                                       config.train.batch_size,
+                                       mesh.devices.size)
+    if problem:
+      errors.append(f"config.{problem}")
   if "translate" in config.stages:
     try:
       parallel.devices_for_batch(config.translate.batch_size,
@@ -328,6 +334,7 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
           opt_state=state_lib.with_moments_of(state.opt_state, source))
   step_fn = make_step(model, tx, run.mesh,
                       label_smoothing=c[stage].label_smoothing,
+                      grad_cache_chunk=c.train.grad_cache_chunk,
                       **augment.from_config(c.augment, stage == "intra"))
   eval_fn = evaluate.make_eval_fn(
       model, run.eval, ground_size=c.data.ground_size,

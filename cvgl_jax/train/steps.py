@@ -19,6 +19,13 @@ batch, which JAX makes independent of how the batch is sharded, so a step
 on 8 devices computes what it computes on 1 (up to the order of float
 sums).
 
+With `grad_cache_chunk` = K > 0 the gradient is taken in chunks of K rows
+of the global batch (`cvgl_jax.train.grad_cache`): the same loss over the
+same global batch -- every negative, across every device -- with the
+activation memory of a batch of K, for one more forward pass per image. K
+divides the global batch and is a multiple of the device count; 0 (the
+default) takes the gradient in one pass.
+
 Metrics (float32 scalars, replicated): loss, lr (the rate of this update),
 logit_scale (exp(t)), grad_norm (global L2 norm of the gradients), skipped
 (1 when a non-finite loss or gradient norm left the state unchanged), and the
@@ -46,6 +53,7 @@ import optax
 
 from cvgl_jax import parallel
 from cvgl_jax.data import augment
+from cvgl_jax.train import grad_cache
 from cvgl_jax.train import losses
 from cvgl_jax.train import state as state_lib
 
@@ -99,6 +107,26 @@ def _jit(step, mesh, keys):
   return run
 
 
+def _gradients(embed, loss_fn, params, views, key, grad_cache_chunk):
+  """(grads, metrics) of loss_fn(params, embed(params, views, key)): in one
+  pass, or in chunks of `grad_cache_chunk` rows (`grad_cache`)."""
+  if not grad_cache_chunk:
+    return jax.grad(lambda p: loss_fn(p, embed(p, views, key)),
+                    has_aux=True)(params)
+  return grad_cache.gradients(embed, loss_fn, params, views, key,
+                              chunk=grad_cache_chunk)
+
+
+def _check_options(label_smoothing, grad_cache_chunk, mesh):
+  """Raises ValueError for a smoothing outside [0, 1) or a chunk that does
+  not spread over the mesh's devices (the batch is checked when traced)."""
+  n = mesh.devices.size
+  if grad_cache_chunk < 0 or grad_cache_chunk % n:
+    raise ValueError(f"grad_cache_chunk={grad_cache_chunk} must be 0 (off) "
+                     f"or a positive multiple of the mesh's {n} devices.")
+  _check_smoothing(label_smoothing)
+
+
 def _check_smoothing(label_smoothing):
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(f"label_smoothing must lie in [0, 1), got "
@@ -111,19 +139,36 @@ def make_intra_step(model: nn.Module, tx: optax.GradientTransformation,
                     satellite_aug: augment.ViewConfig = (
                         augment.satellite_view()),
                     satellite_aug2: augment.ViewConfig = (
-                        augment.satellite_second_view())) -> StepFn:
+                        augment.satellite_second_view()),
+                    grad_cache_chunk: int = 0) -> StepFn:
   """Stage 1 step (intra-view); batch {"ground", "satellite"} uint8.
 
   Both ground views use `ground_aug`; the satellite views use
   `satellite_aug` and `satellite_aug2` (the second also warped harder).
+  `grad_cache_chunk`: see the module docstring.
   """
-  _check_smoothing(label_smoothing)
+  _check_options(label_smoothing, grad_cache_chunk, mesh)
   dtype = model.dtype
 
-  def embed(module, g1, g2, s1, s2):
+  def embed_views(module, g1, g2, s1, s2):
     return (module.embed_ground(g1, True), module.embed_ground(g2, True),
-            module.embed_satellite(s1, True), module.embed_satellite(s2, True),
-            module.logit_scale)
+            module.embed_satellite(s1, True), module.embed_satellite(s2, True))
+
+  def embed(params, views, key):
+    return model.apply({"params": params}, *views, method=embed_views,
+                       rngs={"dropout": key})
+
+  def loss_fn(params, embeddings):
+    g1, g2, s1, s2 = embeddings
+    t = params["logit_scale"]
+    loss_g, m_g = losses.info_nce(g1, g2, t, label_smoothing, mesh=mesh)
+    loss_s, m_s = losses.info_nce(s1, s2, t, label_smoothing, mesh=mesh)
+    metrics = {f"ground/{k}": v for k, v in m_g.items() if k != "logit_scale"}
+    metrics.update(
+        {f"satellite/{k}": v for k, v in m_s.items() if k != "logit_scale"})
+    loss = loss_g + loss_s
+    metrics.update(loss=loss, logit_scale=m_g["logit_scale"])
+    return loss, metrics
 
   def step(st, batch):
     k_g1, k_g2, k_s1, k_s2, k_drop = _keys(st, 5)
@@ -132,44 +177,38 @@ def make_intra_step(model: nn.Module, tx: optax.GradientTransformation,
              augment.augment_batch(k_g2, g, ground_aug),
              augment.augment_batch(k_s1, s, satellite_aug),
              augment.augment_batch(k_s2, s, satellite_aug2)]
-    views = [augment.normalize(v, dtype) for v in views]
-
-    def loss_fn(params):
-      g1, g2, s1, s2, t = model.apply({"params": params}, *views,
-                                      method=embed, rngs={"dropout": k_drop})
-      loss_g, m_g = losses.info_nce(g1, g2, t, label_smoothing, mesh=mesh)
-      loss_s, m_s = losses.info_nce(s1, s2, t, label_smoothing, mesh=mesh)
-      metrics = {f"ground/{k}": v for k, v in m_g.items() if k != "logit_scale"}
-      metrics.update(
-          {f"satellite/{k}": v for k, v in m_s.items() if k != "logit_scale"})
-      loss = loss_g + loss_s
-      metrics.update(loss=loss, logit_scale=m_g["logit_scale"])
-      return loss, metrics
-
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(st.params)
+    views = tuple(augment.normalize(v, dtype) for v in views)
+    grads, metrics = _gradients(embed, loss_fn, st.params, views, k_drop,
+                                grad_cache_chunk)
     return _update(st, tx, grads, metrics)
 
   return _jit(step, mesh, ("ground", "satellite"))
 
 
 def _pair_step(model, tx, mesh, label_smoothing, ground_aug, satellite_aug,
-               paired_aug, partial):
-  _check_smoothing(label_smoothing)
+               paired_aug, partial, grad_cache_chunk):
+  _check_options(label_smoothing, grad_cache_chunk, mesh)
   dtype = model.dtype
+
+  def embed(params, views, key):
+    zq, zr, _ = model.apply({"params": params}, *views, train=True,
+                            rngs={"dropout": key})
+    return zq, zr
 
   def step(st, batch):
     k_aug, k_drop = _keys(st, 2)
     g, s = augment.augment_pairs(k_aug, batch["ground"], batch["satellite"],
                                  ground_aug, satellite_aug, paired_aug)
-    g, s = augment.normalize(g, dtype), augment.normalize(s, dtype)
+    views = (augment.normalize(g, dtype), augment.normalize(s, dtype))
     valid = batch["labeled"].astype(bool) if partial else None
 
-    def loss_fn(params):
-      zq, zr, t = model.apply({"params": params}, g, s, train=True,
-                              rngs={"dropout": k_drop})
-      return losses.info_nce(zq, zr, t, label_smoothing, valid, mesh=mesh)
+    def loss_fn(params, embeddings):
+      zq, zr = embeddings
+      return losses.info_nce(zq, zr, params["logit_scale"], label_smoothing,
+                             valid, mesh=mesh)
 
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(st.params)
+    grads, metrics = _gradients(embed, loss_fn, st.params, views, k_drop,
+                                grad_cache_chunk)
     return _update(st, tx, grads, metrics)
 
   keys = ("ground", "satellite") + (("labeled",) if partial else ())
@@ -181,15 +220,16 @@ def make_cross_step(model: nn.Module, tx: optax.GradientTransformation,
                     ground_aug: augment.ViewConfig = augment.ground_view(),
                     satellite_aug: augment.ViewConfig = (
                         augment.satellite_view()),
-                    paired_aug: augment.PairedConfig = augment.PairedConfig()
-                    ) -> StepFn:
+                    paired_aug: augment.PairedConfig = augment.PairedConfig(),
+                    grad_cache_chunk: int = 0) -> StepFn:
   """Cross-view step; batch {"ground", "satellite"} uint8, row i a pair.
 
   label_smoothing: 0.3 for stage 2 (fake satellite images), 0.1 for the
   supervised stage on true pairs.
   """
   return _pair_step(model, tx, mesh, label_smoothing, ground_aug,
-                    satellite_aug, paired_aug, partial=False)
+                    satellite_aug, paired_aug, partial=False,
+                    grad_cache_chunk=grad_cache_chunk)
 
 
 def make_partial_step(model: nn.Module, tx: optax.GradientTransformation,
@@ -199,9 +239,11 @@ def make_partial_step(model: nn.Module, tx: optax.GradientTransformation,
                       satellite_aug: augment.ViewConfig = (
                           augment.satellite_view()),
                       paired_aug: augment.PairedConfig = (
-                          augment.PairedConfig())) -> StepFn:
+                          augment.PairedConfig()),
+                      grad_cache_chunk: int = 0) -> StepFn:
   """Stage 3 step; batch {"ground", "satellite", "labeled" [B] bool}:
   unlabelled rows and columns target the "no match" class."""
   return _pair_step(model, tx, mesh, label_smoothing, ground_aug,
-                    satellite_aug, paired_aug, partial=True)
+                    satellite_aug, paired_aug, partial=True,
+                    grad_cache_chunk=grad_cache_chunk)
 
