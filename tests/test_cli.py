@@ -68,6 +68,9 @@ def test_each_mistake_is_one_line_and_exit_2(tmp_path):
                     "--config.train.lr=abc"),
       "out of range": (main + ["--config.train.lr=-1"],
                        "config.train.lr=-1.0 must be > 0"),
+      "cache chunk": (main + ["--config.train.grad_cache_chunk=12"],
+                      "grad_cache_chunk=12 must divide config.train."
+                      "batch_size=32"),
       "bad stage": (main + ["--config.stages=('cfp','trnslate')"],
                     "'trnslate' (did you mean 'translate'?)"),
       "unknown flag": (main + ["--bogus"], "Unknown command line flag"),

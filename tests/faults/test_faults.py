@@ -540,6 +540,7 @@ def test_job_mistakes_are_named_before_any_stage_runs(tmp_path):
   config.model.pretrained = path
   config.model.dims = (8, 24)   # Not the file's variant.
   config.train.batch_size = 12  # Does not split over 8 devices.
+  config.train.grad_cache_chunk = 4  # Divides 12, but not over 8 devices.
   config.stages = ("cfp", "supervised")
   with pytest.raises(config_lib.ConfigError) as e:
     stages.preflight(config, parallel.make_mesh())
@@ -547,9 +548,17 @@ def test_job_mistakes_are_named_before_any_stage_runs(tmp_path):
   assert "train.batch_size: the global batch 12" in message
   assert f"config.model.pretrained='{path}'" in message
   assert "wrong shapes" in message
+  assert "train.grad_cache_chunk=4 must be a multiple of the 8 devices" in (
+      message)
   config.model.dims = (8, 16)
   config.train.batch_size = 16
+  config.train.grad_cache_chunk = 8
   stages.preflight(config, parallel.make_mesh())  # The file fits: no error.
   config.train.lr = -1e-4
   with pytest.raises(config_lib.ConfigError, match=r"train.lr=-0.0001 must"):
+    config_lib.validate(config)
+  config.train.lr, config.train.grad_cache_chunk = 1e-4, 6
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"grad_cache_chunk=6 must divide config.train."
+                     r"batch_size=16"):
     config_lib.validate(config)
