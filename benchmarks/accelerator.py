@@ -37,7 +37,6 @@ in the table's title.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 from absl import app

@@ -34,7 +34,6 @@ import statistics
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cvgl_jax import config_lib

@@ -4,7 +4,6 @@ on the CPU and prints its one table."""
 
 import os
 import re
-import subprocess
 import sys
 
 import processes
