@@ -123,7 +123,7 @@ def main(argv):
         + (" ms / sample |" if _TIME.value else ""))
   print("| --- | --- | --- | --- |" + (" --- |" if _TIME.value else ""))
   for name, r in rows.items():
-    print(f"| {name} | {r['args']:.1f} | {r['temp']:.1f} | {r['peak']:.1f} |"
+    print(f"| {name} | {r['args']:,.1f} | {r['temp']:,.1f} | {r['peak']:,.1f} |"
           + (f" {r['ms_per_sample']:.2f} |" if _TIME.value else ""))
   plain, cached, small = (rows[n] for n in variants)
   print(f"cached {big}/{chunk}: temporaries {cached['temp'] / plain['temp']:.2f}x "
