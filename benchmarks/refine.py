@@ -149,10 +149,48 @@ def run_variant(args):
   _, peak = tracemalloc.get_traced_memory()
   maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   np.save(args.out, np.asarray(pairs, np.int64))
-  print(json.dumps({"variant": args.variant, "n": args.n, "s": seconds,
-                    "pairs": len(pairs), "rss_extra_mb": maxrss - base,
-                    "maxrss_mb": maxrss, "tracemalloc_mb": peak / 2**20,
-                    "load": os.getloadavg()[0]}))
+  row = {"variant": args.variant, "n": args.n, "s": seconds,
+         "pairs": len(pairs), "rss_extra_mb": maxrss - base,
+         "maxrss_mb": maxrss, "tracemalloc_mb": peak / 2**20,
+         "load": os.getloadavg()[0]}
+  if args.variant == "scann":
+    row["where"] = where_the_time_goes(g, s)
+  print(json.dumps(row))
+
+
+def where_the_time_goes(g, s):
+  """Seconds of each part of ours' ScaNN cross search, run again part by
+  part (knn's reduced path: PCA, then per direction the index build, the
+  search and the exact re-scoring; refine's own bookkeeping is the rest)."""
+  # pylint: disable-next=g-import-not-at-top
+  from cvgl_jax.pseudo import knn
+  o = knn.ScannOptions()
+  parts, t = {}, time.perf_counter()
+  reduced = knn._reduction(o, g, s)  # pylint: disable=protected-access
+  if reduced is None:
+    return {}
+  parts["pca"] = time.perf_counter() - t
+  for name, full, small, k in (("g2s", (g, s), reduced, 4),
+                               ("s2g", (s, g), reduced[::-1], 1)):
+    n = len(full[1])
+    leaves = max(16, int(np.sqrt(n)))
+    want = max(k, o.candidates)
+    options = knn.ScannOptions(
+        brute_force_max=n + 1, num_leaves=leaves,
+        num_leaves_to_search=max(8, round(
+            knn.reduced_leaves_share(n) * leaves)))
+    t = time.perf_counter()
+    searcher = knn.scann_searcher(small[1], want, options)
+    parts[f"{name}_build"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cand, scores = searcher.search_batched_parallel(
+        small[0], final_num_neighbors=want, batch_size=o.batch_size)
+    parts[f"{name}_search"] = time.perf_counter() - t
+    t = time.perf_counter()
+    knn._rescore(*full, np.asarray(cand, np.int64),  # pylint: disable=protected-access
+                 np.isfinite(scores), k)
+    parts[f"{name}_rescore"] = time.perf_counter() - t
+  return {k: round(v, 2) for k, v in parts.items()}
 
 
 def check_million(args):
@@ -248,6 +286,12 @@ def main():
             print(f"N={n} {v}: agreement with exact "
                   f"{len(ref & got) / max(1, len(ref)):.4f}, "
                   f"{len(got - ref)} pairs exact lacks", flush=True)
+      for ours_v in ("exact", "scann"):
+        for theirs in ("authors_chunk", "authors_dense"):
+          if "s" in rows.get(ours_v, {}) and "s" in rows.get(theirs, {}):
+            print(f"N={n}: ours ({ours_v}) {rows[ours_v]['s']:.1f} s vs "
+                  f"{theirs} {rows[theirs]['s']:.1f} s: "
+                  f"{rows[theirs]['s'] / rows[ours_v]['s']:.1f}x", flush=True)
     if args.million:
       r = spawn(["--variant", "million", "--n", "1000000", "--check",
                  str(args.check), "--leaves-to-search",

@@ -110,3 +110,73 @@ def test_leaves_searched_grow_with_the_database():
   shares = [knn.leaves_to_search(n, 1_000) for n in
             (10 ** 5, 2 * 10 ** 5, 5 * 10 ** 5, 10 ** 6, 3 * 10 ** 6)]
   assert shares == sorted(shares) and shares[0] < shares[-1]
+
+
+def clustered_pairs(n, d, seed, spread=0.3, noise=0.5):
+  """Neighbourhoods of 16 look-alike places; ground and satellite are noisy
+  unit copies of their place."""
+  rng = np.random.default_rng(seed)
+  places = np.repeat(rng.standard_normal((n // 16, d)), 16, axis=0)
+  places += spread * rng.standard_normal(places.shape)
+  g = places + noise * rng.standard_normal(places.shape)
+  s = places + noise * rng.standard_normal(places.shape)
+  return tuple((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(
+      np.float32) for x in (g, s))
+
+
+def test_pca_basis_keeps_the_inner_products_of_low_rank_rows():
+  rng = np.random.default_rng(9)
+  x = rng.standard_normal((3_000, 12)) @ rng.standard_normal((12, 64))
+  x = x.astype(np.float32)
+  basis = knn.pca_basis([x[:1_000], x[1_000:]], 12, sample=1_500)
+  assert basis.shape == (64, 12) and basis.dtype == np.float32
+  np.testing.assert_allclose(basis.T @ basis, np.eye(12), atol=1e-5)
+  reduced = x @ basis
+  np.testing.assert_allclose(reduced[:50] @ reduced[50:100].T,
+                             x[:50] @ x[50:100].T, rtol=1e-3, atol=1e-3)
+
+
+def test_rescore_ranks_by_exact_score_and_drops_padding():
+  q, db = random_unit(3, 8, 10), random_unit(20, 8, 11)
+  db[7] = db[4]  # A tie: the lower row comes first, as the exact backend.
+  cand = np.array([[7, 4, 0, 2], [5, 0, 9, 0], [1, 3, 4, 7]])
+  found = np.array([[1, 1, 0, 1], [1, 0, 1, 0], [1, 1, 1, 1]], bool)
+  scores, rows = knn._rescore(q, db, cand, found, 3)
+  full = q @ db.T
+  for i in range(3):
+    real = [c for c, f in zip(cand[i], found[i]) if f]
+    want = sorted(real, key=lambda c: (-full[i, c], c))[:3]
+    want += [None] * (3 - len(want))
+    for got_row, got_score, w in zip(rows[i], scores[i], want):
+      if w is None:
+        assert got_score == -np.inf  # Padding never outranks a real row.
+      else:
+        assert (got_row, got_score) == (w, pytest.approx(full[i, w],
+                                                         abs=1e-6))
+  tied = [r for r in rows[0] if r in (4, 7)]
+  assert tied == [4, 7] or tied == [4]  # The tie, lower row first.
+
+
+def test_reduced_search_finds_the_exact_mutual_pairs(monkeypatch):
+  # 24k pairs in 256-d: the PCA path (128-d candidates, a k-means tree with
+  # 20 % of the leaves visited, brute force inside), re-scored exactly.
+  g, s = clustered_pairs(24_000, 256, 12)
+  calls = []
+  rescore = knn._rescore
+  monkeypatch.setattr(knn, "_rescore",
+                      lambda *a, **k: calls.append(1) or rescore(*a, **k))
+  exact = knn.cross_topk(g, s, 2, backend="exact")
+  approx = knn.cross_topk(g, s, 2, backend="scann")
+  assert len(calls) == 2  # Both directions went through the PCA path.
+  pairs_exact, pairs_approx = mutual_pairs(exact), mutual_pairs(approx)
+  assert 0.3 * len(g) < len(pairs_exact) < len(g)
+  assert len(pairs_exact & pairs_approx) >= 0.99 * len(pairs_exact)
+  assert len(pairs_approx - pairs_exact) <= 0.01 * len(pairs_exact)
+  # The scores returned are exact inner products of the rows returned.
+  rows = np.arange(len(g))
+  np.testing.assert_allclose(
+      approx.g2s_scores[:, 0],
+      np.einsum("nd,nd->n", g, s[approx.g2s_indices[:, 0]]), atol=1e-5)
+  np.testing.assert_allclose(
+      approx.s2g_scores, np.einsum("nd,nd->n", s[rows],
+                                   g[approx.s2g_indices]), atol=1e-5)

@@ -16,7 +16,19 @@ Backends:
          argmax come from the same chunk, so the second matrix (s @ g.T) of
          the authors' code is never computed.
   scann  `scann.scann_ops_pybind` (CPU, no TensorFlow), configured from the
-         database size: brute force below `brute_force_max` rows; above it
+         database size. Below `reduced_max` database rows and for inputs
+         of more than `reduce_dims` dimensions (the pseudo-label stage's
+         all-vs-all search of 1024-8192-d descriptors), the candidates
+         are found in a PCA space: both piles projected on the top
+         `reduce_dims` eigenvectors of their (uncentred) second moment,
+         searched by ScaNN (a k-means tree, `reduced_leaves_share` of the
+         leaves visited, brute force inside them) for `candidates` rows
+         per query, which are then re-scored exactly in the full space: the
+         tree search touches 128 dimensions where the full space costs
+         1024, and no quantizer is trained (benchmarks/refine.py and
+         BUILD_NOTES.md have the times and the share of the exact pairs
+         kept). Otherwise: brute force below
+         `brute_force_max` rows; above it
          a k-means partition tree (~sqrt(N) leaves, of which
          `leaves_to_search` visits 10 % up to 100k rows, rising to 25 %
          at 1M: all-vs-all mutual matching on clustered data found
@@ -33,8 +45,7 @@ Backends:
          ScaNN is brute force anyway), whenever an accelerator is present,
          or where ScaNN is not installed (it ships x86-64 Linux wheels
          only: aarch64 nodes such as GH200 run without it); ScaNN
-         otherwise (at 35k x 35k x 1024 on the 2-core CPU: exact 66 s,
-         ScaNN 31 s).
+         otherwise.
 
 Inputs are float32 [N, D]; for cosine similarity L2-normalise them first.
 Scores are inner products (larger is closer); indices are int64.
@@ -46,7 +57,7 @@ import dataclasses
 import functools
 import importlib.util
 import math
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +86,16 @@ class ScannOptions:
     reorder: candidates re-scored exactly (default max(100, 4 k)).
     batch_size: queries per `search_batched_parallel` batch.
     num_threads: search threads (0: ScaNN's default, all cores).
+    reduce_dims: PCA dimensions of the candidate search (0: search the full
+      space); used for inputs of more dimensions and databases below
+      `reduced_max` rows.
+    candidates: rows per query found in the PCA space and re-scored
+      exactly (at least k).
+    reduced_max: from this many database rows on, the full-space
+      configuration (tree + asymmetric hashing) is used instead.
+    reduced_share: share of the tree's leaves visited in the PCA space
+      (default `reduced_leaves_share(N)`; more than in the full space: the
+      projection blurs the partition).
   """
   brute_force_max: int = 20_000
   tree_min: int = 20_000
@@ -86,6 +107,10 @@ class ScannOptions:
   reorder: int | None = None
   batch_size: int = 256
   num_threads: int = 0
+  reduce_dims: int = 128
+  candidates: int = 32
+  reduced_max: int = 250_000
+  reduced_share: float | None = None
 
 
 class CrossNeighbours(NamedTuple):
@@ -278,7 +303,92 @@ def scann_searcher(database: np.ndarray, k: int, options: ScannOptions):
   return searcher
 
 
-def _scann_knn(queries, database, k, options):
+def reduced_leaves_share(n: int) -> float:
+  """Default share of the leaves the PCA-space search visits for an
+  `n`-row database: 0.2 up to 40k rows, rising with log n to 0.3 from
+  100k. Measured (benchmarks/refine.py, 1024-d, 32 candidates): 0.2 kept
+  99.5 % of the exact mutual pairs at 35,532 but 98.4 % at 105,214, where
+  0.25 kept 99.1 % and 0.3 99.45 %."""
+  growth = math.log(max(n, 40_000) / 40_000) / math.log(100_000 / 40_000)
+  return min(0.3, 0.2 + 0.1 * growth)
+
+
+def pca_basis(piles: Sequence[np.ndarray], dims: int, sample: int = 16_384,
+              seed: int = 0) -> np.ndarray:
+  """[D, dims] float32: the top eigenvectors of the uncentred second
+  moment of the rows of `piles` (arrays [N_i, D]; a random sample of
+  `sample` rows of them all, drawn without copying the piles), the
+  subspace that keeps most of their inner products."""
+  sizes = np.array([len(p) for p in piles])
+  rows = np.random.default_rng(seed).choice(
+      sizes.sum(), min(sample, sizes.sum()), replace=False)
+  which = np.searchsorted(np.cumsum(sizes), rows, side="right")
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  x = np.concatenate([piles[i][np.sort(rows[which == i] - starts[i])]
+                      for i in range(len(piles))]).astype(np.float64)
+  _, vectors = np.linalg.eigh(x.T @ x)
+  return np.ascontiguousarray(vectors[:, ::-1][:, :dims], np.float32)
+
+
+def _reduction(options: ScannOptions, *piles: np.ndarray):
+  """`piles` projected on their PCA basis for the reduced search, or None
+  where the full-space configuration applies."""
+  dims = piles[0].shape[1]
+  largest = max(len(p) for p in piles)
+  if not 0 < options.reduce_dims < dims or largest >= options.reduced_max:
+    return None
+  basis = pca_basis(piles, options.reduce_dims)
+  return tuple(p @ basis for p in piles)
+
+
+def _rescore(queries, database, candidates, found, k, rows=128):
+  """Each query's top k of its candidate rows by exact inner product.
+
+  Args:
+    queries: [Nq, D]; database: [Nd, D] float32.
+    candidates: [Nq, C] int64 database rows; `found` [Nq, C] bool marks the
+      real ones (ScaNN pads a short list with row 0 and a NaN score).
+    k: <= C.
+
+  Returns:
+    scores [Nq, k] float32 and indices [Nq, k] int64, best first; equal
+    scores in row order, as the exact backend.
+  """
+  scores = np.empty((len(queries), k), np.float32)
+  indices = np.empty((len(queries), k), np.int64)
+  for start in range(0, len(queries), rows):
+    cand = candidates[start:start + rows]
+    exact = np.matmul(database[cand],
+                      queries[start:start + rows, :, None])[..., 0]
+    exact = np.where(found[start:start + rows], exact, -np.inf)
+    order = np.lexsort((cand, -exact), axis=-1)[:, :k]
+    scores[start:start + rows] = np.take_along_axis(exact, order, 1)
+    indices[start:start + rows] = np.take_along_axis(cand, order, 1)
+  return scores, indices
+
+
+def _scann_knn(queries, database, k, options, reduced=None):
+  """ScaNN's top k; with `reduced` (queries and database in the PCA space)
+  the candidates come from there and are re-scored in the full space."""
+  if reduced is not None:
+    n = len(database)
+    leaves = options.num_leaves or max(16, int(math.sqrt(n)))
+    reduced_options = dataclasses.replace(
+        options, brute_force_max=n + 1, num_leaves=leaves,
+        num_leaves_to_search=(
+            options.num_leaves_to_search
+            or min(leaves, max(8, round(
+                (options.reduced_share or reduced_leaves_share(n))
+                * leaves)))))
+    want = min(n, max(k, options.candidates))
+    searcher = scann_searcher(reduced[1], want, reduced_options)
+    cand, cand_scores = searcher.search_batched_parallel(
+        reduced[0], final_num_neighbors=want,
+        batch_size=options.batch_size)
+    cand_scores = np.asarray(cand_scores).reshape(-1, want)
+    return _rescore(queries, database,
+                    np.asarray(cand, np.int64).reshape(-1, want),
+                    np.isfinite(cand_scores), k)
   searcher = scann_searcher(database, k, options)
   indices, scores = searcher.search_batched_parallel(
       queries, final_num_neighbors=k, batch_size=options.batch_size)
@@ -309,7 +419,8 @@ def knn(queries, database, k: int, backend: str = "auto", *,
   options = scann_options(scann_overrides)
   if _backend(backend, len(queries), len(database)) == "exact":
     return _exact_knn(queries, database, k, chunk_bytes)
-  return _scann_knn(queries, database, k, options)
+  return _scann_knn(queries, database, k, options,
+                    _reduction(options, queries, database))
 
 
 def cross_topk(ground, satellite, k: int, backend: str = "auto", *,
@@ -336,6 +447,8 @@ def cross_topk(ground, satellite, k: int, backend: str = "auto", *,
   options = scann_options(scann_overrides)
   if _backend(backend, len(ground), len(satellite)) == "exact":
     return _exact_cross(ground, satellite, k, chunk_bytes)
-  g_s, g_i = _scann_knn(ground, satellite, k, options)
-  s_s, s_i = _scann_knn(satellite, ground, 1, options)
+  reduced = _reduction(options, ground, satellite)  # One basis for both.
+  g_s, g_i = _scann_knn(ground, satellite, k, options, reduced)
+  s_s, s_i = _scann_knn(satellite, ground, 1, options,
+                        reduced and reduced[::-1])
   return CrossNeighbours(g_s, g_i, s_s[:, 0], s_i[:, 0])
