@@ -172,15 +172,10 @@ def where_the_time_goes(g, s):
   parts["pca"] = time.perf_counter() - t
   for name, full, small, k in (("g2s", (g, s), reduced, 4),
                                ("s2g", (s, g), reduced[::-1], 1)):
-    n = len(full[1])
-    leaves = max(16, int(np.sqrt(n)))
     want = max(k, o.candidates)
-    options = knn.ScannOptions(
-        brute_force_max=n + 1, num_leaves=leaves,
-        num_leaves_to_search=max(8, round(
-            knn.reduced_leaves_share(n) * leaves)))
     t = time.perf_counter()
-    searcher = knn.scann_searcher(small[1], want, options)
+    searcher = knn.scann_searcher(small[1], want,
+                                  knn.reduced_options(o, len(full[1])))
     parts[f"{name}_build"] = time.perf_counter() - t
     t = time.perf_counter()
     cand, scores = searcher.search_batched_parallel(

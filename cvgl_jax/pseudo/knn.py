@@ -367,21 +367,25 @@ def _rescore(queries, database, candidates, found, k, rows=128):
   return scores, indices
 
 
+def reduced_options(options: ScannOptions, n: int) -> ScannOptions:
+  """How `scann_searcher` indexes an `n`-row pile in the PCA space: a tree
+  (from `tree_min` rows), brute force inside the leaves, and
+  `reduced_share` (else `reduced_leaves_share(n)`) of them visited."""
+  leaves = options.num_leaves or max(16, int(math.sqrt(n)))
+  share = options.reduced_share or reduced_leaves_share(n)
+  return dataclasses.replace(
+      options, brute_force_max=n + 1, num_leaves=leaves,
+      num_leaves_to_search=(options.num_leaves_to_search or min(
+          leaves, max(8, round(share * leaves)))))
+
+
 def _scann_knn(queries, database, k, options, reduced=None):
   """ScaNN's top k; with `reduced` (queries and database in the PCA space)
   the candidates come from there and are re-scored in the full space."""
   if reduced is not None:
     n = len(database)
-    leaves = options.num_leaves or max(16, int(math.sqrt(n)))
-    reduced_options = dataclasses.replace(
-        options, brute_force_max=n + 1, num_leaves=leaves,
-        num_leaves_to_search=(
-            options.num_leaves_to_search
-            or min(leaves, max(8, round(
-                (options.reduced_share or reduced_leaves_share(n))
-                * leaves)))))
     want = min(n, max(k, options.candidates))
-    searcher = scann_searcher(reduced[1], want, reduced_options)
+    searcher = scann_searcher(reduced[1], want, reduced_options(options, n))
     cand, cand_scores = searcher.search_batched_parallel(
         reduced[0], final_num_neighbors=want,
         batch_size=options.batch_size)
