@@ -365,3 +365,66 @@ def test_without_bev_the_panoramas_are_translated(tmp_path):
   assert not os.path.exists(os.path.join(index.root, "g2a"))
   fakes = [image_io.read_rgb(p) for p in index.derived_paths("g2a_sat")]
   assert all(f.shape == (32, 32, 3) for f in fakes)
+
+
+def test_two_steps_equal_the_official_pytorch_cyclegan():
+  # tests/golden/make_cyclegan_golden.py: the official networks, losses,
+  # update order and Adam in PyTorch (benchmarks/torch_cyclegan.py), two
+  # steps of batch 2 from non-zero biases, history pool off.
+  golden = np.load(os.path.join(os.path.dirname(__file__), "golden",
+                                "cyclegan_golden.npz"))
+  c = json.loads(str(golden["config"]))
+  config = tiny_config(ngf=c["ngf"], ndf=c["ndf"], n_blocks=c["n_blocks"],
+                       n_layers_d=c["n_layers_d"], crop_size=c["size"],
+                       load_size=c["size"], pool_size=c["pool_size"])
+  model = tr.get_model(config)
+  official = lambda when: {k.split("/", 1)[1]: golden[k] for k in golden
+                           if k.startswith(when + "/")}
+  params_g, params_d = tr.from_official(official("init"), c["n_blocks"],
+                                        c["n_layers_d"])
+  state = model.init(jax.random.PRNGKey(0), steps_per_epoch=100)
+  assert (jax.tree.structure(params_g) ==
+          jax.tree.structure(state.params_g))
+  state = state.replace(params_g=params_g, params_d=params_d,
+                        opt_g=model.tx.init(params_g),
+                        opt_d=model.tx.init(params_d))
+  step = jax.jit(model.train_step)
+  # Official names -> ours: G_A is g_ab, D_A judges B (our d_b).
+  ours = {"D_A": "d_b", "G_A": "g_gan_ab", "cycle_A": "cycle_a",
+          "idt_A": "idt_b", "D_B": "d_a", "G_B": "g_gan_ba",
+          "cycle_B": "cycle_b", "idt_B": "idt_a"}
+  for i in range(c["steps"]):
+    state, metrics = step(state, {"a": golden[f"a_{i}"],
+                                  "b": golden[f"b_{i}"]},
+                          jax.random.PRNGKey(i))
+    got = [float(metrics[ours[name]]) for name in
+           ("D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B",
+            "idt_B")]
+    np.testing.assert_allclose(got, golden[f"losses_{i}"], rtol=2e-5)
+  want_g, want_d = tr.from_official(official("final"), c["n_blocks"],
+                                    c["n_layers_d"])
+  init_g, _ = tr.from_official(official("init"), c["n_blocks"],
+                               c["n_layers_d"])
+  # A bias followed by instance norm cancels out: its true gradient is 0,
+  # and Adam scales the float noise in its place to steps of +-lr, whose
+  # signs differ between frameworks. Every other parameter must agree.
+  normalised = lambda key: "bias" in key and not (
+      "Conv_3" in key and "'g_" in key or
+      re.search(r"'d_.'\]\['Conv_(0|%d)'" % (c["n_layers_d"] + 1), key))
+  compared = 0
+  for got, want in ((state.params_g, want_g), (state.params_d, want_d)):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got),
+                            jax.tree.leaves(want)):
+      key = jax.tree_util.keystr(path)
+      if normalised(key):
+        assert np.abs(x - y).max() <= 4 * config.lr * 1.01, key
+        continue
+      # Two Adam steps of lr 2e-4 move each weight by up to 4e-4; the
+      # two frameworks agree to float rounding of that.
+      np.testing.assert_allclose(x, y, atol=2e-6, rtol=0, err_msg=key)
+      compared += x.size
+  assert compared > 0.99 * sum(x.size for x in jax.tree.leaves(want_g))
+  # And the steps did move them (a test of a no-op would pass above).
+  moved = max(float(jnp.abs(x - y).max()) for x, y in
+              zip(jax.tree.leaves(want_g), jax.tree.leaves(init_g)))
+  assert moved > 1e-4

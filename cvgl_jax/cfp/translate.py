@@ -158,6 +158,65 @@ def init_weights(shapes, key: jax.Array, gain: float = 0.02):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _official_layers(prefix: str, names: list[str]) -> list[str]:
+  # The official networks are nn.Sequential: their convolutions, in
+  # order, are the state dict's `<prefix>.<i>[.conv_block.<j>].weight`.
+  index = lambda n: [int(t) for t in n[len(prefix) + 1:].split(".")
+                     if t.isdigit()]
+  return sorted({n[:-len(".weight")] for n in names
+                 if n.startswith(prefix + ".") and n.endswith(".weight")},
+                key=index)
+
+
+def from_official(state_dict, n_blocks: int, n_layers_d: int
+                  ) -> tuple[dict, dict]:
+  """(params_g, params_d) from a pytorch-CycleGAN state, as `init` lays out.
+
+  Args:
+    state_dict: {name: array} under the official names: `netG_A.*`,
+      `netG_B.*`, `netD_A.*`, `netD_B.*` (the four `state_dict()`s of
+      `CycleGANModel`, prefixed). Official `G_A` maps A -> B and `D_A`
+      judges B images: they become our `g_ab` and `d_b`.
+    n_blocks, n_layers_d: the architecture (residual blocks, PatchGAN
+      layers), which the names alone do not fix.
+
+  Returns:
+    ({"g_ab", "g_ba"}, {"d_a", "d_b"}) float32 params.
+  """
+  names = list(state_dict)
+  g_modules = (["Conv_0", "Conv_1", "Conv_2"] +
+               [f"ResnetBlock_{i}/Conv_{j}" for i in range(n_blocks)
+                for j in range(2)] +
+               ["ConvTranspose_0", "ConvTranspose_1", "Conv_3"])
+  d_modules = [f"Conv_{i}" for i in range(n_layers_d + 2)]
+
+  def convert(prefix, modules):
+    layers = _official_layers(prefix, names)
+    if len(layers) != len(modules):
+      raise ValueError(f"{prefix}: {len(layers)} convolutions in the state "
+                       f"dict, the architecture has {len(modules)}.")
+    params = {}
+    for layer, module in zip(layers, modules):
+      w = np.asarray(state_dict[layer + ".weight"], np.float32)
+      if module.startswith("ConvTranspose"):
+        # torch [in, out, kh, kw], the gradient of a conv; flax applies
+        # its [kh, kw, in, out] kernel unflipped on the dilated input.
+        kernel = w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
+      else:
+        kernel = w.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> HWIO
+      leaf = params
+      for part in module.split("/"):
+        leaf = leaf.setdefault(part, {})
+      leaf["kernel"] = jnp.asarray(np.ascontiguousarray(kernel))
+      leaf["bias"] = jnp.asarray(state_dict[layer + ".bias"], jnp.float32)
+    return params
+
+  return ({"g_ab": convert("netG_A", g_modules),
+           "g_ba": convert("netG_B", g_modules)},
+          {"d_a": convert("netD_B", d_modules),
+           "d_b": convert("netD_A", d_modules)})
+
+
 # ----------------------------------------------------------------------------
 # Image history pool (Shrivastava et al., 2017), as the official ImagePool.
 # ----------------------------------------------------------------------------
