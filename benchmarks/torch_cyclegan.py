@@ -284,3 +284,59 @@ def state_arrays(model) -> dict:
     for key, value in getattr(model, name).state_dict().items():
       out[f"{name}.{key}"] = value.detach().numpy().astype(np.float32)
   return out
+
+
+def serve(spec_path):
+  """Worker loop for `benchmarks/translate.py`, run under the torch venv.
+
+  Reads a JSON spec {"config": {...}, "a_paths", "b_paths", "num_workers",
+  "steps"}, builds the model and the loader, answers "ready", then for each
+  command line on stdin answers the seconds it took:
+    epoch  `steps` official steps fed by the DataLoader (the official loop);
+    step   `steps` official steps on one fixed batch (no data);
+    data   `steps` batches of the DataLoader alone;
+    quit   exits.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  with open(spec_path) as f:
+    spec = json.load(f)
+  config = types.SimpleNamespace(**spec["config"])
+  random.seed(config.seed)
+  torch.manual_seed(config.seed)
+  model = CycleGANModel(config)
+  loader = data_loader(spec["a_paths"], spec["b_paths"], config,
+                       spec["num_workers"], config.seed)
+  steps = spec["steps"]
+
+  def batches():
+    while True:
+      yield from loader
+
+  stream = batches()
+  fixed = next(stream)
+  print(f"ready torch {torch.__version__} threads {torch.get_num_threads()}",
+        flush=True)
+  for line in sys.stdin:
+    command = line.strip()
+    if command == "quit":
+      break
+    start = time.perf_counter()
+    for i in range(steps):
+      if command == "data":
+        next(stream)
+        continue
+      model.set_input(next(stream) if command == "epoch" else fixed)
+      model.optimize_parameters()
+      if (i + 1) % 100 == 0:
+        model.get_current_losses()
+    print(f"{time.perf_counter() - start:.6f}", flush=True)
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  serve(sys.argv[1])

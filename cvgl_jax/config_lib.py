@@ -408,6 +408,10 @@ def translate_defaults() -> ml_collections.ConfigDict:
   config.lambda_identity = 0.5
   config.pool_size = 50
   config.init_gain = 0.02
+  # How the generator's two upsampling layers are computed (the same map;
+  # `cvgl_jax.cpu.upsample`): "auto" is a sub-pixel convolution on the CPU
+  # and XLA's transposed convolution elsewhere.
+  config.upsample_impl = "auto"
   config.seed = 0
   # Bookkeeping of the stage (translate_stage.py).
   config.ckpt_every_steps = 2000
@@ -450,6 +454,9 @@ def translate_problems(t: ml_collections.ConfigDict,
                   f"load_size={t.load_size}")
   if not t.lr > 0:
     errors.append(f"{prefix}lr={t.lr} must be > 0")
+  if t.upsample_impl not in cpu.UPSAMPLE_IMPLS:
+    errors.append(f"{prefix}upsample_impl={t.upsample_impl!r}; choose one "
+                  f"of {', '.join(cpu.UPSAMPLE_IMPLS)}")
   return errors
 
 

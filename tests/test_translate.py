@@ -19,6 +19,7 @@ from cvgl_jax import parallel
 from cvgl_jax.cfp import project
 from cvgl_jax.cfp import translate as tr
 from cvgl_jax.cfp import translate_stage as ts
+from cvgl_jax.cpu import upsample
 from cvgl_jax.data import cvusa
 from cvgl_jax.data import image_io
 from cvgl_jax.data.synthetic import config as synthetic_config
@@ -367,7 +368,32 @@ def test_without_bev_the_panoramas_are_translated(tmp_path):
   assert all(f.shape == (32, 32, 3) for f in fakes)
 
 
-def test_two_steps_equal_the_official_pytorch_cyclegan():
+def test_subpixel_upsampling_is_the_transposed_convolution():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 5, 7, 6)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 6, 4)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
+  params = {"params": {"kernel": kernel, "bias": bias}}
+  plain = tr.Upsample2x(4)
+  subpixel = tr.Upsample2x(4, conv=upsample.conv_transpose_subpixel)
+  want = plain.apply(params, x)
+  assert want.shape == (2, 10, 14, 4)
+  np.testing.assert_allclose(subpixel.apply(params, x), want, atol=2e-5)
+  # What the official layer computes, tap by tap: output row 2i + 1 sums
+  # kernel rows 0 and 2 at input rows i and i + 1 (the last row only one).
+  out = jnp.einsum("nhwc,cd->nhwd", x, kernel[1, 1]) + bias
+  np.testing.assert_allclose(want[:, ::2, ::2], out, atol=2e-5)
+  loss = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))),
+                            argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(loss(subpixel)),
+                  jax.tree.leaves(loss(plain))):
+    np.testing.assert_allclose(a, b, atol=5e-5)
+  assert upsample.for_impl("auto") is upsample.conv_transpose_subpixel
+  assert upsample.for_impl("transpose") is None
+
+
+@pytest.mark.parametrize("upsample_impl", ["transpose", "subpixel"])
+def test_two_steps_equal_the_official_pytorch_cyclegan(upsample_impl):
   # tests/golden/make_cyclegan_golden.py: the official networks, losses,
   # update order and Adam in PyTorch (benchmarks/torch_cyclegan.py), two
   # steps of batch 2 from non-zero biases, history pool off.
@@ -376,7 +402,8 @@ def test_two_steps_equal_the_official_pytorch_cyclegan():
   c = json.loads(str(golden["config"]))
   config = tiny_config(ngf=c["ngf"], ndf=c["ndf"], n_blocks=c["n_blocks"],
                        n_layers_d=c["n_layers_d"], crop_size=c["size"],
-                       load_size=c["size"], pool_size=c["pool_size"])
+                       load_size=c["size"], pool_size=c["pool_size"],
+                       upsample_impl=upsample_impl)
   model = tr.get_model(config)
   official = lambda when: {k.split("/", 1)[1]: golden[k] for k in golden
                            if k.startswith(when + "/")}

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -74,16 +74,45 @@ class ResnetBlock(nn.Module):
     return x + y
 
 
+class Upsample2x(nn.Module):
+  """PyTorch `ConvTranspose2d(k=3, stride=2, padding=1, output_padding=1)`:
+  [N, H, W, in] -> [N, 2H, 2W, features].
+
+  The kernel is [3, 3, in, features] in `nn.ConvTranspose`'s layout (its
+  params, under the same names). `conv`, if given, computes the same map
+  another way (`cvgl_jax.cpu.upsample`); None: XLA's transposed conv.
+  """
+
+  features: int
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  conv: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init,
+                        (3, 3, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    if self.conv is None:
+      # Dilated input, padding (k - 1 - p, k - 1 - p + output_padding).
+      y = jax.lax.conv_transpose(x, kernel, (2, 2), ((1, 2), (1, 2)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    else:
+      y = self.conv(x, kernel)
+    return y + bias
+
+
 class ResnetGenerator(nn.Module):
   """ResNet generator: [N, H, W, 3] in [-1, 1] -> [N, H, W, out] in [-1, 1].
 
-  H and W must be multiples of 4 (two stride-2 stages).
+  H and W must be multiples of 4 (two stride-2 stages). `upsample_conv`:
+  see `Upsample2x.conv`.
   """
 
   ngf: int = 64
   n_blocks: int = 9
   out_channels: int = 3
   init_gain: float = 0.02
+  upsample_conv: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None
 
   @nn.compact
   def __call__(self, x):
@@ -98,10 +127,8 @@ class ResnetGenerator(nn.Module):
     for _ in range(self.n_blocks):
       x = ResnetBlock(self.ngf * 4, self.init_gain)(x)
     for i in range(2):
-      # PyTorch ConvTranspose2d(k=3, s=2, padding=1, output_padding=1):
-      # exactly doubles H and W.
-      x = nn.ConvTranspose(self.ngf * 2 ** (1 - i), (3, 3), strides=(2, 2),
-                           padding=((1, 2), (1, 2)), kernel_init=init)(x)
+      x = Upsample2x(self.ngf * 2 ** (1 - i), init, self.upsample_conv,
+                     name=f"ConvTranspose_{i}")(x)
       x = nn.relu(_instance_norm(x))
     x = nn.Conv(self.out_channels, (7, 7), padding="VALID", kernel_init=init)(
         _reflect(x, 3))
@@ -345,9 +372,12 @@ class CycleGAN:
   """The four networks of a config and the pure functions that use them."""
 
   def __init__(self, config):
+    # Imported here: the CPU seam stays out of the model's import graph.
+    from cvgl_jax.cpu import upsample  # pylint: disable=g-import-not-at-top
     self.config = config
-    self.generator = ResnetGenerator(config.ngf, config.n_blocks, 3,
-                                     config.init_gain)
+    self.generator = ResnetGenerator(
+        config.ngf, config.n_blocks, 3, config.init_gain,
+        upsample.for_impl(config.upsample_impl))
     self.discriminator = PatchDiscriminator(config.ndf, config.n_layers_d,
                                             config.init_gain)
     self.tx = _adam(config)
@@ -491,7 +521,8 @@ class CycleGAN:
 # What the compiled functions of a CycleGAN depend on.
 _MODEL_KEYS = ("ngf", "ndf", "n_blocks", "n_layers_d", "crop_size",
                "n_epochs", "n_epochs_decay", "lr", "beta1", "beta2",
-               "lambda_cycle", "lambda_identity", "pool_size", "init_gain")
+               "lambda_cycle", "lambda_identity", "pool_size", "init_gain",
+               "upsample_impl")
 
 
 @functools.lru_cache(maxsize=8)
