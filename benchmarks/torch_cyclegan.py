@@ -45,12 +45,9 @@ LOSS_NAMES = ("D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B",
 
 def available() -> bool:
   """Whether torch and torchvision import."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-    import torchvision  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return all(importlib.util.find_spec(name) is not None
+             for name in ("torch", "torchvision"))
 
 
 def networks(ngf, ndf, n_blocks, n_layers_d):

@@ -20,7 +20,8 @@ a synthetic world made by the `cfp` stage of `--config` (cached in
                `translate.upsample_impl` (--upsample_impls).
 
 The torch side runs in its own interpreter (`--torch_python`, a throwaway
-venv with torch and torchvision; OMP_WAIT_POLICY=PASSIVE), so neither
+venv: `python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install
+torch==2.14.1 torchvision==0.29.1`; OMP_WAIT_POLICY=PASSIVE), so neither
 framework shares a heap or a thread pool with the other.
 
   python benchmarks/translate.py --torch_python=/tmp/torchvenv/bin/python
@@ -217,7 +218,10 @@ def main(argv):
     others.append(Ours(bevs, sats, other, steps, FLAGS.rounds))
     variants[f"ours_{impl}_step"] = others[-1].step
   torch = None
-  if FLAGS.torch_python:
+  if FLAGS.torch_python and not os.path.exists(FLAGS.torch_python):
+    print(f"No interpreter at --torch_python={FLAGS.torch_python}: timing "
+          "ours only (make one as this file's docstring says).")
+  elif FLAGS.torch_python:
     torch = Torch(FLAGS.torch_python, bevs, sats, t, steps, t.num_threads)
     print(f"jax {jax.__version__}; {torch.banner}")
     for kind in FLAGS.variants:

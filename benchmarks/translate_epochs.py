@@ -22,6 +22,7 @@ so the table builds across sittings:
 import json
 import math
 import os
+import subprocess
 import sys
 
 from absl import app
@@ -29,12 +30,11 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from cvgl_jax import baseline  # pylint: disable=wrong-import-position
 from cvgl_jax import cli  # pylint: disable=wrong-import-position
-from cvgl_jax import main as main_lib  # pylint: disable=wrong-import-position
 from cvgl_jax import metrics as metrics_lib  # pylint: disable=wrong-import-position
 from cvgl_jax import run_dir  # pylint: disable=wrong-import-position
 from cvgl_jax.data import image_io  # pylint: disable=wrong-import-position
@@ -89,13 +89,22 @@ def main(argv):
   rows = []
   for seed in map(int, FLAGS.seeds):
     for epochs in map(int, FLAGS.epochs):
-      workdir = os.path.join(FLAGS.out, f"E{epochs}_s{seed}")
+      workdir = os.path.abspath(os.path.join(FLAGS.out, f"E{epochs}_s{seed}"))
       config = row_config(epochs, seed)
       done = run_dir.read_done(workdir, "cross_fake")
       if done is None and FLAGS.table_only:
         continue
       if done is None:
-        main_lib.run(config, workdir)
+        t = config.translate
+        command = [
+            sys.executable, "-m", "cvgl_jax.main",
+            f"--config={config_flags.get_config_filename(FLAGS['config'])}", f"--workdir={workdir}",
+            f"--config.stages={STAGES!r}", f"--config.seed={seed}",
+            f"--config.translate.seed={seed}",
+            f"--config.translate.n_epochs={t.n_epochs}",
+            f"--config.translate.n_epochs_decay={t.n_epochs_decay}"]
+        print(" ".join(command[1:]), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
         done = run_dir.read_done(workdir, "cross_fake")
       rows.append(dict(
           epochs=epochs, seed=seed,
