@@ -111,7 +111,8 @@ def example_panels(workdir: str, config: ml_collections.ConfigDict,
                    count: int = 6,
                    mesh: Optional[jax.sharding.Mesh] = None
                    ) -> tuple[list[plots.Panel], str]:
-  """Picture rows of eval queries under the best checkpoint, and a title.
+  """Picture rows of eval queries under the handed-on checkpoint, and a
+  title.
 
   Embeds the whole eval split (on every process) and ranks it exactly, as
   `evaluate` does.
@@ -152,7 +153,11 @@ def example_panels(workdir: str, config: ml_collections.ConfigDict,
                   for r, (j, s) in enumerate(zip(tops[i], scores[i]))],
         true_index=int(np.flatnonzero(tops[i] == positive[i])[0])
         if positive[i] in tops[i] else -1))
-  title = (f"{trained.stage}, {trained.checkpoint} checkpoint (step "
+  # "best" names what the stage hands on, chosen without labels (at 0 %
+  # labels its final model), not the step of the best R@1.
+  which = ("handed-on" if trained.checkpoint == "best"
+           else trained.checkpoint)
+  title = (f"{trained.stage}, {which} checkpoint (step "
            f"{trained.step}): R@1 {result.metrics['R@1']:.1f} % on "
            f"{index.name} ({len(known)} queries)")
   return panels, title
