@@ -337,8 +337,8 @@ def synthetic_demo() -> ml_collections.ConfigDict:
   t.ngf, t.ndf, t.n_blocks, t.n_layers_d = 8, 8, 2, 2
   t.load_size, t.crop_size = 72, 64
   # The cold start stops improving after 4 CycleGAN epochs on this world
-  # (21.2 / 28.1 / 33.1 / 32.5 R@1 after 1 / 2 / 4 / 8;
-  # benchmarks/translate_epochs.py, BUILD_NOTES.md).
+  # (R@1 after 2 / 4 / 8: 28.1 / 33.1 / 32.5 at seed 0, 20.0 / 27.5 / 23.8
+  # at seed 1; benchmarks/translate_epochs.py, BUILD_NOTES.md).
   t.n_epochs, t.n_epochs_decay = 2, 2
   t.ckpt_every_steps = 500
   t.log_every_steps = 50
