@@ -1,5 +1,6 @@
 """`main`: config validation, and the demo config's stages end to end."""
 
+import atexit
 import importlib.util
 import json
 import os
@@ -64,6 +65,8 @@ def tiny_demo_config():
   config.pretrain.num_pairs = 24
   config.pretrain.epochs = 1
   config.pretrain.cache_dir = tempfile.mkdtemp(prefix="cvgl_pretrain_")
+  # Removed when the test process exits (each call left one in /tmp).
+  atexit.register(shutil.rmtree, config.pretrain.cache_dir, True)
   return config
 
 
