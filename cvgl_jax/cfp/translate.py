@@ -372,7 +372,8 @@ class CycleGAN:
   """The four networks of a config and the pure functions that use them."""
 
   def __init__(self, config):
-    # Imported here: the CPU seam stays out of the model's import graph.
+    # Imported here, not at the top: the networks above do not depend on
+    # the CPU seam; the CycleGAN that builds them picks the upsampling.
     from cvgl_jax.cpu import upsample  # pylint: disable=g-import-not-at-top
     self.config = config
     self.generator = ResnetGenerator(
