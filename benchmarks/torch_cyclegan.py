@@ -51,8 +51,8 @@ def available() -> bool:
 
 
 def networks(ngf, ndf, n_blocks, n_layers_d):
-  """(ResnetGenerator class instance factory, NLayerDiscriminator factory)
-  as zero-argument callables building freshly initialised modules."""
+  """(generator, discriminator): zero-argument callables that build a
+  freshly initialised official ResnetGenerator / NLayerDiscriminator."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
 

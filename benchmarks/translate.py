@@ -11,7 +11,7 @@ a synthetic world made by the `cfp` stage of `--config` (cached in
                grain decoding, the jitted step, logging, a checkpoint at
                the epoch's end. Each turn resumes from the last one; the
                cost of a call that takes no step (image check, restore) is
-               timed apart and subtracted.
+               timed as one more variant and subtracted.
   torch_epoch  the official loop: DataLoader(UnalignedDataset, num_workers)
                + `optimize_parameters`, losses read back every 100 steps.
   ours_step / torch_step   the steps alone, on one fixed batch.
@@ -46,7 +46,6 @@ from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,6 +100,7 @@ class Ours:
     self.bevs, self.sats, self.steps = bevs, sats, steps
     spe = translate_stage.steps_per_epoch(len(bevs), len(sats),
                                           config.batch_size)
+    config = config.copy_and_resolve_references()
     # Enough constant-lr epochs for every turn; no decay.
     config.n_epochs = (rounds + 2) * max(1, -(-steps // spe))
     config.n_epochs_decay = 0
@@ -120,11 +120,11 @@ class Ours:
 
   def epoch(self):
     self.done += self.steps
-    translate_stage.train_translation(self.bevs, self.sats, self.dir,
-                                      self.config, max_steps=self.done,
-                                      progress=False)
+    self.resume()
 
-  def call_overhead(self):
+  def resume(self):
+    """The stage's call up to the steps done: with none left to take, the
+    cost of a call outside its steps (image check, restore)."""
     translate_stage.train_translation(self.bevs, self.sats, self.dir,
                                       self.config, max_steps=self.done,
                                       progress=False)
@@ -174,6 +174,7 @@ class Torch:
     return line.strip()
 
   def __call__(self, command):
+    """Runs `command` in the worker; returns the seconds it reports."""
     self.proc.stdin.write(command + "\n")
     self.proc.stdin.flush()
     return float(self._read())
@@ -231,24 +232,14 @@ def main(argv):
     start = time.perf_counter()
     fn()
     print(f"  {name} first turn {time.perf_counter() - start:.1f} s")
-  overhead = []
-  times = {name: [] for name in variants}
-  for _ in range(FLAGS.rounds):
-    for name, fn in variants.items():
-      start = time.perf_counter()
-      reported = fn()
-      seconds = time.perf_counter() - start
-      # The torch worker reports its own time (no pipe round trip).
-      times[name].append(reported if name.startswith("torch") else seconds)
-    if "ours_epoch" in variants:
-      start = time.perf_counter()
-      ours.call_overhead()
-      overhead.append(time.perf_counter() - start)
-  med = timing.medians(times)
-  if overhead:
-    med["ours_epoch"] -= float(np.median(overhead))
-    print(f"ours_epoch: {np.median(overhead):.2f} s per call of the stage "
-          "outside its steps (image check, restore) subtracted")
+  if "ours_epoch" in variants:
+    variants["ours_resume"] = ours.resume
+  med = timing.medians(timing.round_robin(variants, FLAGS.rounds))
+  if "ours_resume" in med:
+    overhead = med.pop("ours_resume")
+    med["ours_epoch"] -= overhead
+    print(f"ours_epoch: {overhead:.2f} s per call of the stage outside its "
+          "steps (image check, restore) subtracted")
   print(f"ms per step, medians of {FLAGS.rounds} rounds of {steps} steps:")
   for name, seconds in med.items():
     print(f"  {name:12s} {1e3 * seconds / steps:9.2f} ms/step  "

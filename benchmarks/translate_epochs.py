@@ -19,7 +19,6 @@ so the table builds across sittings:
   python benchmarks/translate_epochs.py --epochs=1,2,4,8 --seeds=0
 """
 
-import json
 import math
 import os
 import subprocess
@@ -63,10 +62,9 @@ def row_config(epochs: int, seed: int):
 
 
 def last_cycle_loss(workdir: str) -> float:
-  records = [json.loads(line) for line in
-             open(os.path.join(workdir, "translate", "metrics.jsonl"))]
-  train = [r for r in records if "cycle_a" in r]
-  return train[-1]["cycle_a"] + train[-1]["cycle_b"]
+  last = [r for r in run_dir.read_records(workdir, "translate")
+          if "cycle_a" in r][-1]
+  return last["cycle_a"] + last["cycle_b"]
 
 
 def fake_tile_recall(config, workdir: str) -> float:
