@@ -220,6 +220,11 @@ def default_config() -> ml_collections.ConfigDict:
   # The authors load stage 2's AdamW moments into stage 3 (its schedule
   # restarts); False starts from fresh moments.
   c.pseudo_label.carry_optimizer = True
+  # A mean teacher: the stage keeps an exponential moving average of its
+  # params with this time constant, in epochs (rounds), and pseudo-labels,
+  # evaluates and hands on the average instead of the last step's params.
+  # 0: off (the authors').
+  c.pseudo_label.ema_epochs = 0.0
   # What a round compares (cvgl_jax/pseudo/views.py): the mean similarity
   # over 1, 2, 4 or 8 paired flips/quarter turns, averaged (fake_view) with
   # that of each ground's own fake tile to the tiles. Label-free; they make
@@ -635,6 +640,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   f"must be in [0, epochs={p.epochs})")
   if p.tau < 0:
     errors.append(f"config.pseudo_label.tau={p.tau} must be >= 0")
+  if p.ema_epochs < 0:
+    errors.append(f"config.pseudo_label.ema_epochs={p.ema_epochs} must be "
+                  ">= 0 (0: no moving average)")
   if p.knn_backend not in ("auto", "exact", "scann"):
     errors.append(f"config.pseudo_label.knn_backend={p.knn_backend!r}; "
                   "choose auto, exact or scann")

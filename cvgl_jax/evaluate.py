@@ -17,6 +17,7 @@ from cvgl_jax import embed as embed_lib
 from cvgl_jax import metrics as metrics_lib
 from cvgl_jax.data.index import PairIndex
 from cvgl_jax.pseudo import refine as refine_lib
+from cvgl_jax.train import state as state_lib
 
 # The label-free score `train.select = "label_free"` maximises.
 LABEL_FREE = "mutual_margin"
@@ -86,8 +87,8 @@ def make_eval_fn(model, index: PairIndex, *, ground_size: Sequence[int],
                  top_percent: float = 1.0, num_threads: int = 8,
                  progress: bool = False,
                  label_free_tau: Optional[float] = None) -> Callable:
-  """A `train(eval_fn=...)` callback: state -> recall metrics on `index`
-  (and, with `label_free_tau`, `label_free_metrics`).
+  """A `train(eval_fn=...)` callback: state -> recall metrics of
+  `state_lib.model_params(state)` on `index` (and, with `label_free_tau`, `label_free_metrics`).
 
   The two embedding functions are built (and compiled) once and reused at
   every evaluation.
@@ -95,7 +96,7 @@ def make_eval_fn(model, index: PairIndex, *, ground_size: Sequence[int],
   embed_g, embed_s = embed_lib.make_embed_fns(model, mesh)
 
   def eval_fn(state) -> dict[str, float]:
-    return evaluate(state.params, index, ground_size=ground_size,
+    return evaluate(state_lib.model_params(state), index, ground_size=ground_size,
                     satellite_size=satellite_size, batch_size=batch_size,
                     mesh=mesh, embed_fns=(embed_g, embed_s), ks=ks,
                     top_percent=top_percent, num_threads=num_threads,

@@ -298,7 +298,8 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
                  epoch_rows: Optional[int] = None,
                  make_epoch_start: Optional[Callable] = None,
                  first_epoch: int = 0, lr: Optional[float] = None,
-                 carry_optimizer: bool = False) -> dict:
+                 carry_optimizer: bool = False, ema_epochs: float = 0.0
+                 ) -> dict:
   """Trains `stage` on `pipe`, evaluating on the eval split; returns the
   loop's summary. Starts from the params the previous training stage
   handed on (its selected checkpoint, `config.train.select`), else from
@@ -309,7 +310,9 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
   hands each epoch its pairing. `first_epoch`: the cosine schedule starts
   at this epoch of `config[stage].epochs` (the stage trains the rest).
   `lr`: the peak rate (default `config.train.lr`). `carry_optimizer`: load
-  the previous stage's AdamW moments."""
+  the previous stage's AdamW moments. `ema_epochs` > 0: keep a moving
+  average of the params with this time constant, which the stage then
+  evaluates and hands on (`state_lib.with_average`)."""
   c = run.config
   model = encoder.from_config(c.model)
   spe = (pipe.steps_per_epoch() if epoch_rows is None
@@ -332,6 +335,7 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
           state.opt_state)
       state = state.replace(
           opt_state=state_lib.with_moments_of(state.opt_state, source))
+  state = state_lib.with_average(state, ema_epochs, spe)
   step_fn = make_step(model, tx, run.mesh,
                       label_smoothing=c[stage].label_smoothing,
                       grad_cache_chunk=c.train.grad_cache_chunk,
@@ -424,7 +428,8 @@ def run_pseudo_label(run: Run) -> dict:
       # One row per ground image (`pairing.epoch_rows`).
       epoch_rows=index.num_ground, make_epoch_start=make_epoch_start,
       first_epoch=rounds_lib.first_epoch(gt_pairs, p.warmup_epochs),
-      lr=p.lr or None, carry_optimizer=p.carry_optimizer)
+      lr=p.lr or None, carry_optimizer=p.carry_optimizer,
+      ema_epochs=p.ema_epochs)
   rounds = records.round_table(run_dir.read_records(run.workdir,
                                                    "pseudo_label"))
   summary["rounds"] = rounds

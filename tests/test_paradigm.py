@@ -165,7 +165,9 @@ def test_round_table_precision_equals_a_hand_count(demo_run):
   assert [r["round"] for r in rounds] == [0, 1]
   assert rounds[0]["warmup"] == 1.0
   row = rounds[1]
-  # The params at the start of round 1: the checkpoint of epoch 0's end.
+  # The model at the start of round 1 (the moving average the round
+  # embeds with): the checkpoint of epoch 0's end.
+  assert config.pseudo_label.ema_epochs > 0
   spe = row["step"]
   trained = trained_lib.load_trained(workdir, stage="pseudo_label",
                                      checkpoint="latest")

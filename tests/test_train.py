@@ -217,7 +217,8 @@ class _Recorder:
     return state, metrics
 
 
-def _train(engine, world, workdir, step_fn, seed=0, **kw):
+def _train(engine, world, workdir, step_fn, seed=0, average_epochs=0.0,
+           **kw):
   hook_calls = []
 
   def hook(state, epoch):
@@ -232,7 +233,8 @@ def _train(engine, world, workdir, step_fn, seed=0, **kw):
   args = dict(mesh=engine.mesh, workdir=str(workdir),
               eval_fn=lambda s: {"R@1": next(evals)}, epoch_start_fn=hook)
   args.update(kw)
-  state, summary = loop.train(engine.state(seed), step_fn, _pipe(world),
+  start = state_lib.with_average(engine.state(seed), average_epochs, SPE)
+  state, summary = loop.train(start, step_fn, _pipe(world),
                               loop.LoopConfig(**options), **args)
   return state, summary, hook_calls
 
@@ -376,6 +378,54 @@ def test_train_rejects_a_started_state_without_checkpoint(engine, world,
                loop.LoopConfig("x", num_epochs=1, steps_per_epoch=SPE,
                                progress=False),
                mesh=engine.mesh, workdir=str(tmp_path))
+
+
+def test_the_moving_average_is_evaluated_resumed_and_handed_on(
+    engine, world, tmp_path):
+  """With a moving average of the params (`with_average`: a time constant
+  of 2 epochs = 4 steps, decay 0.75), every step averages its new params
+  into it; the evaluations see the average, best/ holds it, and a run
+  resumed after a crash carries it on exactly."""
+  decay = 0.75
+  assert state_lib.with_average(engine.state(), 2.0, SPE).average_decay == (
+      decay)
+  assert state_lib.with_average(engine.state(), 0.0, SPE).average is None
+  straight = _Recorder(engine.step, keep_states=True)
+  evaluated = []
+
+  def eval_fn(state):
+    evaluated.append(_host(state_lib.model_params(state)))
+    return {"R@1": [10.0, 30.0][len(evaluated) - 1]}
+  state_a, summary_a, _ = _train(engine, world, tmp_path / "a", straight,
+                                 average_epochs=2.0, eval_fn=eval_fn)
+  want = _host(engine.state().params)
+  for call in range(1, 2 * SPE + 1):
+    want = jax.tree.map(lambda a, p: decay * a + (1 - decay) * p, want,
+                        straight.states[call].params)
+    _assert_trees_close(straight.states[call].average, want, rtol=1e-5,
+                        atol=1e-6)
+    if call % SPE == 0:
+      _assert_trees_close(evaluated[call // SPE - 1], want, 0, 0)
+  # The average lags the params: a model of its own, not a copy.
+  assert max(np.abs(x - y).max() for x, y in zip(
+      jax.tree.leaves(want), jax.tree.leaves(straight.states[4].params))
+             ) > 1e-4
+  best = loop.restore_params(str(tmp_path / "a" / "cross" / "best"),
+                             state_a.params)
+  assert summary_a["best"]["step"] == 2 * SPE
+  _assert_trees_close(_host(best), want, 0, 0)
+  # The model a checkpoint holds (export's "latest") is the average too.
+  latest = loop.restore_params(str(tmp_path / "a" / "cross" / "checkpoints"),
+                               state_a.params)
+  _assert_trees_close(_host(latest), want, 0, 0)
+
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    _train(engine, world, tmp_path / "b", _Recorder(engine.step, crash_at=4),
+           average_epochs=2.0)
+  state_b, _, _ = _train(engine, world, tmp_path / "b",
+                         _Recorder(engine.step), seed=99, average_epochs=2.0)
+  _assert_trees_close(_host(state_b.average), _host(state_a.average),
+                      rtol=1e-6, atol=1e-7)
 
 
 def test_pseudo_pair_epochs_take_the_hooks_pairing_and_resume_it(

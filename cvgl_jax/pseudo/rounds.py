@@ -2,8 +2,9 @@
 
 At every epoch's start (`make_epoch_start` builds the loop's hook): during
 the warm-up epochs, the labelled fraction's true pairs alone; after it,
-one round -- embed the training split (`embed(params)`, the label-free
-views of `pseudo.views`), refine mutual pairs with the margin curriculum
+one round -- embed the training split through the label-free views of
+`pseudo.views` with `state_lib.model_params` (the params' moving average
+where the state keeps one: a mean teacher), refine mutual pairs with the margin curriculum
 (`pseudo.refine`), add the true pairs and lay out the epoch's rows
 (`pseudo.pairing`). Process 0 alone refines and decides, then broadcasts:
 the shards of an epoch fit together, no process raises alone, and the
@@ -24,6 +25,7 @@ from cvgl_jax import parallel
 from cvgl_jax.data.index import PairIndex
 from cvgl_jax.pseudo import pairing
 from cvgl_jax.pseudo import refine as refine_lib
+from cvgl_jax.train import state as state_lib
 
 # params -> (ground [Q, D], satellite [R, D]) embeddings of the train split.
 EmbedFn = Callable[[object], tuple[np.ndarray, np.ndarray]]
@@ -74,7 +76,7 @@ def make_epoch_start(config: ml_collections.ConfigDict, index: PairIndex,
           1.0, rng)
       return {"pairs": rows, "labeled": labeled,
               "metrics": dict(info, warmup=1.0, schedule_epoch=float(epoch))}
-    ground, satellite = embed(state.params)
+    ground, satellite = embed(state_lib.model_params(state))
     rows = np.zeros((index.num_ground, 2), np.int64)
     labeled = np.zeros(index.num_ground, bool)
     info, stats, problem = {}, {}, ""

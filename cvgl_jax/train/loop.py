@@ -5,9 +5,11 @@
 
   workdir/<stage>/checkpoints/<step>/  orbax, every `ckpt_every_steps`
       steps and at each epoch end: items "params", "train" (optimizer
-      state, step, rng) and "data" (the grain iterator: epoch, position and,
+      state, step, rng), "average" (the params' moving average, if the
+      state keeps one) and "data" (the grain iterator: epoch, position and,
       for pseudo pairs, the epoch's pairing);
-  workdir/<stage>/best/<step>/         "params" of the SELECTED evaluation:
+  workdir/<stage>/best/<step>/         "params" (`state.model_params`: the
+      moving average where the state keeps one) of the SELECTED evaluation:
       the one with the highest `select_metric` (a label-free score), or the
       last one when `select_metric` is None; `selected.json` beside it
       records its step and metrics (written after the params are);
@@ -64,6 +66,7 @@ from cvgl_jax.train import state as state_lib
 
 
 DIVERGED = "diverged"  # <stage>/diverged/<step>: checkpoints set aside.
+AVERAGE = "average"  # The checkpoint item of the params' moving average.
 # Steps whose (step, loss, grad_norm) a run keeps for `divergence_onset`.
 _HISTORY = 20_000
 
@@ -72,9 +75,12 @@ EvalFn = Callable[[state_lib.TrainState], Mapping[str, float]]
 
 
 def _split(state: state_lib.TrainState) -> dict:
-  return {"params": state.params,
-          "train": {"opt_state": state.opt_state, "step": state.step,
-                    "rng": state.rng}}
+  items = {"params": state.params,
+           "train": {"opt_state": state.opt_state, "step": state.step,
+                     "rng": state.rng}}
+  if state.average is not None:
+    items[AVERAGE] = state.average
+  return items
 
 
 def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -92,7 +98,9 @@ def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
 
 def restore_params(directory: str, params_like: Any,
                    step: Optional[int] = None) -> Any:
-  """Params of a `train` checkpoint, restored into `params_like`'s sharding.
+  """The model's params of a `train` checkpoint (its moving average where
+  it holds one: `state_lib.model_params`), restored into `params_like`'s
+  sharding.
 
   Args:
     directory: `workdir/<stage>/checkpoints` (latest state) or
@@ -104,7 +112,12 @@ def restore_params(directory: str, params_like: Any,
   Raises:
     FileNotFoundError: no checkpoint in `directory`.
   """
-  return _restore_item(directory, "params", params_like, step)
+  with checkpoint_manager(directory, 1) as mngr:
+    step = mngr.latest_step() if step is None else step
+  item = ("params" if step is None or not os.path.isdir(
+      os.path.join(os.path.abspath(directory), str(step), AVERAGE))
+          else AVERAGE)
+  return _restore_item(directory, item, params_like, step)
 
 
 def restore_opt_state(directory: str, opt_state_like: Any) -> Any:
@@ -466,14 +479,14 @@ def train(state: state_lib.TrainState,
   if latest is not None:
     it = _placeholder_iterator(pipe)
     restored = mngr.restore(latest, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(
-            state_lib.abstract_state(state.params)),
-        train=ocp.args.StandardRestore(
-            state_lib.abstract_state(_split(state)["train"])),
+        **{k: ocp.args.StandardRestore(state_lib.abstract_state(v))
+           for k, v in _split(state).items()},
         data=grain.checkpoint.CheckpointRestore(it),
         selected=ocp.args.JsonRestore()))
     _check_restored(stage, mngr, ckpt_dir, latest, restored["params"])
     state = state.replace(params=restored["params"], **restored["train"])
+    if state.average is not None:
+      state = state.replace(average=restored[AVERAGE])
   # The checkpoint holds the selection (which evaluation best/ must hold);
   # best/ is saved after it, so a kill in between is repaired here.
   selected = (restored.get("selected") or None) if latest is not None else None
@@ -482,7 +495,8 @@ def train(state: state_lib.TrainState,
   for s in stale:
     best_mngr.delete(s)
   if selected is not None and best_mngr.latest_step() != selected["step"]:
-    _save_best(best_mngr, selected["step"], state.params)
+    _save_best(best_mngr, selected["step"],
+               state_lib.model_params(state))
   if main and selected is not None:
     run_dir.write_selected(workdir, stage, selected)
   best, last_eval, last_train = _resumed_records(workdir, stage, latest)
@@ -626,7 +640,7 @@ def train(state: state_lib.TrainState,
         if selected is not None and selected["step"] == step:
           mngr.wait_until_finished()
           run_dir.fault_point("before_best", step)
-          _save_best(best_mngr, step, state.params)
+          _save_best(best_mngr, step, state_lib.model_params(state))
           run_dir.fault_point("before_selected", step)
           if main:
             run_dir.write_selected(workdir, stage, selected)

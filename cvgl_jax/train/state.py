@@ -40,11 +40,48 @@ class TrainState:
     opt_state: the optax state of `create_optimizer`'s transformation.
     step: int32 scalar, number of updates done.
     rng: uint32 [2] raw PRNG key; step s uses fold_in(rng, s).
+    average: None, or the exponential moving average of params after each
+      update (`with_average`): then the model the stage evaluates,
+      pseudo-labels with and hands on (`model_params`).
+    average_decay: the average's weight on its old value per step (static).
   """
   params: Any
   opt_state: Any
   step: jax.Array
   rng: jax.Array
+  average: Any = None
+  average_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+
+def with_average(state: TrainState, epochs: float,
+                 steps_per_epoch: int) -> TrainState:
+  """`state` keeping an exponential moving average of its params, starting
+  at its params, with a time constant of `epochs` epochs (decay per step
+  1 - 1 / (epochs * steps_per_epoch)); `epochs` = 0 returns it unchanged.
+
+  A mean teacher: each pseudo-label round and evaluation reads the
+  average, whose weights drift less from round to round than the last
+  step's under noisy labels (BUILD_NOTES.md)."""
+  if epochs < 0 or steps_per_epoch <= 0:
+    raise ValueError(f"with_average: epochs ({epochs}) must be >= 0 and "
+                     f"steps_per_epoch ({steps_per_epoch}) > 0.")
+  if not epochs:
+    return state
+  decay = 1.0 - 1.0 / max(1.0, epochs * steps_per_epoch)
+  return state.replace(average=jax.tree.map(jnp.copy, state.params),
+                       average_decay=decay)
+
+
+def model_params(state: TrainState) -> Any:
+  """The params a stage evaluates, pseudo-labels with and hands on: the
+  moving average when the state keeps one, else the params."""
+  return state.params if state.average is None else state.average
+
+
+def averaged(average, params, decay: float):
+  """One step of the moving average: decay * average + (1 - decay) * params."""
+  return jax.tree.map(lambda a, p: decay * a + (1.0 - decay) * p, average,
+                      params)
 
 
 def cosine_per_epoch(lr: float, steps_per_epoch: int, num_epochs: int,

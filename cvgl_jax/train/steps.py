@@ -70,7 +70,8 @@ def _update(st, tx, grads, metrics):
 
   A step whose loss or gradient norm is not finite is skipped: params and
   optimizer state stay as they were (`skipped` = 1), so one bad batch
-  cannot poison the state; the step counter still advances, keeping the
+  cannot poison the state (nor the moving average, which then averages the
+  unchanged params); the step counter still advances, keeping the
   data position. (Not `optax.apply_if_finite`: it lets the update through
   after `max_consecutive_errors`, and its state would change the optimizer
   tree every checkpoint holds. The loop stops a run that keeps skipping.)
@@ -87,6 +88,9 @@ def _update(st, tx, grads, metrics):
                                 jnp.float32))
   new = st.replace(params=keep(params, st.params),
                    opt_state=keep(opt_state, st.opt_state), step=st.step + 1)
+  if st.average is not None:
+    new = new.replace(average=state_lib.averaged(st.average, new.params,
+                                                 st.average_decay))
   return new, metrics
 
 
