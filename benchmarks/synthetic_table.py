@@ -50,7 +50,8 @@ WORLD = "synthetic_world"
 SEEDS = (0, 1, 2)
 # Rows with 3 seeds (supervised, 0 %, 10 % and the paper's 100 % GT
 # reference, the denominators and numerators of the ratios); others one.
-SEEDED = ("ours_0", "supervised", "ours_10", "ours_100", "ours_0_views")
+SEEDED = ("ours_0", "supervised", "ours_10", "ours_100", "ours_0_views",
+          "ours_0_ema")
 
 _COLD = ("pretrain", "cfp", "translate", "intra", "cross_fake")
 # Row -> (row it reuses, stage folders copied, world folders left out).
@@ -60,6 +61,8 @@ SHARES = {
     "ours_10": ("ours_0", _COLD, ()),
     "ours_0_views": ("ours_0", _COLD, ()),
     "ours_10_views": ("ours_0", _COLD, ()),
+    "ours_0_ema": ("ours_0", _COLD, ()),
+    "ours_10_ema": ("ours_0", _COLD, ()),
     "ours_100": ("ours_0", _COLD, ()),
     "authors_switch": ("ours_0", _COLD, ()),
     "no_mutual": ("ours_0", _COLD, ()),
@@ -73,7 +76,7 @@ SHARES = {
     "source_pairs": ("ours_0", ("cfp", "translate"), ()),
 }
 BASE_ROWS = ("ours_0", "supervised", "ours_10", "ours_100", "ours_0_views",
-             "ours_10_views", "from_scratch",
+             "ours_10_views", "ours_0_ema", "ours_10_ema", "from_scratch",
              "source_pairs", "authors_switch", "no_bev", "no_translation",
              "no_intra", "no_mutual", "no_threshold", "no_curriculum")
 NCC = "ncc"

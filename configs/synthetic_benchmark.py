@@ -21,6 +21,11 @@ says:
                    docs/pseudo_labels.md); every other row compares one
                    view, as the paper
   ours_10_views    ours_10 likewise
+  ours_0_ema       ours_0 with a mean teacher: stage 3 keeps a moving
+                   average of its params (time constant 1 round,
+                   pseudo_label.ema_epochs=1) that labels, is evaluated
+                   and is handed on
+  ours_10_ema      ours_10 likewise
   ours_100         the same with every training pair labelled: the
                    paper's "100 % GT" reference (its 93.53 on CVUSA is
                    this setting, not a plain supervised run)
@@ -57,7 +62,9 @@ WORLDS = {
     "dense": {"seed": 1, "block_m": (30.0, 60.0), "sat_appearance": 0.5},
 }
 
-ROWS = ("ours_0", "ours_10", "ours_0_views", "ours_10_views", "ours_100", "supervised", "from_scratch", "source_pairs",
+ROWS = ("ours_0", "ours_10", "ours_0_views", "ours_10_views", "ours_0_ema",
+        "ours_10_ema", "ours_100", "supervised", "from_scratch",
+        "source_pairs",
         "authors_switch", "no_bev", "no_translation", "no_intra",
         "no_mutual", "no_threshold", "no_curriculum")
 
@@ -97,6 +104,9 @@ def get_config(arg="ours_0"):
   if arg.endswith("_views"):
     arg = arg[:-len("_views")]
     p.paired_views, p.fake_view = 8, True
+  if arg.endswith("_ema"):
+    arg = arg[:-len("_ema")]
+    p.ema_epochs = 1.0
   if arg == "supervised":
     config.stages = ("pretrain", "supervised")
     config.supervised.epochs = (config.intra.epochs + config.cross_fake.epochs

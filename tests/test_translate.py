@@ -259,7 +259,8 @@ def test_a_batch_split_over_devices_trains_as_on_one(tmp_path, monkeypatch):
   or averaged per device would differ by orders of magnitude more."""
   a = _noise_images(str(tmp_path / "a"), 16, 5)
   b = _noise_images(str(tmp_path / "b"), 12, 6)
-  config = tiny_config(batch_size=8, log_every_steps=1, pool_size=4)
+  config = tiny_config(batch_size=8, log_every_steps=1, pool_size=4, ngf=4,
+                       ndf=4, n_blocks=1, n_layers_d=1)
   split = ts.train_translation(a, b, str(tmp_path / "split"), config,
                                progress=False)
   assert len(split.params_g["g_ab"]["Conv_0"]["kernel"].sharding.device_set

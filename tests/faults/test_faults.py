@@ -197,9 +197,13 @@ def test_a_nan_batch_costs_one_step(world, compile_cache, tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_a_kill_in_the_translation_loses_nothing(world, compile_cache,
                                                  tmp_path):
-  """CFP and the CycleGAN write into the dataset root: each run its own."""
+  """CFP and the CycleGAN write into the dataset root: each run its own.
+  (Slow: three launches. CI keeps the CycleGAN's resume in
+  tests/test_translate.py and the SIGKILLs at the loop's commit boundaries,
+  whose helpers the CycleGAN stage shares, above.)"""
   runs = {}
   for name, fault in (("reference", None), ("killed", "translate.checkpoint@16")):
     root = str(tmp_path / name / "world")
