@@ -15,6 +15,7 @@ from cvgl_jax import evaluate
 from cvgl_jax import parallel
 from cvgl_jax.data.index import PairIndex
 from cvgl_jax.models import convnext
+from cvgl_jax.train import state as state_lib
 from cvgl_jax.models import encoder
 
 SIZE = (32, 32)
@@ -134,10 +135,8 @@ def test_evaluate_end_to_end_finds_identical_pairs(tmp_path):
                                   satellite_size=SIZE, batch_size=8,
                                   mesh=mesh, num_threads=2)
 
-  class _State:
-    pass
-  state = _State()
-  state.params = params
+  state = state_lib.TrainState(params=params, opt_state=None, step=0,
+                               rng=None)
   m = eval_fn(state)
   assert m["R@1"] == 100.0 and m["num_queries"] == n
   wrong = dataclasses.replace(index, positive=np.roll(perm, 1))
