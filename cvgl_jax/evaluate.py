@@ -88,7 +88,8 @@ def make_eval_fn(model, index: PairIndex, *, ground_size: Sequence[int],
                  progress: bool = False,
                  label_free_tau: Optional[float] = None) -> Callable:
   """A `train(eval_fn=...)` callback: state -> recall metrics of
-  `state_lib.model_params(state)` on `index` (and, with `label_free_tau`, `label_free_metrics`).
+  `state_lib.model_params(state)` on `index` (and, with `label_free_tau`,
+  `label_free_metrics`).
 
   The two embedding functions are built (and compiled) once and reused at
   every evaluation.
@@ -96,9 +97,10 @@ def make_eval_fn(model, index: PairIndex, *, ground_size: Sequence[int],
   embed_g, embed_s = embed_lib.make_embed_fns(model, mesh)
 
   def eval_fn(state) -> dict[str, float]:
-    return evaluate(state_lib.model_params(state), index, ground_size=ground_size,
-                    satellite_size=satellite_size, batch_size=batch_size,
-                    mesh=mesh, embed_fns=(embed_g, embed_s), ks=ks,
+    return evaluate(state_lib.model_params(state), index,
+                    ground_size=ground_size, satellite_size=satellite_size,
+                    batch_size=batch_size, mesh=mesh,
+                    embed_fns=(embed_g, embed_s), ks=ks,
                     top_percent=top_percent, num_threads=num_threads,
                     progress=progress, label_free_tau=label_free_tau)
   return eval_fn

@@ -4,13 +4,13 @@ At every epoch's start (`make_epoch_start` builds the loop's hook): during
 the warm-up epochs, the labelled fraction's true pairs alone; after it,
 one round -- embed the training split through the label-free views of
 `pseudo.views` with `state_lib.model_params` (the params' moving average
-where the state keeps one: a mean teacher), refine mutual pairs with the margin curriculum
-(`pseudo.refine`), add the true pairs and lay out the epoch's rows
-(`pseudo.pairing`). Process 0 alone refines and decides, then broadcasts:
-the shards of an epoch fit together, no process raises alone, and the
-others do not repeat the search. The round's statistics go to the loop's
-records (`kind: "epoch_start"`), from which `records.round_table` reads
-the round table.
+where the state keeps one: a mean teacher), refine mutual pairs with the
+margin curriculum (`pseudo.refine`), add the true pairs and lay out the
+epoch's rows (`pseudo.pairing`). Process 0 alone refines and decides,
+then broadcasts: the shards of an epoch fit together, no process raises
+alone, and the others do not repeat the search. The round's statistics go
+to the loop's records (`kind: "epoch_start"`), from which
+`records.round_table` reads the round table.
 """
 
 from __future__ import annotations

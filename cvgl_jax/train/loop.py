@@ -8,7 +8,7 @@
       state, step, rng), "average" (the params' moving average, if the
       state keeps one) and "data" (the grain iterator: epoch, position and,
       for pseudo pairs, the epoch's pairing);
-  workdir/<stage>/best/<step>/         "params" (`state.model_params`: the
+  workdir/<stage>/best/<step>/         "params" (`state_lib.model_params`: the
       moving average where the state keeps one) of the SELECTED evaluation:
       the one with the highest `select_metric` (a label-free score), or the
       last one when `select_metric` is None; `selected.json` beside it
