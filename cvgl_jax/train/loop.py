@@ -112,12 +112,7 @@ def restore_params(directory: str, params_like: Any,
   Raises:
     FileNotFoundError: no checkpoint in `directory`.
   """
-  with checkpoint_manager(directory, 1) as mngr:
-    step = mngr.latest_step() if step is None else step
-  item = ("params" if step is None or not os.path.isdir(
-      os.path.join(os.path.abspath(directory), str(step), AVERAGE))
-          else AVERAGE)
-  return _restore_item(directory, item, params_like, step)
+  return _restore_item(directory, (AVERAGE, "params"), params_like, step)
 
 
 def restore_opt_state(directory: str, opt_state_like: Any) -> Any:
@@ -127,16 +122,21 @@ def restore_opt_state(directory: str, opt_state_like: Any) -> Any:
   like = {"opt_state": opt_state_like, "step": np.int32(0),
           "rng": np.zeros(2, np.uint32)}
   like = jax.tree.map(jax.numpy.asarray, like)
-  return _restore_item(directory, "train", like)["opt_state"]
+  return _restore_item(directory, ("train",), like)["opt_state"]
 
 
-def _restore_item(directory: str, item: str, like: Any,
+def _restore_item(directory: str, items: tuple[str, ...], like: Any,
                   step: Optional[int] = None) -> Any:
+  """The first of `items` that checkpoint `step` (default: the latest)
+  holds (else the last), restored into `like`."""
   with checkpoint_manager(directory, 1) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {directory}: train that "
                               f"stage first.")
+    folder = os.path.join(os.path.abspath(directory), str(step))
+    item = next((i for i in items[:-1]
+                 if os.path.isdir(os.path.join(folder, i))), items[-1])
     out = mngr.restore(step, args=ocp.args.Composite(**{
         item: ocp.args.StandardRestore(state_lib.abstract_state(like))}))
   return out[item]
