@@ -15,10 +15,10 @@
 
 Every stage works under `workdir/<stage>/` (`run_dir` owns the layout)
 and ends with a `DONE` file holding its results (JSON), written by
-`main`, which skips stages that have one. A
-training stage starts from the final params of the training stage before
-it in `config.stages` (intra -> cross_fake), or from the pretrained
-ConvNeXt file, or from scratch.
+`main`, which skips stages that have one. A training stage starts from
+the params the training stage before it in `config.stages` handed on
+(intra -> cross_fake), or from the pretrained ConvNeXt file, or from
+scratch (`train/stage.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import time
 from typing import Callable, Optional
 
 from absl import logging
@@ -37,14 +36,12 @@ import numpy as np
 from cvgl_jax import config_lib
 from cvgl_jax import evaluate
 from cvgl_jax import parallel
+from cvgl_jax import preflight
 from cvgl_jax import pretrain as pretrain_lib
 from cvgl_jax import records
 from cvgl_jax import run_dir
 from cvgl_jax.cfp import project
 from cvgl_jax.cfp import translate_stage
-from cvgl_jax.cpu import depthwise
-from cvgl_jax.data import augment
-from cvgl_jax.data import derived
 from cvgl_jax.data import pipeline
 from cvgl_jax.data import splits
 from cvgl_jax.data.synthetic import config as synthetic_config
@@ -55,8 +52,8 @@ from cvgl_jax.models import weights
 from cvgl_jax.pseudo import pairing
 from cvgl_jax.pseudo import rounds as rounds_lib
 from cvgl_jax.pseudo import views as views_lib
-from cvgl_jax.train import grad_cache
 from cvgl_jax.train import loop
+from cvgl_jax.train import stage as stage_lib
 from cvgl_jax.train import state as state_lib
 from cvgl_jax.train import steps
 
@@ -98,102 +95,19 @@ def synthetic_world(config: ml_collections.ConfigDict, workdir: str) -> str:
   return root
 
 
-def preflight(config: ml_collections.ConfigDict,
-              mesh: jax.sharding.Mesh) -> None:
-  """What the config asks of this job's devices and files, checked before
-  any stage runs (CFP and the translation take hours on real data): the
-  batch sizes split over the devices and processes, and the user's
-  `model.pretrained` file fits `model` (shapes only; no device work), and
-  `model.depthwise_impl="native"` can be built here.
-
-  Raises:
-    config_lib.ConfigError naming every problem and the fix.
-  """
-  errors = []
-  if set(config.stages) & set(config_lib.TRAINING_STAGES):
-    for key in ("batch_size", "eval_batch_size"):
-      try:
-        parallel.check_batch_size(config.train[key], mesh, f"train.{key}")
-      except ValueError as e:
-        errors.append(f"config.{e}")
-    problem = grad_cache.chunk_problem(config.train.grad_cache_chunk,
-                                       config.train.batch_size,
-                                       mesh.devices.size)
-    if problem:
-      errors.append(f"config.{problem}")
-  if "translate" in config.stages:
-    try:
-      parallel.devices_for_batch(config.translate.batch_size,
-                                 "translate.batch_size")
-    except ValueError as e:
-      errors.append(f"config.{e}")
-  if config.model.depthwise_impl == "native":
-    try:
-      depthwise.load()
-    except depthwise.NativeBuildError as e:
-      errors.append(f"config.model.depthwise_impl='native' cannot be built "
-                    f"here ({e}); use 'auto', which falls back to 'shifts'")
-  path = config.model.pretrained
-  if path:
-    model = encoder.from_config(config.model)
-    shapes = jax.eval_shape(
-        model.init, jax.random.PRNGKey(0),
-        jax.ShapeDtypeStruct((1, *config.data.ground_size, 3), np.float32),
-        jax.ShapeDtypeStruct((1, *config.data.satellite_size, 3),
-                             np.float32))["params"]
-    try:
-      weights.load_pretrained(shapes, path)
-    except (weights.CheckpointMismatchError, OSError, ValueError) as e:
-      errors.append(f"config.model.pretrained={path!r}: {e}")
-  if errors:
-    raise config_lib.ConfigError.of("Invalid config for this job", errors)
-
-
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Checks a validated config (`config_lib.validate`) against the job
-  (`preflight`), reads (or generates) the data, builds the mesh."""
+  (`preflight.check`), reads (or generates) the data, builds the mesh."""
   mesh = parallel.make_mesh()
-  preflight(config, mesh)
+  preflight.check(config, mesh)
   if config.synthetic.enabled:
     synthetic_world(config, workdir)
   dropped = []
   train, evaluation = splits.read_splits(config, workdir, dropped=dropped)
-  problem = missing_fakes(config, train)
+  problem = views_lib.missing_fakes(config, train)
   if problem:
     raise config_lib.ConfigError(problem)
   return Run(config, workdir, train, evaluation, mesh, tuple(dropped))
-
-
-# The stage that writes each fake folder (`config.cross_fake.fake_folder`).
-FAKE_WRITER = {"g2a_sat": "translate", "g2a": "cfp"}
-
-
-def missing_fakes(config: ml_collections.ConfigDict, train: PairIndex, *,
-                  written: bool = False) -> str:
-  """A line naming what is missing when `pseudo_label.fake_view` needs each
-  ground's fake tile and some are not on disk; "" if nothing is. The same
-  answer on every process (`derived.first_missing`); call on all of them.
-
-  Before any stage (`written=False`) only fakes that no stage of the run
-  writes are checked; at the pseudo-label stage (`written=True`) all are.
-  """
-  folder = config.cross_fake.fake_folder
-  writer = FAKE_WRITER.get(folder, "")
-  if not ("pseudo_label" in config.stages and config.pseudo_label.fake_view):
-    return ""
-  if not written and writer in config.stages:
-    return ""
-  fakes = train.derived_paths(folder)
-  first = derived.first_missing(fakes)
-  if first == len(fakes):
-    return ""
-  missing = sum(not os.path.exists(f) for f in fakes[first:])
-  return (f"config.pseudo_label.fake_view=True compares each ground's fake "
-          f"tile, but {missing} of {len(fakes)} are missing (first: "
-          f"{fakes[first]}): "
-          + (f"run the stage {writer!r} first" if writer else
-             "write them there first")
-          + ", or set config.pseudo_label.fake_view=False.")
 
 
 def run_pretrain(run: Run) -> dict:
@@ -241,28 +155,7 @@ def run_pretrain(run: Run) -> dict:
 
 def run_cfp(run: Run) -> dict:
   """Projects every training panorama to a BEV image (`root/g2a/`)."""
-  c = run.config.cfp
-  # BEVs of other projection settings (another run on this dataset) are
-  # replaced, not reused.
-  if parallel.is_main_process():
-    derived.claim(os.path.join(run.train.root, "g2a"),
-                  {"made_by": "cfp", "out_size": c.out_size,
-                   "fov_deg": c.fov_deg, "placement": c.placement,
-                   "wrap": c.wrap})
-  parallel.sync("cfp:claimed")
-  if run_dir.fault_requested("list_late"):
-    time.sleep(run_dir.LIST_LATE_S)
-  stats = project.project_split(
-      run.train, out_size=c.out_size, fov_deg=c.fov_deg,
-      placement=c.placement, batch_size=c.batch_size, wrap=c.wrap,
-      progress=parallel.is_main_process(),
-      process_index=jax.process_index(), process_count=jax.process_count())
-  # Each process wrote its share.
-  for key in ("written", "skipped"):
-    stats[key] = parallel.sum_over_processes(stats[key])
-  derived.check_all_written(list(run.train.derived_paths("g2a")),
-                            "BEV images")
-  return stats
+  return project.run_stage(run.train, run.config.cfp)
 
 
 def run_translate(run: Run) -> dict:
@@ -272,74 +165,13 @@ def run_translate(run: Run) -> dict:
                                    progress=parallel.is_main_process())
 
 
-def previous_training_stage(config: ml_collections.ConfigDict,
-                            stage: str) -> Optional[str]:
-  """The training stage run before `stage` in `config.stages`, if any."""
-  order = list(config.stages)
-  earlier = order[:order.index(stage)]
-  for name in reversed(earlier):
-    if name in config_lib.TRAINING_STAGES:
-      return name
-  return None
-
-
-def pretrained_file(run: Run) -> Optional[str]:
-  """The ConvNeXt file a first training stage loads: the user's
-  `config.model.pretrained`, or the stand-in of the `pretrain` stage."""
-  if run.config.model.pretrained:
-    return run.config.model.pretrained
-  if "pretrain" in run.config.stages:
-    return run_dir.read_done(run.workdir, "pretrain")["pretrained"]
-  return None
-
-
-def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
-                 make_step: Callable,
-                 epoch_rows: Optional[int] = None,
-                 make_epoch_start: Optional[Callable] = None,
-                 first_epoch: int = 0, lr: Optional[float] = None,
-                 carry_optimizer: bool = False, ema_epochs: float = 0.0
-                 ) -> dict:
-  """Trains `stage` on `pipe`, evaluating on the eval split; returns the
-  loop's summary. Starts from the params the previous training stage
-  handed on (its selected checkpoint, `config.train.select`), else from
-  `pretrained_file`, else from scratch.
-
-  Pseudo-pair pipelines: every epoch has `epoch_rows` rows (for the
-  schedule), and `make_epoch_start(model)` returns the loop's hook that
-  hands each epoch its pairing. `first_epoch`: the cosine schedule starts
-  at this epoch of `config[stage].epochs` (the stage trains the rest).
-  `lr`: the peak rate (default `config.train.lr`). `carry_optimizer`: load
-  the previous stage's AdamW moments. `ema_epochs` > 0: keep a moving
-  average of the params with this time constant, which the stage then
-  evaluates and hands on (`state_lib.with_average`)."""
+def _train(run: Run, stage: str, pipe: pipeline.TrainPipeline,
+           make_step: Callable, make_epoch_start: Optional[Callable] = None,
+           **options) -> dict:
+  """Trains `stage` (`train.stage.train`), evaluated on the eval split;
+  `make_epoch_start(model)` gives the loop's epoch-start hook."""
   c = run.config
   model = encoder.from_config(c.model)
-  spe = (pipe.steps_per_epoch() if epoch_rows is None
-         else pipe.steps_for_rows(epoch_rows))
-  tx = state_lib.create_optimizer(lr or c.train.lr, c.train.weight_decay,
-                                  spe, c[stage].epochs, first_epoch)
-  previous = previous_training_stage(c, stage)
-  state = state_lib.create_state(
-      model, tx, ground_size=c.data.ground_size,
-      satellite_size=c.data.satellite_size, seed=c.seed, mesh=run.mesh,
-      pretrained=None if previous else pretrained_file(run))
-  if previous:
-    directory = run_dir.best_dir(run.workdir, previous)
-    logging.info("Stage %s starts from the params %s handed on", stage,
-                 previous)
-    state = state.replace(params=loop.restore_params(directory, state.params))
-    if carry_optimizer:
-      source = loop.restore_opt_state(
-          run_dir.checkpoints_dir(run.workdir, previous),
-          state.opt_state)
-      state = state.replace(
-          opt_state=state_lib.with_moments_of(state.opt_state, source))
-  state = state_lib.with_average(state, ema_epochs, spe)
-  step_fn = make_step(model, tx, run.mesh,
-                      label_smoothing=c[stage].label_smoothing,
-                      grad_cache_chunk=c.train.grad_cache_chunk,
-                      **augment.from_config(c.augment, stage == "intra"))
   eval_fn = evaluate.make_eval_fn(
       model, run.eval, ground_size=c.data.ground_size,
       satellite_size=c.data.satellite_size,
@@ -347,16 +179,12 @@ def _train_stage(run: Run, stage: str, pipe: pipeline.TrainPipeline,
           c.train.eval_batch_size, run.mesh, "train.eval_batch_size"),
       mesh=run.mesh, num_threads=c.data.num_threads,
       label_free_tau=c.pseudo_label.tau)
-  epoch_start_fn = make_epoch_start(model) if make_epoch_start else None
   select = {"label_free": evaluate.LABEL_FREE, "final": None}
-  loop_config = loop.LoopConfig.from_config(
-      c.train, stage=stage, num_epochs=c[stage].epochs - first_epoch,
-      steps_per_epoch=spe, select_metric=select[c.train.select],
-      progress=parallel.is_main_process())
-  _, summary = loop.train(state, step_fn, pipe, loop_config, mesh=run.mesh,
-                          workdir=run.workdir, eval_fn=eval_fn,
-                          epoch_start_fn=epoch_start_fn)
-  return summary
+  return stage_lib.train(
+      c, run.workdir, run.mesh, stage, model, pipe, make_step, eval_fn,
+      select_metric=select[c.train.select],
+      epoch_start_fn=make_epoch_start(model) if make_epoch_start else None,
+      **options)
 
 
 def _pipe_options(run: Run) -> dict:
@@ -371,7 +199,7 @@ def _pipe_options(run: Run) -> dict:
 def run_intra(run: Run) -> dict:
   """Stage 1: two augmented views of each ground and each satellite image."""
   pipe = pipeline.intra_view(run.train, **_pipe_options(run))
-  return _train_stage(run, "intra", pipe, steps.make_intra_step)
+  return _train(run, "intra", pipe, steps.make_intra_step)
 
 
 def run_cross_fake(run: Run) -> dict:
@@ -380,7 +208,7 @@ def run_cross_fake(run: Run) -> dict:
   pipe = pipeline.cross_view(run.train,
                              fake_folder=run.config.cross_fake.fake_folder,
                              **_pipe_options(run))
-  return _train_stage(run, "cross_fake", pipe, steps.make_cross_step)
+  return _train(run, "cross_fake", pipe, steps.make_cross_step)
 
 
 def run_supervised(run: Run) -> dict:
@@ -392,7 +220,7 @@ def run_supervised(run: Run) -> dict:
                      f"{run.train.name!r} has no known positives.")
   pairs = np.stack([known, positive[known]], axis=1).astype(np.int64)
   pipe = pipeline.pseudo_pairs(run.train, **_pipe_options(run))
-  return _train_stage(
+  return _train(
       run, "supervised", pipe, steps.make_cross_step, epoch_rows=len(pairs),
       make_epoch_start=lambda model: lambda state, epoch: {"pairs": pairs})
 
@@ -402,7 +230,7 @@ def run_pseudo_label(run: Run) -> dict:
   (`pseudo.rounds`: each epoch's pairs from the model of its start)."""
   c, p = run.config, run.config.pseudo_label
   index = run.train
-  problem = missing_fakes(c, index, written=True)
+  problem = views_lib.missing_fakes(c, index, written=True)
   if problem:
     raise config_lib.ConfigError(problem)
   gt_pairs = pairing.gt_subset(index.positive, p.gt_ratio, c.seed)
@@ -422,7 +250,7 @@ def run_pseudo_label(run: Run) -> dict:
         embedders, params, index, views, **embed_options)
     return rounds_lib.make_epoch_start(c, index, gt_pairs, embed)
 
-  summary = _train_stage(
+  summary = _train(
       run, "pseudo_label", pipeline.pseudo_pairs(index, **_pipe_options(run)),
       steps.make_partial_step,
       # One row per ground image (`pairing.epoch_rows`).

@@ -14,9 +14,9 @@ from cvgl_jax import config_lib
 from cvgl_jax import main as main_lib
 from cvgl_jax import pretrain as pretrain_lib
 from cvgl_jax import run_dir
-from cvgl_jax import stages
 from cvgl_jax.data import derived
 from cvgl_jax.data import splits
+from cvgl_jax.train import stage as stage_lib
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
@@ -161,8 +161,8 @@ def test_a_repeated_override_is_refused_not_concatenated():
 
 def test_previous_training_stage():
   config = load_config("synthetic_unsup")
-  assert stages.previous_training_stage(config, "cross_fake") == "intra"
-  assert stages.previous_training_stage(config, "intra") is None
+  assert stage_lib.previous_training_stage(config, "cross_fake") == "intra"
+  assert stage_lib.previous_training_stage(config, "intra") is None
 
 
 def test_demo_stages_run_end_to_end_and_a_rerun_skips_them(demo_run):

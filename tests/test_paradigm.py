@@ -25,13 +25,13 @@ from cvgl_jax import evaluate
 from cvgl_jax import main as main_lib
 from cvgl_jax import run_dir
 from cvgl_jax import pretrain
-from cvgl_jax import stages
 from cvgl_jax import trained as trained_lib
 from cvgl_jax.data import splits
 from cvgl_jax.models import encoder
 from cvgl_jax.pseudo import views as views_lib
 from cvgl_jax.models import weights
 from cvgl_jax.train import loop
+from cvgl_jax.train import stage as stage_lib
 from cvgl_jax.train import state as state_lib
 from test_main import _flatten
 
@@ -68,8 +68,7 @@ def test_standin_loads_through_model_pretrained_and_changes_the_encoder(
   # The first training stage started from it (config.model.pretrained is
   # empty: the stand-in is what `pretrained_file` hands it).
   assert not config.model.pretrained
-  run = stages.Run(config, workdir, None, None, None)
-  assert stages.pretrained_file(run) == path
+  assert stage_lib.pretrained_file(config, workdir) == path
 
 
 def test_standin_is_cached_and_its_world_is_disjoint(demo_run, tmp_path):
@@ -306,19 +305,19 @@ def test_missing_fakes_are_one_line_before_any_stage(demo_run, tmp_path):
   writes them and they are not there stops before its first stage."""
   config, workdir, _ = demo_run
   train = splits.read_splits(config, workdir)[0]
-  assert stages.missing_fakes(config, train, written=True) == ""
+  assert views_lib.missing_fakes(config, train, written=True) == ""
   other = config.copy_and_resolve_references()
   other.cross_fake.fake_folder = "g2a"  # CFP's BEVs: written by the run.
   other.stages = ("pseudo_label",)
-  assert stages.missing_fakes(other, train) == ""
+  assert views_lib.missing_fakes(other, train) == ""
   other.cross_fake.fake_folder = "fakes_elsewhere"
-  line = stages.missing_fakes(other, train)
+  line = views_lib.missing_fakes(other, train)
   n = train.num_ground
   assert (f"{n} of {n} are missing" in line and "fakes_elsewhere" in line
           and "write them there first" in line
           and "fake_view=False" in line), line
   other.pseudo_label.fake_view = False
-  assert stages.missing_fakes(other, train) == ""
+  assert views_lib.missing_fakes(other, train) == ""
   # Through a run: the error comes before any stage folder exists.
   other.pseudo_label.fake_view = True
   fresh = str(tmp_path / "run")

@@ -21,10 +21,14 @@ from typing import Dict, Optional, Sequence, Union
 
 from absl import logging
 import jax
+import ml_collections
 import numpy as np
 import tqdm
 
+from cvgl_jax import parallel
+from cvgl_jax import run_dir
 from cvgl_jax.cfp import geometry
+from cvgl_jax.data import derived
 from cvgl_jax.data import image_io
 from cvgl_jax.data.index import PairIndex
 
@@ -168,4 +172,33 @@ def project_split(index: PairIndex,
   logging.info("cfp %s: wrote %d BEV images (%d already there) in %.1f s, "
                "%.1f images/s.", index.name, len(todo), skipped, seconds,
                stats["images_per_s"])
+  return stats
+
+
+def run_stage(index: PairIndex, c: ml_collections.ConfigDict
+              ) -> Dict[str, float]:
+  """The `cfp` stage on every process of a job: `index`'s BEV images for
+  the settings `c` (`config.cfp`), each process its share; returns
+  `project_split`'s counts summed over the processes.
+
+  BEVs of other projection settings (another run on this dataset) are
+  replaced, not reused (`derived.claim`); process 0 checks that every file
+  exists before the stage can be marked done.
+  """
+  folder = os.path.join(index.root, "g2a")
+  if parallel.is_main_process():
+    derived.claim(folder, {"made_by": "cfp", "out_size": c.out_size,
+                           "fov_deg": c.fov_deg, "placement": c.placement,
+                           "wrap": c.wrap})
+  parallel.sync("cfp:claimed")
+  if run_dir.fault_requested("list_late"):
+    time.sleep(run_dir.LIST_LATE_S)
+  stats = project_split(
+      index, out_size=c.out_size, fov_deg=c.fov_deg, placement=c.placement,
+      batch_size=c.batch_size, wrap=c.wrap,
+      progress=parallel.is_main_process(),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  for key in ("written", "skipped"):
+    stats[key] = parallel.sum_over_processes(stats[key])
+  derived.check_all_written(list(index.derived_paths("g2a")), "BEV images")
   return stats

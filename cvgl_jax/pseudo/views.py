@@ -29,14 +29,17 @@ views are taken on the device.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from cvgl_jax import embed as embed_lib
 from cvgl_jax import parallel
+from cvgl_jax.data import derived
 from cvgl_jax.data.index import PairIndex
 
 # (flip, quarter turns) of each paired view, by number of views.
@@ -64,6 +67,38 @@ class PairingViews:
     if self.paired_views not in VIEWS:
       raise ValueError(f"paired_views={self.paired_views}; choose one of "
                        f"{sorted(VIEWS)}.")
+
+
+# The stage that writes each fake folder (`config.cross_fake.fake_folder`).
+FAKE_WRITER = {"g2a_sat": "translate", "g2a": "cfp"}
+
+
+def missing_fakes(config: ml_collections.ConfigDict, train: PairIndex, *,
+                  written: bool = False) -> str:
+  """A line naming what is missing when `pseudo_label.fake_view` needs each
+  ground's fake tile and some are not on disk; "" if nothing is. The same
+  answer on every process (`derived.first_missing`); call on all of them.
+
+  Before any stage (`written=False`) only fakes that no stage of the run
+  writes are checked; at the pseudo-label stage (`written=True`) all are.
+  """
+  folder = config.cross_fake.fake_folder
+  writer = FAKE_WRITER.get(folder, "")
+  if not ("pseudo_label" in config.stages and config.pseudo_label.fake_view):
+    return ""
+  if not written and writer in config.stages:
+    return ""
+  fakes = train.derived_paths(folder)
+  first = derived.first_missing(fakes)
+  if first == len(fakes):
+    return ""
+  missing = sum(not os.path.exists(f) for f in fakes[first:])
+  return (f"config.pseudo_label.fake_view=True compares each ground's fake "
+          f"tile, but {missing} of {len(fakes)} are missing (first: "
+          f"{fakes[first]}): "
+          + (f"run the stage {writer!r} first" if writer else
+             "write them there first")
+          + ", or set config.pseudo_label.fake_view=False.")
 
 
 @dataclasses.dataclass(frozen=True)

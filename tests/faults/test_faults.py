@@ -28,8 +28,8 @@ import pytest
 
 from cvgl_jax import config_lib
 from cvgl_jax import parallel
+from cvgl_jax import preflight
 from cvgl_jax import run_dir
-from cvgl_jax import stages
 from cvgl_jax import trained as trained_lib
 from cvgl_jax.data import image_io
 from cvgl_jax.data import synthetic
@@ -547,7 +547,7 @@ def test_job_mistakes_are_named_before_any_stage_runs(tmp_path):
   config.train.grad_cache_chunk = 4  # Divides 12, but not over 8 devices.
   config.stages = ("cfp", "supervised")
   with pytest.raises(config_lib.ConfigError) as e:
-    stages.preflight(config, parallel.make_mesh())
+    preflight.check(config, parallel.make_mesh())
   message = str(e.value)
   assert "train.batch_size: the global batch 12" in message
   assert f"config.model.pretrained='{path}'" in message
@@ -557,7 +557,7 @@ def test_job_mistakes_are_named_before_any_stage_runs(tmp_path):
   config.model.dims = (8, 16)
   config.train.batch_size = 16
   config.train.grad_cache_chunk = 8
-  stages.preflight(config, parallel.make_mesh())  # The file fits: no error.
+  preflight.check(config, parallel.make_mesh())  # The file fits: no error.
   config.train.lr = -1e-4
   with pytest.raises(config_lib.ConfigError, match=r"train.lr=-0.0001 must"):
     config_lib.validate(config)
