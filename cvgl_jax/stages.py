@@ -12,6 +12,8 @@
                refine pseudo labels (mutual matching, margin, curriculum),
                add the labelled fraction's true pairs, train with the
                partial-label InfoNCE
+  retrain      ours, after stage 3: its final model labels the piles once;
+               the cold start trains again on those labels
 
 Every stage works under `workdir/<stage>/` (`run_dir` owns the layout)
 and ends with a `DONE` file holding its results (JSON), written by
@@ -40,6 +42,7 @@ from cvgl_jax import preflight
 from cvgl_jax import pretrain as pretrain_lib
 from cvgl_jax import records
 from cvgl_jax import run_dir
+from cvgl_jax import trained as trained_lib
 from cvgl_jax.cfp import project
 from cvgl_jax.cfp import translate_stage
 from cvgl_jax.data import pipeline
@@ -225,9 +228,10 @@ def run_supervised(run: Run) -> dict:
       make_epoch_start=lambda model: lambda state, epoch: {"pairs": pairs})
 
 
-def run_pseudo_label(run: Run) -> dict:
-  """Stage 3: rounds of pseudo labelling and partial-label training
-  (`pseudo.rounds`: each epoch's pairs from the model of its start)."""
+def _pseudo_label_stage(run: Run, stage: str, teacher=None,
+                        **options) -> dict:
+  """Trains `stage` on pseudo pairs of the train split (`pseudo.rounds`)
+  plus the labelled fraction's true pairs; adds its label table."""
   c, p = run.config, run.config.pseudo_label
   index = run.train
   problem = views_lib.missing_fakes(c, index, written=True)
@@ -248,21 +252,40 @@ def run_pseudo_label(run: Run) -> dict:
     embedders = views_lib.make_embedders(model, run.mesh, views)
     embed = lambda params: views_lib.pairing_embeddings(
         embedders, params, index, views, **embed_options)
-    return rounds_lib.make_epoch_start(c, index, gt_pairs, embed)
+    return rounds_lib.make_epoch_start(c, index, gt_pairs, embed, teacher)
 
   summary = _train(
-      run, "pseudo_label", pipeline.pseudo_pairs(index, **_pipe_options(run)),
+      run, stage, pipeline.pseudo_pairs(index, **_pipe_options(run)),
       steps.make_partial_step,
       # One row per ground image (`pairing.epoch_rows`).
       epoch_rows=index.num_ground, make_epoch_start=make_epoch_start,
-      first_epoch=rounds_lib.first_epoch(gt_pairs, p.warmup_epochs),
-      lr=p.lr or None, carry_optimizer=p.carry_optimizer,
-      ema_epochs=p.ema_epochs)
-  rounds = records.round_table(run_dir.read_records(run.workdir,
-                                                   "pseudo_label"))
+      lr=p.lr or None, carry_optimizer=p.carry_optimizer, **options)
+  rounds = records.round_table(run_dir.read_records(run.workdir, stage))
   summary["rounds"] = rounds
   summary["last_round"] = rounds[-1] if rounds else {}
   return summary
+
+
+def run_pseudo_label(run: Run) -> dict:
+  """Stage 3: rounds of pseudo labelling and partial-label training
+  (`pseudo.rounds`: each epoch's pairs from the model of its start)."""
+  p = run.config.pseudo_label
+  gt_pairs = pairing.gt_subset(run.train.positive, p.gt_ratio,
+                               run.config.seed)
+  return _pseudo_label_stage(
+      run, "pseudo_label",
+      first_epoch=rounds_lib.first_epoch(gt_pairs, p.warmup_epochs),
+      ema_epochs=p.ema_epochs)
+
+
+def run_retrain(run: Run) -> dict:
+  """Ours: stage 3's final model labels the train split once (the rule
+  of its last round); the cold start (`retrain.start_from`) trains again
+  on those labels and the labelled fraction's true pairs."""
+  teacher = trained_lib.load_trained(run.workdir, stage="pseudo_label",
+                                     mesh=run.mesh)
+  return _pseudo_label_stage(run, "retrain", teacher=teacher.params,
+                             start_from=run.config.retrain.start_from)
 
 
 STAGES: dict[str, Callable[[Run], dict]] = {
@@ -273,4 +296,5 @@ STAGES: dict[str, Callable[[Run], dict]] = {
     "cross_fake": run_cross_fake,
     "supervised": run_supervised,
     "pseudo_label": run_pseudo_label,
+    "retrain": run_retrain,
 }

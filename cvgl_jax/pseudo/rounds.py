@@ -11,6 +11,10 @@ then broadcasts: the shards of an epoch fit together, no process raises
 alone, and the others do not repeat the search. The round's statistics go
 to the loop's records (`kind: "epoch_start"`), from which
 `records.round_table` reads the round table.
+
+With a teacher (the `retrain` stage), there are no rounds: the teacher's
+params label the split once, by the last round's rule (the curriculum's
+threshold at its end), and every epoch lays out rows from those labels.
 """
 
 from __future__ import annotations
@@ -40,9 +44,11 @@ def first_epoch(gt_pairs: np.ndarray, warmup_epochs: int) -> int:
 
 
 def make_epoch_start(config: ml_collections.ConfigDict, index: PairIndex,
-                     gt_pairs: np.ndarray, embed: EmbedFn
+                     gt_pairs: np.ndarray, embed: EmbedFn,
+                     teacher: object = None
                      ) -> Callable[[object, int], dict]:
-  """The loop's epoch-start hook of stage 3.
+  """The loop's epoch-start hook of stage 3 (or, with a teacher, of the
+  `retrain` stage).
 
   Args:
     config: the run's config (`seed`, `pseudo_label`).
@@ -51,6 +57,9 @@ def make_epoch_start(config: ml_collections.ConfigDict, index: PairIndex,
       fraction (`pairing.gt_subset`).
     embed: params -> the split's (ground, satellite) embeddings; called on
       every process (the embedding is sharded).
+    teacher: None for stage 3's rounds; else the params (replicated) that
+      label the split once, by the rule of stage 3's last round, for every
+      epoch (no warm-up, no rounds).
 
   Returns:
     hook(state, loop_epoch) -> {"pairs" [M, 2], "labeled" [M], "metrics"}.
@@ -60,30 +69,45 @@ def make_epoch_start(config: ml_collections.ConfigDict, index: PairIndex,
       high for this model), on every process.
   """
   p = config.pseudo_label
-  start = first_epoch(gt_pairs, p.warmup_epochs)
+  start = 0 if teacher is not None else first_epoch(gt_pairs,
+                                                    p.warmup_epochs)
   settings = refine_lib.RefineSettings(
       tau=p.tau, epochs=p.epochs, mutual=p.mutual,
       margin_filter=p.margin_filter, curriculum=p.curriculum,
       keep_ties=index.semi_positives is not None, backend=p.knn_backend)
   truth = np.asarray(index.positive)
+  taught = []  # The teacher's refine result (process 0), once embedded.
+
+  def labels(state, epoch: int):
+    """This epoch's refine result on process 0 (None elsewhere)."""
+    if teacher is None:
+      ground, satellite = embed(state_lib.model_params(state))
+      if parallel.is_main_process():
+        # Precision reads the truth for the round table only (telemetry).
+        return refine_lib.refine(ground, satellite, epoch, settings,
+                                 true_positive=truth)
+      return None
+    if not taught:
+      ground, satellite = embed(teacher)
+      taught.append(refine_lib.refine(ground, satellite, settings.epochs,
+                                      settings, true_positive=truth)
+                    if parallel.is_main_process() else None)
+    return taught[0]
 
   def epoch_start(state, loop_epoch: int) -> dict:
     epoch = start + loop_epoch
     rng = np.random.default_rng([config.seed, epoch])
-    if epoch < p.warmup_epochs:
+    if teacher is None and epoch < p.warmup_epochs:
       rows, labeled, info = pairing.epoch_rows(
           np.zeros((0, 2)), gt_pairs, index.num_ground, index.num_satellite,
           1.0, rng)
       return {"pairs": rows, "labeled": labeled,
               "metrics": dict(info, warmup=1.0, schedule_epoch=float(epoch))}
-    ground, satellite = embed(state_lib.model_params(state))
+    result = labels(state, epoch)
     rows = np.zeros((index.num_ground, 2), np.int64)
     labeled = np.zeros(index.num_ground, bool)
     info, stats, problem = {}, {}, ""
     if parallel.is_main_process():
-      # Precision reads the truth for the round table only (telemetry).
-      result = refine_lib.refine(ground, satellite, epoch, settings,
-                                 true_positive=truth)
       stats = result.stats
       try:
         rows, labeled, info = pairing.epoch_rows(

@@ -54,7 +54,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           epoch_rows: Optional[int] = None,
           epoch_start_fn: Optional[Callable] = None, first_epoch: int = 0,
           lr: Optional[float] = None, carry_optimizer: bool = False,
-          ema_epochs: float = 0.0) -> dict:
+          ema_epochs: float = 0.0, start_from: Optional[str] = None
+          ) -> dict:
   """Trains `stage` of `model` (a TwoTower) on `pipe`; returns the loop's
   summary.
 
@@ -69,17 +70,19 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     first_epoch: the cosine schedule starts at this epoch of
       `config[stage].epochs` (the stage trains the rest).
     lr: the peak rate (default `config.train.lr`).
-    carry_optimizer: load the previous stage's AdamW moments.
+    carry_optimizer: load the AdamW moments of the stage it starts from.
     ema_epochs: > 0 keeps a moving average of the params with this time
       constant (in epochs), which the stage then evaluates and hands on
       (`state_lib.with_average`).
+    start_from: the training stage whose handed-on params the stage starts
+      from (default: the one before it in `config.stages`).
   """
   c = config
   spe = (pipe.steps_per_epoch() if epoch_rows is None
          else pipe.steps_for_rows(epoch_rows))
   tx = state_lib.create_optimizer(lr or c.train.lr, c.train.weight_decay,
                                   spe, c[stage].epochs, first_epoch)
-  previous = previous_training_stage(c, stage)
+  previous = start_from or previous_training_stage(c, stage)
   state = state_lib.create_state(
       model, tx, ground_size=c.data.ground_size,
       satellite_size=c.data.satellite_size, seed=c.seed, mesh=mesh,
