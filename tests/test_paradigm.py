@@ -14,6 +14,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -194,6 +195,41 @@ def test_round_table_precision_equals_a_hand_count(demo_run):
   text = main_lib.recall_table(results)
   line = [l for l in text.splitlines() if l.startswith("| 1 |")][0]
   assert f"| {admitted} | {correct} |" in line
+
+
+def test_retrain_learns_stage_3s_final_labels_from_the_cold_start(
+    demo_run, tmp_path):
+  """The retrain stage on the demo run: its labels are the hand count of
+  stage 3's handed-on model at the last round's threshold (0), it starts
+  from the cold start's params (with a negligible rate, it hands them on
+  unchanged), and it is the run's trained model from then on."""
+  config, workdir, _ = demo_run
+  run = str(tmp_path / "run")
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("report"))
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.stages = (*config.stages, "retrain")
+  config.retrain.epochs = 1
+  config.pseudo_label.lr = 1e-12  # Stage 3's recipe, which retrain reuses.
+  results = main_lib.run(config, run, force_config_change=True)
+  assert set(results) == set(config.stages)
+  teacher = trained_lib.load_trained(run, stage="pseudo_label")
+  train = splits.read_splits(config, run)[0]
+  sim = _round_similarity(config, teacher.model, teacher.mesh,
+                          teacher.params, train)
+  admitted, correct = _hand_count(sim, np.asarray(train.positive), 0.0)
+  first = [r for r in run_dir.read_records(run, "retrain")
+           if r["kind"] == "epoch_start"][0]
+  assert first["tau_e"] == 0.0 and first["warmup"] == 0.0
+  assert (first["margin/pairs"], first["margin/correct"]) == (
+      admitted, correct)
+  handed_on = trained_lib.load_trained(run)
+  assert handed_on.stage == "retrain"
+  cold = trained_lib.load_trained(run, stage="cross_fake").params
+  gap = lambda a, b: max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+                         for x, y in zip(jax.tree.leaves(a),
+                                         jax.tree.leaves(b)))
+  assert gap(handed_on.params, cold) < 1e-6
+  assert gap(teacher.params, cold) > 1e-3
 
 
 def test_every_batch_is_labelled_past_the_authors_switch(demo_run):
