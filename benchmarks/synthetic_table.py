@@ -51,7 +51,7 @@ SEEDS = (0, 1, 2)
 # Rows with 3 seeds (supervised, 0 %, 10 % and the paper's 100 % GT
 # reference, the denominators and numerators of the ratios); others one.
 SEEDED = ("ours_0", "supervised", "ours_10", "ours_100", "ours_0_views",
-          "ours_0_ema")
+          "ours_0_ema", "ours_0_retrain", "ours_10_retrain")
 
 _COLD = ("pretrain", "cfp", "translate", "intra", "cross_fake")
 # Row -> (row it reuses, stage folders copied, world folders left out).
@@ -63,6 +63,9 @@ SHARES = {
     "ours_10_views": ("ours_0", _COLD, ()),
     "ours_0_ema": ("ours_0", _COLD, ()),
     "ours_10_ema": ("ours_0", _COLD, ()),
+    # The retrain rows continue their row's run after stage 3.
+    "ours_0_retrain": ("ours_0", _COLD + ("pseudo_label",), ()),
+    "ours_10_retrain": ("ours_10", _COLD + ("pseudo_label",), ()),
     "ours_100": ("ours_0", _COLD, ()),
     "authors_switch": ("ours_0", _COLD, ()),
     "no_mutual": ("ours_0", _COLD, ()),
@@ -76,7 +79,8 @@ SHARES = {
     "source_pairs": ("ours_0", ("cfp", "translate"), ()),
 }
 BASE_ROWS = ("ours_0", "supervised", "ours_10", "ours_100", "ours_0_views",
-             "ours_10_views", "ours_0_ema", "ours_10_ema", "from_scratch",
+             "ours_10_views", "ours_0_ema", "ours_10_ema", "ours_0_retrain",
+             "ours_10_retrain", "from_scratch",
              "source_pairs", "authors_switch", "no_bev", "no_translation",
              "no_intra", "no_mutual", "no_threshold", "no_curriculum")
 NCC = "ncc"

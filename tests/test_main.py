@@ -165,6 +165,23 @@ def test_previous_training_stage():
   assert stage_lib.previous_training_stage(config, "intra") is None
 
 
+def test_the_retrain_stage_needs_stage_3_and_a_cold_start_before_it():
+  config = config_lib.synthetic_demo()
+  config.stages = (*config.stages, "retrain")
+  config_lib.validate(config)
+  config.retrain.start_from = "pseudo_label"
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"retrain.start_from='pseudo_label' must be a "
+                     r"training stage run before stage 3 \(one of "
+                     r"\['intra', 'cross_fake'\]"):
+    config_lib.validate(config)
+  config.retrain.start_from = "cross_fake"
+  config.stages = ("cfp", "translate", "intra", "cross_fake", "retrain")
+  with pytest.raises(config_lib.ConfigError,
+                     match="runs 'retrain' without 'pseudo_label' before"):
+    config_lib.validate(config)
+
+
 def test_demo_stages_run_end_to_end_and_a_rerun_skips_them(demo_run):
   config, workdir, results = demo_run
   assert list(results) == ["pretrain", "cfp", "translate", "intra",
@@ -243,6 +260,9 @@ def test_benchmark_rows_change_only_what_their_names_say():
       "ours_0_ema": {"pseudo_label.ema_epochs": 1.0},
       "ours_10_ema": {"pseudo_label.ema_epochs": 1.0,
                       "pseudo_label.gt_ratio": 0.1},
+      "ours_0_retrain": {"stages": (*demo.stages, "retrain")},
+      "ours_10_retrain": {"stages": (*demo.stages, "retrain"),
+                          "pseudo_label.gt_ratio": 0.1},
       "ours_100": {"pseudo_label.gt_ratio": 1.0},
       "from_scratch": {"stages": without("pretrain")},
       "source_pairs": {"pretrain.objective": "pairs"},
