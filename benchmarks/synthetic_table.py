@@ -229,7 +229,11 @@ def row_result(out: str, row: str) -> dict:
   cold = run_dir.read_done(workdir, "cross_fake")
   if cold:
     result["cold"] = cold["eval"]["R@1"]
-  rounds = [r for r in final.get("rounds", []) if r.get("warmup") == 0.0]
+  # Round 0 is stage 3's (a retrain stage after it has no rounds).
+  rounds_stage = (run_dir.read_done(workdir, "pseudo_label")
+                  if "pseudo_label" in stages else final)
+  rounds = [r for r in rounds_stage.get("rounds", [])
+            if r.get("warmup") == 0.0]
   if rounds:
     result["admitted0"] = rounds[0].get("margin/pairs")
     result["correct0"] = rounds[0].get("margin/correct")
