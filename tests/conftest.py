@@ -25,3 +25,25 @@ def demo_run(tmp_path_factory):
   config = demo_run_config()
   workdir = str(tmp_path_factory.mktemp("demo") / "run")
   return config, workdir, main_lib.run(config, workdir)
+
+
+# The test files that share the session's demo run: one pytest-xdist work
+# unit, so that one worker builds it (~80 s) instead of each worker that
+# draws one of these files (`--dist loadfile` groups by file only).
+DEMO_RUN_FILES = ("tests/test_main.py", "tests/test_paradigm.py",
+                  "tests/test_export.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+  from xdist.scheduler import LoadFileScheduling  # pylint: disable=g-import-not-at-top
+
+  class DemoRunFilesTogether(LoadFileScheduling):
+    """`--dist loadfile`, with the demo run's files one work unit."""
+
+    def _split_scope(self, nodeid):
+      scope = super()._split_scope(nodeid)
+      return "demo_run" if scope in DEMO_RUN_FILES else scope
+
+  if config.getoption("dist") == "loadfile":
+    return DemoRunFilesTogether(config, log)
+  return None
