@@ -59,8 +59,10 @@ def teacher_labels(src: str, views: bool) -> tuple[np.ndarray, np.ndarray]:
   return result.pairs.astype(np.int64), np.asarray(train.positive)
 
 
-def label_set(name: str, out: str, src: str) -> np.ndarray:
-  """The [M, 2] pairs of set `name` (cached in `out/labels_*.npz`)."""
+def label_set(name: str, out: str, src: str
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """([M, 2] pairs of set `name`, [Q] true tiles); the final model's
+  labels are cached in `out/labels_*.npz`."""
   source = "views" if name == "views" else "plain"
   cache = os.path.join(out, f"labels_{source}.npz")
   if not os.path.exists(cache):
@@ -71,13 +73,13 @@ def label_set(name: str, out: str, src: str) -> np.ndarray:
   known = np.flatnonzero(positive >= 0)
   truth = np.stack([known, positive[known]], 1)
   rng = np.random.default_rng(0)
-  if name in ("plain", "views"):
-    return pairs
   if name == "correct":
-    return pairs[positive[pairs[:, 0]] == pairs[:, 1]]
-  if name == "random_same":
-    return truth[np.sort(rng.choice(len(truth), len(pairs), replace=False))]
-  return truth
+    pairs = pairs[positive[pairs[:, 0]] == pairs[:, 1]]
+  elif name == "random_same":
+    pairs = truth[np.sort(rng.choice(len(truth), len(pairs), replace=False))]
+  elif name == "all":
+    pairs = truth
+  return pairs, positive
 
 
 def train_on(pairs_file: str, workdir: str, row: str) -> None:
@@ -109,10 +111,7 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   rows = []
   for name in args.sets.split(","):
-    pairs = label_set(name, args.out, args.src)
-    positive = np.load(os.path.join(
-        args.out, "labels_plain.npz" if name != "views" else
-        "labels_views.npz"))["positive"]
+    pairs, positive = label_set(name, args.out, args.src)
     correct = int((positive[pairs[:, 0]] == pairs[:, 1]).sum())
     workdir = os.path.join(args.out, name)
     results = os.path.join(workdir, "results.json")

@@ -549,10 +549,9 @@ def retrain_problems(config: ml_collections.ConfigDict) -> list[str]:
                   "before it: the retrain stage learns the labels of "
                   "stage 3's final model; add 'pseudo_label' before it")
   start = config.retrain.start_from
-  if start not in earlier or start not in TRAINING_STAGES or (
-      start in ("pseudo_label", "retrain")):
-    choices = [s for s in earlier
-               if s in TRAINING_STAGES and s != "pseudo_label"]
+  choices = [s for s in earlier
+             if s in TRAINING_STAGES and s != "pseudo_label"]
+  if start not in choices:
     errors.append(f"config.retrain.start_from={start!r} must be a training "
                   f"stage run before stage 3 (one of {choices}; the cold "
                   "start: 'cross_fake')")

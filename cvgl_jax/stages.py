@@ -259,6 +259,7 @@ def _pseudo_label_stage(run: Run, stage: str, teacher=None,
       steps.make_partial_step,
       # One row per ground image (`pairing.epoch_rows`).
       epoch_rows=index.num_ground, make_epoch_start=make_epoch_start,
+      first_epoch=rounds_lib.first_epoch(gt_pairs, p.warmup_epochs, teacher),
       lr=p.lr or None, carry_optimizer=p.carry_optimizer, **options)
   rounds = records.round_table(run_dir.read_records(run.workdir, stage))
   summary["rounds"] = rounds
@@ -269,13 +270,8 @@ def _pseudo_label_stage(run: Run, stage: str, teacher=None,
 def run_pseudo_label(run: Run) -> dict:
   """Stage 3: rounds of pseudo labelling and partial-label training
   (`pseudo.rounds`: each epoch's pairs from the model of its start)."""
-  p = run.config.pseudo_label
-  gt_pairs = pairing.gt_subset(run.train.positive, p.gt_ratio,
-                               run.config.seed)
-  return _pseudo_label_stage(
-      run, "pseudo_label",
-      first_epoch=rounds_lib.first_epoch(gt_pairs, p.warmup_epochs),
-      ema_epochs=p.ema_epochs)
+  return _pseudo_label_stage(run, "pseudo_label",
+                             ema_epochs=run.config.pseudo_label.ema_epochs)
 
 
 def run_retrain(run: Run) -> dict:

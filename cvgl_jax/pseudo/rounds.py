@@ -35,12 +35,16 @@ from cvgl_jax.train import state as state_lib
 EmbedFn = Callable[[object], tuple[np.ndarray, np.ndarray]]
 
 
-def first_epoch(gt_pairs: np.ndarray, warmup_epochs: int) -> int:
-  """The schedule epoch stage 3 starts at. The warm-up epochs train the
+def first_epoch(gt_pairs: np.ndarray, warmup_epochs: int,
+                teacher: object = None) -> int:
+  """The schedule epoch the stage starts at. The warm-up epochs train the
   true pairs alone; without any, the authors' warm-up trains nothing but
-  its epochs still count in the cosine rate and the curriculum, so the
-  stage starts at epoch `warmup_epochs`."""
-  return 0 if len(gt_pairs) else warmup_epochs
+  its epochs still count in the cosine rate and the curriculum, so stage 3
+  starts at epoch `warmup_epochs`. With a teacher (the retrain stage)
+  there is no warm-up: epoch 0."""
+  if teacher is not None or len(gt_pairs):
+    return 0
+  return warmup_epochs
 
 
 def make_epoch_start(config: ml_collections.ConfigDict, index: PairIndex,
@@ -69,8 +73,7 @@ def make_epoch_start(config: ml_collections.ConfigDict, index: PairIndex,
       high for this model), on every process.
   """
   p = config.pseudo_label
-  start = 0 if teacher is not None else first_epoch(gt_pairs,
-                                                    p.warmup_epochs)
+  start = first_epoch(gt_pairs, p.warmup_epochs, teacher)
   settings = refine_lib.RefineSettings(
       tau=p.tau, epochs=p.epochs, mutual=p.mutual,
       margin_filter=p.margin_filter, curriculum=p.curriculum,
